@@ -1,0 +1,3 @@
+"""defect-tune: distributed hyperparameter search for industrial visual-defect classifiers."""
+
+__version__ = "0.1.0"

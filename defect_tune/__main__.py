@@ -1,0 +1,3 @@
+from defect_tune.cli import app
+
+app()

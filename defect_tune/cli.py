@@ -1,0 +1,103 @@
+"""The `defect-tune` command line."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Find the best training configuration for industrial visual-defect classifiers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = text.replace("/", ",").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected three fractions like 0.7/0.15/0.15") from None
+    if len(values) != 3:
+        raise typer.BadParameter(f"{text!r}: expected three fractions (train/val/test), got {len(values)}")
+    return values
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise typer.BadParameter("--classes needs at least one class name")
+    return names
+
+
+@app.callback()
+def main() -> None:
+    """Prepare defect datasets, search training configurations on Ray, and promote the best."""
+
+
+@app.command()
+def prepare(
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="Dataset root (voc, severstal, folders, elpv), manifest CSV (csv), or where to write the synthetic VOC folder. Optional for elpv (installed package)."),
+    ] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="voc | severstal | folders | csv | elpv | synthetic")] = "voc",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for Parquet shards and meta.json")] = Path("data/prepared"),
+    image_size: Annotated[int, typer.Option(help="Stored size in pixels (square side; the height for --fit keep/tile)")] = 224,
+    fit: Annotated[str | None, typer.Option(help="pad | keep | tile | squash (default: keep for severstal, pad otherwise)")] = None,
+    split: Annotated[str, typer.Option(help="train/val/test fractions")] = "0.7/0.15/0.15",
+    seed: Annotated[int, typer.Option(help="Seed for the split, the long-tail subsample and shard order")] = 0,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class order (default: discovered, sorted)")] = None,
+    long_tail: Annotated[float | None, typer.Option(help="Exponential subsample: rarest class keeps 1/RATIO of the most frequent")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad input instead of skipping and listing it")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier prepare's output in --out")] = False,
+    workers: Annotated[int | None, typer.Option(help="Decode processes (default: all cores)")] = None,
+    shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard")] = 512,
+    defect_free: Annotated[list[str] | None, typer.Option(help="folders: a folder of defect-free images (repeatable)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="folders: glob of files to leave out, e.g. '*.png' masks (repeatable)")] = None,
+    elpv_threshold: Annotated[float, typer.Option(help="elpv: defect probability at or above which a cell is 'defective'")] = 0.5,
+    stratify_by: Annotated[list[str] | None, typer.Option(help="Metadata column to stratify splits by as well (repeatable; elpv: cell_type)")] = None,
+    synthetic_images: Annotated[int, typer.Option(help="synthetic: number of images")] = 1200,
+    synthetic_imbalance: Annotated[float, typer.Option(help="synthetic: most / least frequent class ratio")] = 30.0,
+) -> None:
+    """Turn a raw dataset into preprocessed Parquet shards plus meta.json (decode once, never per epoch)."""
+    from defect_tune.prepare import PrepareError, PrepareOptions, summary_table
+    from defect_tune.prepare import prepare as run_prepare
+
+    options = PrepareOptions(
+        source=source,
+        format=format,
+        out=out,
+        image_size=image_size,
+        fit=fit,
+        split=_fractions(split),
+        seed=seed,
+        classes=_names(classes),
+        long_tail=long_tail,
+        strict=strict,
+        overwrite=overwrite,
+        workers=workers,
+        shard_rows=shard_rows,
+        defect_free_folders=tuple(defect_free or ()),
+        exclude=tuple(exclude or ()),
+        elpv_threshold=elpv_threshold,
+        stratify_by=tuple(stratify_by) if stratify_by else None,
+        synthetic_images=synthetic_images,
+        synthetic_imbalance=synthetic_imbalance,
+        command=shlex.join(["defect-tune", *sys.argv[1:]]),
+    )
+    try:
+        meta = run_prepare(options, console=console)
+    except PrepareError as error:
+        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(summary_table(meta))
+    console.print(f"wrote {out}/meta.json and {sum(len(s['shards']) for s in meta['splits'].values())} shards")

@@ -1,0 +1,385 @@
+"""Readers that turn a raw defect dataset into a list of labelled image items.
+
+Every reader returns a `Catalog`: the items it could read and the inputs it could not, each
+with the file and the reason. Readers only look at annotations and file names; images are
+decoded later, once, by `prepare`. Labels are image-level (multi-hot over class names); where
+a format localises defects (VOC boxes, Severstal run-length masks) the regions are kept so that
+tiling can give each tile its own labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where a defect of `label` lies in the source image.
+
+    `box` is VOC's (xmin, ymin, xmax, ymax), 1-based and inclusive; `rle` is Severstal's
+    run-length string (1-based starts, column-major over the full frame).
+    """
+
+    label: str
+    box: tuple[int, int, int, int] | None = None
+    rle: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    path: Path
+    labels: tuple[str, ...]  # empty: defect-free
+    regions: tuple[Region, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()  # extra string columns, e.g. the elpv cell type
+    origin: str = ""  # the annotation this item's labels came from, for error messages
+
+
+@dataclass(frozen=True)
+class BadInput:
+    file: str
+    reason: str
+
+
+@dataclass
+class Catalog:
+    items: list[Item] = field(default_factory=list)
+    bad: list[BadInput] = field(default_factory=list)
+    meta_columns: tuple[str, ...] = ()
+
+    def skip(self, file: Path | str, reason: str) -> None:
+        self.bad.append(BadInput(str(file), reason))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _inside(root: Path, relative: str) -> Path | None:
+    """`root/relative` if it stays inside root lexically, else None.
+
+    Lexical on purpose: datasets are often symlinked into place, and resolving links would
+    flag those as outside.
+    """
+    if os.path.isabs(relative):
+        return None
+    joined = os.path.normpath(os.path.join(root, relative))
+    if joined != str(root) and not joined.startswith(str(root) + os.sep):
+        return None
+    return Path(joined)
+
+
+# ---------------------------------------------------------------- Pascal VOC (PVEL-AD, NEU-DET)
+
+
+def _resolve_voc_image(images: Path, filename: str, xml_stem: str) -> Path | None:
+    """Find the image an XML names; NEU-DET gives `<filename>` with and without extension."""
+    direct = images / filename
+    if direct.is_file():
+        return direct
+    stems = [filename] if Path(filename).suffix.lower() not in IMAGE_SUFFIXES else []
+    stems += [str(Path(filename).with_suffix("")), xml_stem]
+    for stem in stems:
+        for suffix in IMAGE_SUFFIXES:
+            for candidate in (images / (stem + suffix), images / (stem + suffix.upper())):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def _parse_box(obj: ET.Element) -> tuple[int, int, int, int] | None:
+    box = obj.find("bndbox")
+    if box is None:
+        return None
+    values = []
+    for key in ("xmin", "ymin", "xmax", "ymax"):
+        text = box.findtext(key)
+        if text is None:
+            raise ValueError(f"<bndbox> has no <{key}>")
+        values.append(int(round(float(text))))
+    xmin, ymin, xmax, ymax = values
+    if xmax < xmin or ymax < ymin:
+        raise ValueError(f"<bndbox> is inverted: {values}")
+    return xmin, ymin, xmax, ymax
+
+
+def read_voc(root: Path) -> Catalog:
+    """Pascal VOC: `root/JPEGImages/*` and `root/Annotations/*.xml`, labels from `<object><name>`."""
+    root = Path(root)
+    images, annotations = root / "JPEGImages", root / "Annotations"
+    for folder in (images, annotations):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not found; a VOC dataset needs JPEGImages/ and Annotations/")
+    catalog = Catalog()
+    claimed: dict[Path, Path] = {}
+    for xml_path in sorted(annotations.glob("*.xml")):
+        try:
+            annotation = ET.parse(xml_path).getroot()
+        except ET.ParseError as error:
+            catalog.skip(xml_path, f"malformed XML: {error}")
+            continue
+        filename = (annotation.findtext("filename") or "").strip() or xml_path.stem
+        if _inside(images, filename) is None:
+            catalog.skip(xml_path, f"<filename> {filename!r} points outside {images}")
+            continue
+        image_path = _resolve_voc_image(images, filename, xml_path.stem)
+        if image_path is None:
+            catalog.skip(xml_path, f"image {filename!r} not found in {images} (tried common extensions)")
+            continue
+        if image_path in claimed:
+            catalog.skip(xml_path, f"image {image_path.name} is already annotated by {claimed[image_path]}")
+            continue
+        labels: list[str] = []
+        regions: list[Region] = []
+        try:
+            for obj in annotation.findall("object"):
+                name = (obj.findtext("name") or "").strip()
+                if not name:
+                    raise ValueError("<object> without a <name>")
+                if name not in labels:
+                    labels.append(name)
+                regions.append(Region(name, box=_parse_box(obj)))
+        except ValueError as error:
+            catalog.skip(xml_path, f"bad <object>: {error}")
+            continue
+        claimed[image_path] = xml_path
+        relative = image_path.relative_to(images)
+        catalog.items.append(
+            Item(
+                id=str(relative.with_suffix("")),
+                path=image_path,
+                labels=tuple(sorted(labels)),
+                regions=tuple(r for r in regions if r.box is not None),
+                origin=str(xml_path),
+            )
+        )
+    for image_path in sorted(p for p in images.rglob("*") if p.is_file() and _is_image(p)):
+        if image_path not in claimed:
+            catalog.skip(image_path, "image has no annotation XML in Annotations/")
+    return catalog
+
+
+# ---------------------------------------------------------------- Severstal steel (train.csv + RLE)
+
+_RLE = re.compile(r"^\s*\d+(\s+\d+)*\s*$")
+
+
+def check_rle(rle: str) -> None:
+    """Raise ValueError unless `rle` is pairs of positive integers (start, length)."""
+    if not _RLE.match(rle):
+        raise ValueError("EncodedPixels is not a list of integers")
+    numbers = [int(n) for n in rle.split()]
+    if len(numbers) % 2:
+        raise ValueError("EncodedPixels has an odd number of values (needs start/length pairs)")
+    if any(n < 1 for n in numbers):
+        raise ValueError("EncodedPixels has a start or length below 1")
+
+
+def read_severstal(root: Path) -> Catalog:
+    """Severstal: `root/train.csv` (ImageId,ClassId,EncodedPixels; one row per defect) and
+    `root/train_images/`. Images with no row are defect-free. The older
+    `ImageId_ClassId,EncodedPixels` layout (empty pixels = no defect) is read too."""
+    root = Path(root)
+    table, images = root / "train.csv", root / "train_images"
+    for path in (table, images):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found; a Severstal dataset needs train.csv and train_images/")
+    catalog = Catalog()
+    regions: dict[str, list[Region]] = {}
+    broken: dict[str, str] = {}
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or ())
+        old_layout = "ImageId_ClassId" in columns
+        needed = {"ImageId_ClassId", "EncodedPixels"} if old_layout else {"ImageId", "ClassId", "EncodedPixels"}
+        if not needed <= columns:
+            raise ValueError(f"{table}: header must have {sorted(needed)}, found {sorted(columns)}")
+        for line, row in enumerate(reader, start=2):
+            where = f"{table}:{line}"
+            if old_layout:
+                image_id, _, class_id = (row["ImageId_ClassId"] or "").rpartition("_")
+            else:
+                image_id, class_id = row["ImageId"] or "", row["ClassId"] or ""
+            image_id, class_id, rle = image_id.strip(), class_id.strip(), (row["EncodedPixels"] or "").strip()
+            if not image_id:
+                catalog.skip(where, "row has no ImageId")
+                continue
+            if old_layout and not rle:
+                regions.setdefault(image_id, [])  # the old layout lists defect-free classes too
+                continue
+            try:
+                if not class_id.isdigit() or int(class_id) < 1:
+                    raise ValueError(f"ClassId {class_id!r} is not a positive integer")
+                check_rle(rle)
+            except ValueError as error:
+                # The image's labels are incomplete without this row: skip the image, not just the row.
+                broken.setdefault(image_id, f"{where}: {error}")
+                continue
+            regions.setdefault(image_id, []).append(Region(f"class_{int(class_id)}", rle=rle))
+    on_disk = {p.name: p for p in images.iterdir() if p.is_file() and _is_image(p)}
+    for image_id, reason in sorted(broken.items()):
+        catalog.skip(images / image_id, f"bad annotation row ({reason})")
+    for image_id in sorted(set(regions) - set(on_disk) - set(broken)):
+        catalog.skip(images / image_id, f"listed in {table} but not found in {images}")
+    for name, path in sorted(on_disk.items()):
+        if name in broken:
+            continue
+        found = regions.get(name, [])
+        catalog.items.append(
+            Item(
+                id=Path(name).stem,
+                path=path,
+                labels=tuple(sorted({r.label for r in found})),
+                regions=tuple(found),
+                origin=str(table),
+            )
+        )
+    return catalog
+
+
+# ---------------------------------------------------------------- one folder per class
+
+
+def read_folders(root: Path, defect_free: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Catalog:
+    """One top-level folder per class, images anywhere below it (casting `def_front`,
+    magnetic-tile `MT_Blowhole/Imgs`). Folders named in `defect_free` hold defect-free images.
+    `exclude` globs (matched against paths relative to root) leave files out on purpose, e.g.
+    the magnetic-tile masks `*.png`. Hidden files (".DS_Store") are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    folders = {p.name for p in root.iterdir() if p.is_dir()}
+    missing = [name for name in defect_free if name not in folders]
+    if missing:
+        raise ValueError(f"{root}: defect-free folder(s) {missing} not found; folders are {sorted(folders)}")
+    catalog = Catalog()
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        if any(relative.match(pattern) for pattern in exclude):
+            continue
+        if len(relative.parts) < 2:
+            catalog.skip(path, "file is not inside a class folder")
+            continue
+        if not _is_image(path):
+            catalog.skip(path, f"not an image file (suffix {path.suffix or 'none'})")
+            continue
+        folder = relative.parts[0]
+        labels = () if folder in defect_free else (folder,)
+        catalog.items.append(Item(id=str(relative.with_suffix("")), path=path, labels=labels, origin=str(path.parent)))
+    return catalog
+
+
+# ---------------------------------------------------------------- CSV manifest
+
+
+def read_manifest(manifest: Path) -> Catalog:
+    """A CSV with `path,labels` (labels separated by ';', empty = defect-free). Paths are
+    relative to the CSV's folder or absolute. Other columns are kept as string metadata."""
+    manifest = Path(manifest)
+    if manifest.is_dir():
+        raise ValueError(f"{manifest}: give the manifest CSV file itself, not a folder")
+    base = manifest.parent
+    catalog = Catalog()
+    seen: dict[str, int] = {}
+    with open(manifest, newline="") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        if "path" not in header or "labels" not in header:
+            raise ValueError(f"{manifest}: header must have 'path' and 'labels' columns, found {header}")
+        extra = tuple(h for h in header if h not in ("path", "labels"))
+        catalog.meta_columns = extra
+        for line, row in enumerate(reader, start=2):
+            where = f"{manifest}:{line}"
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                catalog.skip(where, f"row has {len(row)} fields, header has {len(header)}")
+                continue
+            record = dict(zip(header, (cell.strip() for cell in row)))
+            if not record["path"]:
+                catalog.skip(where, "empty path")
+                continue
+            if record["path"] in seen:
+                catalog.skip(where, f"duplicate row for {record['path']!r} (first at line {seen[record['path']]})")
+                continue
+            seen[record["path"]] = line
+            path = Path(record["path"]) if os.path.isabs(record["path"]) else base / record["path"]
+            labels = tuple(sorted({name.strip() for name in record["labels"].split(";") if name.strip()}))
+            catalog.items.append(
+                Item(
+                    id=str(Path(record["path"]).with_suffix("")),
+                    path=path,
+                    labels=labels,
+                    meta=tuple((column, record[column]) for column in extra),
+                    origin=where,
+                )
+            )
+    return catalog
+
+
+# ---------------------------------------------------------------- elpv (real EL solar cells)
+
+
+def elpv_root() -> Path:
+    """The data folder of the optional `elpv-dataset` package."""
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the elpv images come from the optional elpv-dataset package (CC BY-NC-SA 4.0, "
+            "non-commercial): pip install 'defect-tune[elpv]', or give the folder holding labels.csv"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def read_elpv(root: Path | None, threshold: float = 0.5) -> Catalog:
+    """elpv: `labels.csv` lines `images/cellNNNN.png probability type`. A cell is `defective`
+    when its defect probability (0, 1/3, 2/3, 1) is at least `threshold`; the cell type
+    (mono/poly) and the probability are kept as metadata."""
+    root = elpv_root() if root is None else Path(root)
+    table = root / "labels.csv"
+    if not table.is_file():
+        raise FileNotFoundError(f"{table}: not found; an elpv dataset needs labels.csv and images/")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"elpv threshold must be in (0, 1], got {threshold}")
+    catalog = Catalog(meta_columns=("cell_type", "defect_probability"))
+    for line, text in enumerate(table.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        fields = text.split()
+        where = f"{table}:{line}"
+        if len(fields) != 3:
+            catalog.skip(where, f"expected 'path probability type', got {len(fields)} fields")
+            continue
+        relative, probability_text, cell_type = fields
+        try:
+            probability = float(probability_text)
+        except ValueError:
+            catalog.skip(where, f"probability {probability_text!r} is not a number")
+            continue
+        if not 0.0 <= probability <= 1.0:
+            catalog.skip(where, f"probability {probability} is outside [0, 1]")
+            continue
+        path = _inside(root, relative)
+        if path is None:
+            catalog.skip(where, f"path {relative!r} points outside {root}")
+            continue
+        catalog.items.append(
+            Item(
+                id=str(Path(relative).with_suffix("")),
+                path=path,
+                labels=("defective",) if probability >= threshold - 1e-9 else (),
+                meta=(("cell_type", cell_type), ("defect_probability", f"{probability:.4f}")),
+                origin=where,
+            )
+        )
+    return catalog

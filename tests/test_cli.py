@@ -1,0 +1,37 @@
+"""The command line as users run it: a real subprocess of `python -m defect_tune`."""
+
+import json
+import subprocess
+import sys
+
+
+def defect_tune(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "defect_tune", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_prepare_prints_a_summary_and_records_the_command(small_voc, tmp_path):
+    out = tmp_path / "out"
+    result = defect_tune(
+        "prepare", small_voc, "--format", "voc", "--out", out, "--image-size", "16", "--split", "0.6,0.2,0.2", "--seed", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "crack" in result.stderr and "multi-label" in result.stderr and "images/s" in result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["command"].startswith("defect-tune prepare ") and "--seed 3" in meta["command"]
+    assert meta["split_fractions"] == {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+def test_prepare_errors_exit_2_with_the_reason(small_voc, tmp_path):
+    (small_voc / "JPEGImages" / "scratch_005.jpg").write_bytes(b"junk")
+    result = defect_tune("prepare", small_voc, "--out", tmp_path / "out", "--image-size", "16", "--strict")
+    assert result.returncode == 2
+    assert "scratch_005.jpg: cannot decode" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = defect_tune("prepare", tmp_path / "nowhere", "--out", tmp_path / "out2")
+    assert result.returncode == 2 and "nowhere/JPEGImages: not found" in result.stderr
+
+    result = defect_tune("prepare", small_voc, "--out", tmp_path / "out3", "--split", "0.7/0.3")
+    assert result.returncode == 2 and "three fractions" in result.stderr

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from defect_tune.images import decode, fit_image, to_gray_uint8
+from defect_tune.readers import Item, Region
+
+
+def item(labels=(), regions=(), path=None):
+    return Item(id="x", path=path, labels=tuple(labels), regions=tuple(regions))
+
+
+def test_pad_keeps_the_aspect_ratio_and_centres_on_black():
+    pixels = np.full((50, 100), 200, dtype=np.uint8)
+    (out,) = fit_image(item(), pixels, 40, "pad")
+    assert out.pixels.shape == (40, 40)
+    assert (out.pixels[:10] == 0).all() and (out.pixels[30:] == 0).all()  # 20 rows of image, centred
+    assert (out.pixels[10:30] == 200).all()
+
+
+def test_keep_scales_the_height_and_keeps_the_width_ratio():
+    (out,) = fit_image(item(), np.zeros((256, 1600), np.uint8), 64, "keep")
+    assert out.pixels.shape == (64, 400)
+
+
+def test_squash_only_when_asked():
+    (out,) = fit_image(item(), np.zeros((256, 1600), np.uint8), 64, "squash")
+    assert out.pixels.shape == (64, 64)
+
+
+def severstal_rle(height, columns):
+    """A run covering whole columns [a, b) of a column-major frame, Severstal style (1-based)."""
+    a, b = columns
+    return f"{a * height + 1} {(b - a) * height}"
+
+
+def test_tiles_cover_the_frame_and_take_labels_from_masks():
+    height, width = 32, 200
+    pixels = np.arange(height * width, dtype=np.uint32).reshape(height, width).astype(np.uint8)
+    regions = [Region("class_1", rle=severstal_rle(height, (5, 10))), Region("class_3", rle=severstal_rle(height, (190, 200)))]
+    tiles = fit_image(item(["class_1", "class_3"], regions), pixels, 32, "tile")
+    # 200 px wide at height 32: tiles start at 0, 32, ..., 160, plus one flush with the right edge.
+    assert [t.suffix for t in tiles] == [f"#t{k}" for k in range(7)]
+    assert all(t.pixels.shape == (32, 32) for t in tiles)
+    assert np.array_equal(tiles[-1].pixels, pixels[:, 168:200])
+    assert [t.labels for t in tiles] == [("class_1",), (), (), (), (), ("class_3",), ("class_3",)]
+
+
+def test_tile_labels_from_voc_boxes_after_scaling():
+    pixels = np.zeros((100, 400), np.uint8)
+    regions = [Region("crack", box=(330, 10, 340, 20))]  # source columns 329..339
+    tiles = fit_image(item(["crack"], regions), pixels, 50, "tile")  # scale 0.5: 4 tiles of 100 source px
+    assert [t.labels for t in tiles] == [(), (), (), ("crack",)]
+
+
+def test_tile_refuses_labels_without_locations():
+    with pytest.raises(ValueError, match="location"):
+        fit_image(item(["crack"]), np.zeros((10, 40), np.uint8), 10, "tile")
+
+
+def test_rle_is_column_major_and_checked_against_the_frame(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 8), np.uint8)).save(path)
+    good = item(["c"], [Region("c", rle="1 4")], path)  # exactly the first column
+    tiles = decode(good, 4, "tile").outputs
+    assert [t.labels for t in tiles] == [("c",), ()]
+    with pytest.raises(ValueError, match="runs past"):
+        decode(item(["c"], [Region("c", rle="30 4")], path), 4, "keep")
+
+
+def test_sixteen_bit_images_keep_their_range():
+    image = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert to_gray_uint8(image).tolist() == [[0, 128, 255]]
+
+
+def test_rgb_becomes_grayscale_and_decode_hashes_the_file(tmp_path):
+    path = tmp_path / "rgb.png"
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(path)
+    result = decode(item(path=path), 8, "pad")
+    assert result.outputs[0].pixels.dtype == np.uint8 and (result.outputs[0].pixels == 90).all()
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(path.read_bytes())
+    assert decode(item(path=copy), 8, "pad").content_hash == result.content_hash
+
+
+def test_corrupt_image_raises(tmp_path):
+    path = tmp_path / "bad.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(OSError):
+        decode(item(path=path), 8, "pad")

@@ -1,0 +1,245 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import NEU_DET, balanced_labels, make_voc, needs_neu_det, write_image
+from defect_tune.prepare import PrepareError, PrepareOptions, prepare
+
+SPLITS = ("train", "val", "test")
+
+
+def run(source, out, fmt="voc", **kwargs):
+    kwargs.setdefault("workers", 1)
+    kwargs.setdefault("image_size", 16)
+    return prepare(PrepareOptions(source=source, format=fmt, out=out, **kwargs))
+
+
+def read_split(out: Path, split: str):
+    return pq.read_table(out / split).to_pylist()
+
+
+def bad_inputs(out: Path) -> dict[str, str]:
+    with open(out / "bad_inputs.csv", newline="") as handle:
+        return {Path(row["file"]).name: row["reason"] for row in csv.DictReader(handle)}
+
+
+def test_voc_end_to_end_shards_agree_with_meta(small_voc, tmp_path):
+    out = tmp_path / "out"
+    meta = run(small_voc, out, shard_rows=7)
+    assert meta == json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == ["crack", "dark_area", "scratch"]
+    assert meta["image"] == {"height": 16, "width": 16, "channels": 1, "dtype": "uint8", "fit": "pad"}
+    rows = {s: read_split(out, s) for s in SPLITS}
+    assert sum(len(r) for r in rows.values()) == meta["images"] == 42
+    for split in SPLITS:
+        stats = meta["splits"][split]
+        assert stats["images"] == len(rows[split])
+        assert sum(shard["rows"] for shard in stats["shards"]) == len(rows[split])
+        assert all((out / shard["file"]).is_file() for shard in stats["shards"])
+        for ci, name in enumerate(meta["classes"]):
+            assert stats["positives"][name] == sum(r["labels"][ci] for r in rows[split]) >= 1
+        assert all(r["split"] == split and len(r["pixels"]) == 16 * 16 for r in rows[split])
+    assert len(meta["splits"]["train"]["shards"]) >= 3  # shard_rows=7
+    assert meta["multi_label_images"] == 9 and meta["defect_free_images"] == 6
+    by_id = {r["id"]: r for split in rows.values() for r in split}
+    assert by_id["crack_000"]["labels"] == [1, 1, 0]  # crack + the next class, dark_area
+    assert by_id["clean_0"]["labels"] == [0, 0, 0]
+    assert meta["source_fingerprint"].startswith("sha256:")
+
+
+def test_pixels_are_the_decoded_image(tmp_path):
+    root = make_voc(tmp_path / "voc", {f"i{k}": ["a"] for k in range(6)}, size=(16, 16))
+    out = tmp_path / "out"
+    run(root, out)
+    row = read_split(out, "train")[0]
+    source = np.asarray(__import__("PIL.Image").Image.open(row["source"]).convert("L"))
+    stored = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"])
+    assert np.array_equal(stored, source)  # 16 px in, 16 px out: no resampling
+
+
+def test_same_seed_same_output_and_parallel_decode_matches_serial(small_voc, tmp_path):
+    a = run(small_voc, tmp_path / "a", workers=1)
+    b = run(small_voc, tmp_path / "b", workers=2)
+    assert a["source_fingerprint"] == b["source_fingerprint"]
+    for split in SPLITS:
+        assert read_split(tmp_path / "a", split) == read_split(tmp_path / "b", split)
+    c = run(small_voc, tmp_path / "c", seed=1)
+    assert c["source_fingerprint"] != a["source_fingerprint"]  # other split
+
+
+def test_exact_duplicates_never_straddle_splits(tmp_path):
+    labels = balanced_labels(["a", "b"], per_class=15)
+    root = make_voc(tmp_path / "voc", labels)
+    images = root / "JPEGImages"
+    for k in range(1, 15):  # a_001..a_014 become byte copies of a_000
+        (images / f"a_{k:03d}.jpg").write_bytes((images / "a_000.jpg").read_bytes())
+    out = tmp_path / "out"
+    meta = run(root, out)
+    assert meta["duplicates"] == {"groups": 1, "images": 15}
+    splits_of_copies = {r["split"] for s in SPLITS for r in read_split(out, s) if r["id"].startswith("a_")}
+    assert len(splits_of_copies) == 1
+
+
+def test_bad_inputs_are_skipped_listed_and_counted(small_voc, tmp_path):
+    images = small_voc / "JPEGImages"
+    (images / "crack_001.jpg").write_bytes(b"not an image")
+    (images / "crack_002.jpg").unlink()
+    (small_voc / "Annotations" / "crack_003.xml").write_text("<annotation>")
+    out = tmp_path / "out"
+    meta = run(small_voc, out)
+    found = bad_inputs(out)
+    assert "cannot decode" in found["crack_001.jpg"]
+    assert "not found" in found["crack_002.xml"]
+    assert "malformed XML" in found["crack_003.xml"]
+    assert "no annotation" in found["crack_003.jpg"]
+    assert meta["bad_inputs"] == len(found) == 4
+    assert meta["images"] == 42 - 3
+
+
+def test_strict_fails_naming_the_file(small_voc, tmp_path):
+    (small_voc / "JPEGImages" / "dark_area_004.jpg").write_bytes(b"garbage")
+    with pytest.raises(PrepareError, match="dark_area_004.jpg: cannot decode"):
+        run(small_voc, tmp_path / "out", strict=True)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.glob(".out.tmp-*")) == []  # nothing half-written left behind
+
+
+def test_unknown_class_under_classes_is_skipped_not_relabelled(small_voc, tmp_path):
+    out = tmp_path / "out"
+    meta = run(small_voc, out, classes=("scratch", "crack"))
+    assert meta["classes"] == ["scratch", "crack"]
+    found = bad_inputs(out)
+    assert any("unknown class 'dark_area'" in reason for reason in found.values())
+    ids = {r["id"] for s in SPLITS for r in read_split(out, s)}
+    assert not any(i.startswith("dark_area") for i in ids)
+    assert "crack_000" not in ids  # carries dark_area too, so it is skipped whole
+
+
+def test_second_prepare_refuses_unless_overwrite(small_voc, tmp_path):
+    out = tmp_path / "out"
+    run(small_voc, out)
+    with pytest.raises(PrepareError, match="--overwrite"):
+        run(small_voc, out)
+    meta = run(small_voc, out, overwrite=True, image_size=8)
+    assert meta["image"]["height"] == 8
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(PrepareError, match="not the output of a previous prepare"):
+        run(small_voc, foreign, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
+    (tmp_path / "voc" / "Annotations").mkdir()
+    with pytest.raises(PrepareError, match="no usable images"):
+        run(tmp_path / "voc", tmp_path / "out")
+
+
+def test_option_errors(small_voc, tmp_path):
+    with pytest.raises(PrepareError, match="sum to 1"):
+        run(small_voc, tmp_path / "o", split=(0.5, 0.2, 0.2))
+    with pytest.raises(PrepareError, match="--fit"):
+        run(small_voc, tmp_path / "o", fit="stretch")
+    with pytest.raises(PrepareError, match="twice"):
+        run(small_voc, tmp_path / "o", classes=("a", "a"))
+    with pytest.raises(PrepareError, match="stratify-by"):
+        run(small_voc, tmp_path / "o", stratify_by=("cell_type",))
+
+
+def test_severstal_keeps_aspect_ratio_and_tiles_get_their_own_labels(tmp_path):
+    root = tmp_path / "sev"
+    rows = ["ImageId,ClassId,EncodedPixels"]
+    height, width = 16, 100
+    for k in range(12):
+        write_image(root / "train_images" / f"s{k}.jpg", k, size=(height, width))
+        cls = 1 + k % 3
+        rows.append(f"s{k}.jpg,{cls},{5 * height + 1} {3 * height}")  # columns 5-7: the first tile only
+    for k in range(12, 15):
+        write_image(root / "train_images" / f"s{k}.jpg", k, size=(height, width))
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+
+    meta = run(root, tmp_path / "keep", fmt="severstal", image_size=8)
+    assert meta["image"]["fit"] == "keep" and (meta["image"]["height"], meta["image"]["width"]) == (8, 50)
+    assert meta["classes"] == ["class_1", "class_2", "class_3"] and meta["defect_free_images"] == 3
+
+    meta = run(root, tmp_path / "tile", fmt="severstal", image_size=16, fit="tile")
+    assert (meta["image"]["height"], meta["image"]["width"]) == (16, 16)
+    rows = [r for s in SPLITS for r in read_split(tmp_path / "tile", s)]
+    assert len(rows) == 15 * 7  # 100 px: six 16-px tiles plus one flush with the edge
+    labelled = {r["id"] for r in rows if any(r["labels"])}
+    assert labelled == {f"s{k}#t0" for k in range(12)}
+    by_source = {}
+    for r in rows:
+        by_source.setdefault(r["source"], set()).add(r["split"])
+    assert all(len(splits) == 1 for splits in by_source.values())  # tiles of a frame stay together
+
+
+def test_folders_csv_and_elpv_formats(tmp_path):
+    for k in range(9):
+        write_image(tmp_path / "folders" / "def_front" / f"d{k}.png", k)
+        write_image(tmp_path / "folders" / "ok_front" / f"o{k}.png", 100 + k)
+    meta = run(tmp_path / "folders", tmp_path / "o1", fmt="folders", defect_free_folders=("ok_front",))
+    assert meta["classes"] == ["def_front"] and meta["defect_free_images"] == 9
+
+    lines = ["path,labels,line"]
+    for k in range(12):
+        write_image(tmp_path / "m" / f"{k}.png", 200 + k)
+        lines.append(f"{k}.png,{'crack;scratch' if k % 3 == 0 else 'crack' if k % 3 == 1 else ''},L{k % 2}")
+    (tmp_path / "m" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    meta = run(tmp_path / "m" / "manifest.csv", tmp_path / "o2", fmt="csv", stratify_by=("line",))
+    assert meta["positives"] == {"crack": 8, "scratch": 4}
+    assert meta["metadata_columns"] == ["line"]
+    assert {r["meta_line"] for r in read_split(tmp_path / "o2", "train")} == {"L0", "L1"}
+
+    elpv = tmp_path / "elpv"
+    text = []
+    for k in range(20):
+        write_image(elpv / "images" / f"cell{k:04d}.png", 300 + k)
+        text.append(f"images/cell{k:04d}.png  {[0.0, 1 / 3, 2 / 3, 1.0][k % 4]}  {'mono' if k < 10 else 'poly'}")
+    (elpv / "labels.csv").write_text("\n".join(text) + "\n")
+    meta = run(elpv, tmp_path / "o3", fmt="elpv")
+    assert meta["classes"] == ["defective"] and meta["positives"] == {"defective": 10}
+    for split in SPLITS:  # the cell type is stratified: both types in every split
+        assert {r["meta_cell_type"] for r in read_split(tmp_path / "o3", split)} == {"mono", "poly"}
+
+
+def test_synthetic_default_is_written_as_voc_and_read_back(tmp_path):
+    meta = run(tmp_path / "raw", tmp_path / "out", fmt="synthetic", image_size=32, synthetic_images=120)
+    assert (tmp_path / "raw" / "Annotations").is_dir() and (tmp_path / "raw" / "JPEGImages").is_dir()
+    assert meta["images"] == 120 and meta["source"]["format"] == "synthetic"
+    assert meta["image"]["height"] == 32
+    assert len(meta["classes"]) >= 4
+
+
+@needs_neu_det
+def test_neu_det_counts_classes_and_splits(tmp_path):
+    meta = run(NEU_DET, tmp_path / "neu", image_size=32, workers=2)
+    assert meta["images"] == 1800 and meta["bad_inputs"] == 0
+    assert meta["classes"] == ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+    assert meta["positives"] == {
+        "crazing": 300, "inclusion": 382, "patches": 342,
+        "pitted_surface": 301, "rolled-in_scale": 300, "scratches": 300,
+    }
+    assert meta["multi_label_images"] == 123
+    for split in SPLITS:
+        assert all(n > 0 for n in meta["splits"][split]["positives"].values())
+    assert [meta["splits"][s]["images"] for s in SPLITS] == pytest.approx([1260, 270, 270], abs=15)
+    assert meta["image"]["height"] == meta["image"]["width"] == 32
+
+
+@needs_neu_det
+def test_neu_det_long_tail_follows_the_ratio(tmp_path):
+    meta = run(NEU_DET, tmp_path / "lt", image_size=16, workers=2, long_tail=50)
+    counts = sorted(meta["positives"].values(), reverse=True)
+    assert meta["long_tail"]["kept"] == meta["long_tail"]["target"] == meta["positives"]
+    assert counts[-1] == round(counts[0] / 50)
+    profile = [counts[0] * 50 ** (-i / 5) for i in range(6)]
+    assert counts == [round(p) for p in profile]
+    for split in SPLITS:  # even the rarest class (6 images) reaches val and test
+        assert all(n > 0 for n in meta["splits"][split]["positives"].values())

@@ -1,0 +1,200 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import make_voc, voc_xml, write_image
+from defect_tune.readers import read_elpv, read_folders, read_manifest, read_severstal, read_voc
+
+
+# ---------------------------------------------------------------- VOC
+
+
+def test_voc_labels_are_image_level_multi_hot_and_no_object_means_defect_free(tmp_path):
+    root = make_voc(tmp_path, {"a": ["crack", "crack", "scratch"], "b": ["scratch"], "c": []})
+    catalog = read_voc(root)
+    by_id = {item.id: item for item in catalog.items}
+    assert by_id["a"].labels == ("crack", "scratch")  # two crack boxes, one label
+    assert len(by_id["a"].regions) == 3
+    assert by_id["b"].labels == ("scratch",)
+    assert by_id["c"].labels == ()
+    assert catalog.bad == []
+
+
+def test_voc_filename_resolves_with_and_without_extension(tmp_path):
+    root = make_voc(tmp_path, {"with": ["crack"]})
+    make_voc(tmp_path, {"without": ["crack"]}, with_extension=False)
+    catalog = read_voc(root)
+    assert sorted(item.path.name for item in catalog.items) == ["with.jpg", "without.jpg"]
+    assert catalog.bad == []
+
+
+def test_voc_bad_inputs_are_listed_with_file_and_reason(tmp_path):
+    root = make_voc(tmp_path, {"good": ["crack"], "orphan": ["crack"]})
+    (root / "Annotations" / "orphan.xml").unlink()
+    annotations = root / "Annotations"
+    (annotations / "broken.xml").write_text("<annotation><filename>good.jpg</filename>")
+    (annotations / "escape.xml").write_text(voc_xml("../../etc/passwd", [("crack", (1, 1, 5, 5))]))
+    (annotations / "absolute.xml").write_text(voc_xml("/etc/passwd", [("crack", (1, 1, 5, 5))]))
+    (annotations / "missing.xml").write_text(voc_xml("nowhere.jpg", [("crack", (1, 1, 5, 5))]))
+    (annotations / "noname.xml").write_text(
+        "<annotation><filename>x.jpg</filename><object><name> </name></object></annotation>"
+    )
+    write_image(root / "JPEGImages" / "x.jpg", 7)
+    (annotations / "twice.xml").write_text(voc_xml("good.jpg", [("crack", (1, 1, 5, 5))]))
+    catalog = read_voc(root)
+    found = {Path(b.file).name: b.reason for b in catalog.bad}
+    assert "malformed XML" in found["broken.xml"]
+    assert "outside" in found["escape.xml"]
+    assert "outside" in found["absolute.xml"]
+    assert "not found" in found["missing.xml"]
+    assert "without a <name>" in found["noname.xml"]
+    assert "no annotation XML" in found["orphan.jpg"]
+    assert "already annotated" in found["twice.xml"]
+    assert [item.id for item in catalog.items] == ["good"]
+
+
+def test_voc_missing_folders_is_an_error_naming_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="JPEGImages"):
+        read_voc(tmp_path)
+
+
+# ---------------------------------------------------------------- Severstal
+
+
+def severstal(tmp_path: Path, rows: str, images: list[str]) -> Path:
+    for seed, name in enumerate(images):
+        write_image(tmp_path / "train_images" / name, seed, size=(16, 100))
+    (tmp_path / "train.csv").write_text(rows)
+    return tmp_path
+
+
+def test_severstal_rows_become_multi_hot_and_unlisted_images_are_defect_free(tmp_path):
+    root = severstal(
+        tmp_path,
+        "ImageId,ClassId,EncodedPixels\na.jpg,1,1 5\na.jpg,3,20 4\nb.jpg,4,1 16 100 3\n",
+        ["a.jpg", "b.jpg", "c.jpg"],
+    )
+    catalog = read_severstal(root)
+    by_id = {item.id: item for item in catalog.items}
+    assert by_id["a"].labels == ("class_1", "class_3")
+    assert by_id["b"].labels == ("class_4",)
+    assert by_id["c"].labels == ()
+    assert [r.rle for r in by_id["b"].regions] == ["1 16 100 3"]
+
+
+def test_severstal_bad_rows_skip_their_image_and_name_the_line(tmp_path):
+    root = severstal(
+        tmp_path,
+        "ImageId,ClassId,EncodedPixels\na.jpg,1,1 5\nb.jpg,x,1 5\nc.jpg,2,1 5 7\nd.jpg,2,1 5\n,1,1 2\n",
+        ["a.jpg", "b.jpg", "c.jpg"],
+    )
+    catalog = read_severstal(root)
+    found = {Path(b.file).name: b.reason for b in catalog.bad}
+    assert "train.csv:3" in found["b.jpg"] and "ClassId" in found["b.jpg"]
+    assert "train.csv:4" in found["c.jpg"] and "odd number" in found["c.jpg"]
+    assert "not found" in found["d.jpg"]
+    assert "no ImageId" in found["train.csv:6"]
+    assert [item.id for item in catalog.items] == ["a"]
+
+
+def test_severstal_old_layout_is_read(tmp_path):
+    root = severstal(
+        tmp_path, "ImageId_ClassId,EncodedPixels\na.jpg_1,1 3\na.jpg_2,\nb.jpg_1,\n", ["a.jpg", "b.jpg"]
+    )
+    catalog = read_severstal(root)
+    assert {item.id: item.labels for item in catalog.items} == {"a": ("class_1",), "b": ()}
+
+
+def test_severstal_header_must_have_its_columns(tmp_path):
+    root = severstal(tmp_path, "Image,Class\n", ["a.jpg"])
+    with pytest.raises(ValueError, match="train.csv: header"):
+        read_severstal(root)
+
+
+# ---------------------------------------------------------------- class folders
+
+
+def test_folders_top_level_classes_defect_free_and_excludes(tmp_path):
+    write_image(tmp_path / "def_front" / "d1.jpeg", 1)
+    write_image(tmp_path / "ok_front" / "o1.jpeg", 2)
+    write_image(tmp_path / "MT_Crack" / "Imgs" / "c1.jpg", 3)
+    write_image(tmp_path / "MT_Crack" / "Imgs" / "c1.png", 4)  # a magnetic-tile mask
+    (tmp_path / "MT_Crack" / "notes.txt").write_text("hi")
+    (tmp_path / "loose.jpg").write_bytes(b"")
+    (tmp_path / "ok_front" / ".DS_Store").write_bytes(b"")
+    catalog = read_folders(tmp_path, defect_free=("ok_front",), exclude=("*.png",))
+    assert {item.id: item.labels for item in catalog.items} == {
+        "MT_Crack/Imgs/c1": ("MT_Crack",),
+        "def_front/d1": ("def_front",),
+        "ok_front/o1": (),
+    }
+    found = {Path(b.file).name: b.reason for b in catalog.bad}
+    assert set(found) == {"notes.txt", "loose.jpg"}
+    assert "not an image" in found["notes.txt"]
+    assert "not inside a class folder" in found["loose.jpg"]
+
+
+def test_folders_unknown_defect_free_folder_is_an_error(tmp_path):
+    write_image(tmp_path / "def" / "a.png", 1)
+    with pytest.raises(ValueError, match="defect-free folder"):
+        read_folders(tmp_path, defect_free=("ok",))
+
+
+# ---------------------------------------------------------------- CSV manifest
+
+
+def test_manifest_labels_metadata_and_bad_rows(tmp_path):
+    write_image(tmp_path / "img" / "a.png", 1)
+    write_image(tmp_path / "img" / "b.png", 2)
+    absolute = write_image(tmp_path / "elsewhere" / "c.png", 3)
+    (tmp_path / "m.csv").write_text(
+        "path,labels,line\n"
+        "img/a.png,crack; scratch,L1\n"
+        "img/b.png,,L2\n"
+        f"{absolute},crack,L1\n"
+        "img/a.png,crack,L1\n"
+        ",crack,L1\n"
+        "img/x.png,crack\n"
+    )
+    catalog = read_manifest(tmp_path / "m.csv")
+    assert [(i.id, i.labels, dict(i.meta)["line"]) for i in catalog.items] == [
+        ("img/a", ("crack", "scratch"), "L1"),
+        ("img/b", (), "L2"),
+        (str(absolute.with_suffix("")), ("crack",), "L1"),
+    ]
+    assert catalog.meta_columns == ("line",)
+    found = {b.file.rsplit(":", 1)[1]: b.reason for b in catalog.bad}
+    assert "duplicate row" in found["5"] and "line 2" in found["5"]
+    assert "empty path" in found["6"]
+    assert "2 fields" in found["7"]
+
+
+def test_manifest_needs_path_and_labels_columns(tmp_path):
+    (tmp_path / "m.csv").write_text("file,label\na.png,x\n")
+    with pytest.raises(ValueError, match="m.csv: header"):
+        read_manifest(tmp_path / "m.csv")
+
+
+# ---------------------------------------------------------------- elpv
+
+
+def test_elpv_threshold_and_metadata(tmp_path):
+    for k in range(4):
+        write_image(tmp_path / "images" / f"cell{k}.png", k)
+    (tmp_path / "labels.csv").write_text(
+        "images/cell0.png  1.0  mono\n"
+        "images/cell1.png  0.3333333333333333  poly\n"
+        "images/cell2.png  0.6666666666666666  poly\n"
+        "images/cell3.png  0.0  mono\n"
+        "images/cell4.png  nope  mono\n"
+        "../cell5.png  1.0  mono\n"
+    )
+    catalog = read_elpv(tmp_path, threshold=0.5)
+    assert [(i.id, i.labels, dict(i.meta)["cell_type"]) for i in catalog.items] == [
+        ("images/cell0", ("defective",), "mono"),
+        ("images/cell1", (), "poly"),
+        ("images/cell2", ("defective",), "poly"),
+        ("images/cell3", (), "mono"),
+    ]
+    assert len(catalog.bad) == 2
+    assert read_elpv(tmp_path, threshold=1 / 3).items[1].labels == ("defective",)

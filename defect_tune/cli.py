@@ -101,3 +101,61 @@ def prepare(
         raise typer.Exit(2) from None
     console.print(summary_table(meta))
     console.print(f"wrote {out}/meta.json and {sum(len(s['shards']) for s in meta['splits'].values())} shards")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="A `prepare` output folder (meta.json + shards)")],
+    out: Annotated[Path, typer.Option(help="Where results.json, per_class.txt, config.yaml and best.pt go")],
+    config: Annotated[Path | None, typer.Option(help="YAML config; key=value arguments override it")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Train one configuration in this process (no Ray): `defect-tune train --data D --out O [key=value ...]`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from defect_tune.config import ConfigError, load_config
+    from defect_tune.data import DataError
+    from defect_tune.models import ModelError
+    from defect_tune.train import OBJECTIVE, NonFiniteLoss, fit
+
+    try:
+        settings = load_config(config, ctx.args)
+    except ConfigError as error:
+        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+    )
+    task = progress.add_task("epoch 1", total=None)
+
+    def on_epoch(row: dict) -> None:
+        console.print(
+            f"epoch {row['epoch']:3d}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"{OBJECTIVE} {row[OBJECTIVE]:.4f}  macro_recall@0.5 {row['val_macro_recall@0.5']:.4f}  ({row['seconds']:.1f}s)",
+            highlight=False,
+        )
+        progress.reset(task, description=f"epoch {row['epoch'] + 1}")
+
+    try:
+        with progress:
+            results = fit(settings, data, out, device, on_epoch=on_epoch, on_batch=lambda: progress.advance(task))
+    except (DataError, ModelError, ValueError) as error:
+        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except NonFiniteLoss as error:
+        console.print(f"training failed: {error} (status 'failed' in {out}/results.json)", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)
+    for name, scores in results["baselines"].items():
+        console.print(
+            f"baseline {name:>12}: {OBJECTIVE} {scores[OBJECTIVE]:.4f} (macro recall at 0.5: {scores['val_macro_recall@0.5']:.4f})",
+            highlight=False,
+        )
+    test = results["test"]["macro"]
+    console.print(
+        f"best epoch {results['best_epoch']}: {OBJECTIVE} {results['best_objective']:.4f}; "
+        f"test macro recall {test['recall']:.4f}, macro precision {test['precision']:.4f} at validation thresholds. "
+        f"Wrote {out}/results.json",
+        highlight=False,
+    )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# No model hub here or in CI: fail at once instead of retrying the network for most of a minute.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
@@ -64,3 +68,14 @@ def small_voc(tmp_path: Path) -> Path:
     labels = balanced_labels(["crack", "dark_area", "scratch"], per_class=12, multi_every=4)
     labels.update({f"clean_{k}": [] for k in range(6)})
     return make_voc(tmp_path / "voc", labels)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """The embedded default, small: 400 synthetic EL cells at 32 px, prepared once per session."""
+    from defect_tune.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare(PrepareOptions(source=root / "voc", format="synthetic", out=root / "data", image_size=32,
+                           synthetic_images=400, synthetic_imbalance=10, workers=1))
+    return root / "data"

@@ -1,0 +1,135 @@
+"""One typed config per training run (and per search trial), validated once, at the edge.
+
+Flat on purpose: a search space can address any knob by its name (`focal_gamma`, `lr`), and the
+command line overrides any of them with `key=value`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from defect_tune.augment import parse_augment
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key (and the file)."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # model: any timm backbone by name, or the seeds' own CNNs ("el_cnn", "steel_cnn")
+    model: str = "el_cnn"
+    pretrained: bool = False  # timm hub weights (needs network), or pretrained_path
+    pretrained_path: str | None = None  # a local weights file (timm's format, or a state dict)
+    cbam: bool = False  # CBAM (channel + spatial attention) on the last stage's feature map
+    head: Literal["linear", "mlp"] = "linear"  # mlp: the casting seed's deeper head
+    head_hidden: int = Field(256, ge=8)
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze_epochs: int = Field(0, ge=0)  # train only the head for the first k epochs (steel seed)
+    backbone_lr_factor: float = Field(1.0, gt=0.0, le=1.0)  # backbone lr = lr * factor (0.1: fine-tune gently)
+
+    # loss
+    loss: Literal["bce", "weighted_bce", "focal", "asl"] = "weighted_bce"
+    class_weight_exponent: float = Field(0.5, ge=0.0, le=2.0)  # 0.5: the EL seed's square-root weights
+    class_weight_overrides: dict[str, float] = Field(default_factory=dict)
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
+    focal_alpha: float | Literal["dynamic"] | None = None
+    asl_gamma_pos: float = Field(0.0, ge=0.0, le=10.0)
+    asl_gamma_neg: float = Field(4.0, ge=0.0, le=10.0)
+    asl_clip: float = Field(0.05, ge=0.0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+
+    # optimisation
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd is SGD with Nesterov momentum
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "onecycle", "plateau", "constant"] = "cosine"  # cosine has linear warmup
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip_norm: float = Field(0.0, ge=0.0)  # 0: off
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(20, ge=1)
+    amp: bool = True  # bf16/fp16 autocast and channels_last, on GPU only
+    mixup_alpha: float = Field(0.0, ge=0.0)  # 0: off
+    mixup_labels: Literal["soft", "union"] = "soft"
+    oversample_power: float = Field(0.0, ge=0.0, le=1.0)  # 0: off; 1: rare-class images drawn as often as frequent ones
+    augment: str = "light"  # a preset (none, light, standard, heavy) or transforms joined by "+"
+
+    # evaluation and early stopping
+    precision_floor: float = Field(0.5, gt=0.0, le=1.0)  # the objective's guard, see metrics.guarded_macro_recall
+    threshold_rule: Literal["f1", "f2", "recall_at_precision"] = "recall_at_precision"
+    threshold_method: Literal["pr_curve", "grid"] = "pr_curve"
+    early_stopping_patience: int = Field(5, ge=0)  # epochs without a better objective; 0: off
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # DataLoader processes for `defect-tune train`
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, value: str) -> str:
+        parse_augment(value)
+        return value
+
+    @field_validator("focal_alpha")
+    @classmethod
+    def _alpha_range(cls, value):
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError("focal_alpha must be in (0, 1), 'dynamic', or null")
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def _explain(error: ValidationError, where: str) -> ConfigError:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(config)"
+        if problem["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{key}: unknown key{hint}")
+        else:
+            lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
+    return ConfigError(f"{where}: " + "; ".join(lines))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs; values are read as YAML scalars (0.5, true, null, [a, b])."""
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r}: expected key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {pair!r}: {error}") from None
+    return values
+
+
+def load_config(path: Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then the overrides; validated once."""
+    values: dict = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+        values.update(loaded or {})
+    if overrides:
+        values.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+        where += " + overrides"
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        raise _explain(error, where) from None

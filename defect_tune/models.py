@@ -1,0 +1,135 @@
+"""Models: any timm backbone by name, or the seeds' own CNNs, with one grayscale input channel,
+optional CBAM on the last stage, and a head of `num_classes` logits (no softmax: multi-label).
+
+Every backbone offers timm's two-step interface, `forward_features` (the last feature map) and
+`forward_head(features, pre_logits=True)` (pooled features), so CBAM and the head sit between
+and after them the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import create_attn
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model that cannot be built; the message says why and what to do."""
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    )
+
+
+class ElCNN(nn.Module):
+    """The EL seed's ELDefectCNN: progressive channels (32 to 256), batch norm, adaptive average
+    pooling; the linear head is added by `DefectClassifier`."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128, 256)):
+        super().__init__()
+        widths = (1, *channels)
+        self.features = nn.Sequential(*(_conv_block(a, b) for a, b in zip(widths, widths[1:])))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = channels[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return self.pool(x).flatten(1)
+
+
+class SteelCNN(ElCNN):
+    """The steel seed's baseline: 4 conv blocks (32-64-128-256, BN, max-pool), global average
+    pooling, dense 256 and dropout; the sigmoid is the loss's business."""
+
+    def __init__(self, dropout: float = 0.5):
+        super().__init__((32, 64, 128, 256))
+        self.dense = nn.Sequential(nn.Linear(256, 256), nn.ReLU(inplace=True), nn.Dropout(dropout))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return self.dense(super().forward_head(x))
+
+
+SEED_MODELS = {"el_cnn": ElCNN, "steel_cnn": SteelCNN}
+
+
+class DefectClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, num_classes: int, cbam: bool, head: str, hidden: int, dropout: float):
+        super().__init__()
+        self.backbone = backbone
+        self.attention = create_attn("cbam", backbone.num_features) if cbam else nn.Identity()
+        # Pooled width; differs from the feature map's where the head has its own conv (MobileNetV3).
+        features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        if head == "mlp":  # the casting seed's deeper head: BN and dropout between two layers
+            self.head = nn.Sequential(
+                nn.Dropout(dropout), nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                nn.Dropout(dropout / 2), nn.Linear(hidden, num_classes),
+            )
+        else:
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.attention(self.backbone.forward_features(x))
+        return self.head(self.backbone.forward_head(features, pre_logits=True))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything trained from scratch even when the backbone is pretrained or frozen."""
+        return [*self.attention.parameters(), *self.head.parameters()]
+
+
+def _timm_backbone(name: str, pretrained: bool, path: str | None) -> nn.Module:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ModelError(f"model {name!r}: not a timm model or one of {sorted(SEED_MODELS)}; close names: {close}")
+    kwargs = {"in_chans": 1, "num_classes": 0}  # timm folds RGB stem weights into one channel
+    if path is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    try:
+        return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
+    except Exception as error:  # hub, network and file errors come in many types; all mean "no weights"
+        if not (pretrained or path):
+            raise
+        source = f"file {path}" if path else "the Hugging Face hub (needs network access)"
+        raise ModelError(
+            f"model {name!r}: cannot load pretrained weights from {source}: {type(error).__name__}: {error}. "
+            "Set pretrained_path to a local weights file, or pretrained=false to train from scratch."
+        ) from error
+
+
+def build_model(config, num_classes: int) -> DefectClassifier:
+    """The model a config names; `config` is a `TrainConfig`."""
+    if config.model in SEED_MODELS:
+        backbone = SEED_MODELS[config.model]()
+        if config.pretrained and not config.pretrained_path:
+            raise ModelError(f"model {config.model!r} has no published weights; give pretrained_path or pretrained=false")
+        if config.pretrained_path:
+            path = Path(config.pretrained_path)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                backbone.load_state_dict(state)
+            except (OSError, RuntimeError) as error:
+                raise ModelError(f"model {config.model!r}: cannot load {path}: {error}") from error
+    else:
+        backbone = _timm_backbone(config.model, config.pretrained, config.pretrained_path)
+    return DefectClassifier(backbone, num_classes, config.cbam, config.head, config.head_hidden, config.head_dropout)
+
+
+def set_backbone_trainable(model: DefectClassifier, trainable: bool) -> None:
+    """Freeze or unfreeze the backbone; a frozen backbone also keeps its batch-norm statistics."""
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad_(trainable)
+    model.backbone.train(trainable and model.training)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }

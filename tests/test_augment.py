@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+
+from defect_tune.augment import PRESETS, augment_batch, build_augmentation, mixup, parse_augment
+
+
+def test_presets_and_joined_names():
+    assert parse_augment("light") == ("hflip", "vflip")
+    assert parse_augment("hflip+clahe") == ("hflip", "clahe")
+    with pytest.raises(ValueError, match="warp"):
+        parse_augment("hflip+warp")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_keeps_shape_and_dtype(preset):
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    out = augment_batch(build_augmentation(preset, (32, 32), seed=0), images)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    if preset == "none":
+        assert out is images
+
+
+def test_augmentation_is_seeded():
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8)
+    a = augment_batch(build_augmentation("heavy", (32, 32), seed=3), images)
+    b = augment_batch(build_augmentation("heavy", (32, 32), seed=3), images)
+    c = augment_batch(build_augmentation("heavy", (32, 32), seed=4), images)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert not np.array_equal(a, images)
+
+
+def test_rot90_refuses_non_square_frames():
+    with pytest.raises(ValueError, match="square"):
+        build_augmentation("standard", (32, 200), seed=0)
+    assert build_augmentation("light", (32, 200), seed=0) is not None
+
+
+def test_mixup_soft_and_union_targets():
+    x = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    rng = np.random.default_rng(0)
+    mixed_x, soft = mixup(x, y, 0.4, "soft", np.random.default_rng(0))
+    lam = np.random.default_rng(0).beta(0.4, 0.4)
+    perm = rng.permutation  # same draws as inside mixup: beta first, then the permutation
+    rng.beta(0.4, 0.4)
+    order = perm(2)
+    assert torch.allclose(mixed_x, lam * x + (1 - lam) * x[order])
+    assert torch.allclose(soft, lam * y + (1 - lam) * y[order])
+    _, union = mixup(x, y, 0.4, "union", np.random.default_rng(0))
+    assert torch.equal(union, torch.maximum(y, y[order]))

@@ -1,0 +1,136 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from defect_tune import train as train_module
+from defect_tune.config import load_config
+from defect_tune.data import load_split, read_meta, sample_weights, to_tensor
+from defect_tune.metrics import guarded_macro_recall
+from defect_tune.models import build_model
+from defect_tune.train import OBJECTIVE, NonFiniteLoss, build_parts, fit, load_checkpoint, train_one_epoch
+
+FAST = ["batch_size=32", "lr=0.003", "augment=light", "warmup_epochs=0"]
+
+
+def test_objective_improves_and_beats_trivial_predictors(synthetic_data, tmp_path):
+    config = load_config(None, [*FAST, "epochs=5", "early_stopping_patience=0"])
+    results = fit(config, synthetic_data, tmp_path / "run", device="cpu")
+    history = [row[OBJECTIVE] for row in results["history"]]
+    assert results["status"] == "completed" and len(history) == 5
+    assert results["best_objective"] == max(history) > history[0] + 0.1
+
+    meta = read_meta(synthetic_data)
+    _, val_y, _ = load_split(synthetic_data, "val", meta)
+    all_positive = guarded_macro_recall(np.ones_like(val_y), val_y, config.precision_floor)
+    random = guarded_macro_recall(np.random.default_rng(0).random(val_y.shape), val_y, config.precision_floor)
+    assert results["best_objective"] > max(all_positive, random) + 0.2
+
+
+def test_results_checkpoint_and_tables_are_written(synthetic_data, tmp_path):
+    config = load_config(None, [*FAST, "epochs=2", "model=steel_cnn", "loss=focal", "focal_alpha=dynamic"])
+    out = tmp_path / "run"
+    results = fit(config, synthetic_data, out, device="cpu")
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results
+    classes = read_meta(synthetic_data)["classes"]
+    assert list(results["thresholds"]) == classes
+    assert set(results["test"]["per_class"]) == set(classes)
+    assert results["test"]["thresholds"] == list(results["thresholds"].values())  # val thresholds, unchanged
+    assert results["objective"]["name"] == OBJECTIVE and "precision" in results["objective"]["definition"]
+    assert results["parameters"]["total"] > 0 and results["data"]["source_fingerprint"].startswith("sha256:")
+    assert load_config(out / "config.yaml") == config
+    text = (out / "per_class.txt").read_text()
+    assert "MACRO AVG" in text and "TEST" in text and all(c in text for c in classes)
+    model = build_model(config, len(classes))
+    load_checkpoint(out / "best.pt", model)  # weights_only=True
+    assert torch.equal(model.head[-1].weight, torch.load(out / "best.pt", weights_only=True)["head.1.weight"])
+
+
+def test_training_is_reproducible_on_cpu(synthetic_data, tmp_path):
+    config = load_config(None, [*FAST, "epochs=2", "augment=standard", "mixup_alpha=0.4", "oversample_power=0.5"])
+    a = fit(config, synthetic_data, tmp_path / "a", device="cpu")
+    b = fit(config, synthetic_data, tmp_path / "b", device="cpu")
+    strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    c = fit(load_config(None, [*FAST, "epochs=2", "seed=1"]), synthetic_data, tmp_path / "c", device="cpu")
+    assert strip(c["history"]) != strip(a["history"])
+
+
+def test_early_stopping_restores_the_best_epoch(synthetic_data, tmp_path, monkeypatch):
+    scripted = iter([0.1, 0.5, 0.4, 0.3, 0.9])
+    real = train_module.score_epoch
+    monkeypatch.setattr(train_module, "score_epoch", lambda *a: {**real(*a), OBJECTIVE: next(scripted)})
+    config = load_config(None, [*FAST, "epochs=5", "early_stopping_patience=2"])
+    results = fit(config, synthetic_data, tmp_path / "run", device="cpu")
+    assert [row[OBJECTIVE] for row in results["history"]] == [0.1, 0.5, 0.4, 0.3]
+    assert results["best_epoch"] == 2 and results["best_objective"] == 0.5 and results["stopped_early"]
+
+
+def test_non_finite_loss_fails_the_run_with_a_clear_status(synthetic_data, tmp_path, monkeypatch):
+    real = train_module.build_loss
+
+    def poisoned(config, counts):
+        loss = real(config, counts)
+        calls = iter(range(10**6))
+        return lambda logits, y: loss(logits, y) * (float("nan") if next(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(train_module, "build_loss", lambda c, n: _Module(poisoned(c, n)))
+    with pytest.raises(NonFiniteLoss, match="epoch 1, batch 4: training loss is nan"):
+        fit(load_config(None, [*FAST, "epochs=2"]), synthetic_data, tmp_path / "run", device="cpu")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "nan" in results["error"]
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, logits, y):
+        return self.fn(logits, y)
+
+
+def test_frozen_backbone_epochs_train_only_the_head(synthetic_data):
+    meta = read_meta(synthetic_data)
+    config = load_config(None, [*FAST, "freeze_epochs=1", "backbone_lr_factor=0.1"])
+    parts = build_parts(config, meta, steps_per_epoch=4, device=torch.device("cpu"))
+    assert [g["lr"] for g in parts.optimizer.param_groups] == pytest.approx([0.0003, 0.003])
+    images, labels, _ = load_split(synthetic_data, "train", meta)
+    batches = [(to_tensor(images[i : i + 32]), torch.from_numpy(labels[i : i + 32])) for i in range(0, 128, 32)]
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    train_one_epoch(parts, config, batches, epoch=0, rng=rng)
+    after = parts.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+    train_one_epoch(parts, config, batches, epoch=1, rng=rng)
+    assert not torch.equal(before["backbone.features.0.0.weight"], parts.model.state_dict()["backbone.features.0.0.weight"])
+
+
+def test_sample_weights_oversample_rare_classes():
+    labels = np.array([[1, 0], [1, 0], [1, 0], [1, 1], [0, 0]], dtype=np.float32)
+    weights = sample_weights(labels, power=1.0)
+    assert weights.tolist() == [1.25, 1.25, 1.25, 5.0, 1.0]  # N/P: 5/4 for class 0, 5/1 for class 1
+    assert (sample_weights(labels, 0.0) == 1.0).all()
+
+
+def test_train_command_end_to_end(synthetic_data, tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "defect_tune", "train", "--data", str(synthetic_data), "--out", str(out), "--device", "cpu",
+         "epochs=1", "batch_size=64"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MACRO AVG" in result.stderr and "best epoch 1" in result.stderr
+    assert json.loads((out / "results.json").read_text())["config"]["batch_size"] == 64
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "defect_tune", "train", "--data", str(synthetic_data), "--out", str(out), "lr=fast"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and "lr: " in bad.stderr and "Traceback" not in bad.stderr

@@ -15,7 +15,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# Tables stay readable in logs and CI, where there is no terminal to take the width from.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -159,3 +160,76 @@ def train(
         f"Wrote {out}/results.json",
         highlight=False,
     )
+
+
+DEFAULT_DATA = Path("data/synthetic")
+
+
+def _default_data() -> Path:
+    """The embedded default: the synthetic EL set, generated and prepared once (64 px)."""
+    from defect_tune.prepare import PrepareOptions
+    from defect_tune.prepare import prepare as run_prepare
+
+    if not (DEFAULT_DATA / "meta.json").is_file():
+        console.print(f"no --data: preparing the embedded synthetic EL dataset in {DEFAULT_DATA}", highlight=False)
+        run_prepare(
+            PrepareOptions(source=Path("data/synthetic-voc"), format="synthetic", out=DEFAULT_DATA, image_size=64,
+                           command="defect-tune search (default data)"),
+            console=console,
+        )
+    return DEFAULT_DATA
+
+
+@app.command()
+def search(
+    data: Annotated[Path | None, typer.Option(help="A `prepare` output (default: the embedded synthetic set)")] = None,
+    space: Annotated[Path | None, typer.Option(help="Search space YAML (default: search_spaces/quick.yaml)")] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name (default: <space>-<timestamp>); --resume needs it")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default: results/<name>)")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Trial budget (default: the space's)")] = None,
+    workers_per_trial: Annotated[int, typer.Option(help="TorchTrainer workers per trial")] = 1,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per training worker (fractions pack trials on a GPU)")] = 0.0,
+    max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: from the cluster's resources)")] = None,
+    address: Annotated[str | None, typer.Option(help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Tune storage: local path, NFS path or s3:// / gs:// URI (shared for multi-node)")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep; finished trials are kept, not rerun")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
+    max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (from its last checkpoint)")] = 0,
+) -> None:
+    """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
+    import datetime as dt
+
+    from defect_tune.data import DataError
+    from defect_tune.search import SearchError, SearchOptions, default_space, leaderboard_table, load_leaderboard, run_search
+    from defect_tune.space import SpaceError, load_space
+
+    if resume and not name:
+        console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
+        raise typer.Exit(2)
+    space = space or default_space()
+    name = name or f"{space.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        options = SearchOptions(
+            data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
+            workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+            max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
+            max_failures=max_failures,
+        )
+        summary = run_search(options, console=console)
+    except (SearchError, SpaceError, DataError) as error:
+        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    results = Path(out or Path("results") / name)
+    board = load_leaderboard(results)
+    console.print(leaderboard_table(board, load_space(space)))
+    best = summary.get("best")
+    if best:
+        console.print(
+            f"best: trial {best['trial_id']} {summary['objective']} {best[summary['objective']]:.4f} at epoch {best['best_epoch']}; "
+            f"config {results}/best_config.yaml; leaderboard {results}/leaderboard.csv; Tune experiment {summary['experiment']}",
+            highlight=False, markup=False, soft_wrap=True,
+        )
+    else:
+        console.print(f"no trial finished; see {results}/leaderboard.csv", style="red", markup=False)
+        raise typer.Exit(1)

@@ -54,6 +54,30 @@ class Parts:
     device: torch.device
     autocast_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
+    net: nn.Module | None = None  # what training calls: the model, or its DDP wrapper under Ray Train
+
+    def __post_init__(self) -> None:
+        if self.net is None:
+            self.net = self.model
+
+
+class EarlyStopping:
+    """Patience on the objective (higher is better); patience 0 never stops."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.waited = patience, float("-inf"), 0, 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's objective; True when it is the best so far."""
+        if value > self.best:
+            self.best, self.best_epoch, self.waited = value, epoch, 0
+            return True
+        self.waited += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.waited >= self.patience
 
 
 def seed_everything(seed: int) -> None:
@@ -131,7 +155,7 @@ def train_one_epoch(parts: Parts, config: TrainConfig, batches: Iterable, epoch:
         if config.mixup_alpha > 0:
             x, y = mixup(x, y, config.mixup_alpha, config.mixup_labels, rng)
         with torch.autocast(parts.device.type, dtype=parts.autocast_dtype, enabled=parts.autocast_dtype is not None):
-            logits = model(x)
+            logits = parts.net(x)
         loss = parts.loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"epoch {epoch + 1}, batch {step + 1}: training loss is {loss.item()}")
@@ -175,15 +199,25 @@ def predict(parts: Parts, batches: Iterable) -> tuple[np.ndarray, np.ndarray, fl
     return np.concatenate(probs), np.concatenate(targets), total / max(seen, 1)
 
 
-def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig) -> dict:
-    """What a trial reports each epoch: the guarded objective and the plain macro figures at 0.5."""
-    plain = evaluate(probs, targets, [str(c) for c in range(targets.shape[1])], 0.5)
-    return {
-        OBJECTIVE: guarded_macro_recall(probs, targets, config.precision_floor),
+def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig, classes: list[str]) -> dict:
+    """What every epoch reports: the guarded objective with the figures behind it.
+
+    The objective is the macro recall at per-class thresholds that reach the precision floor,
+    which is exactly `metrics.guarded_macro_recall`; computing the report once here also gives
+    the per-class recalls and the macro precision at those same thresholds.
+    """
+    thresholds = learn_thresholds(probs, targets, "recall_at_precision", config.precision_floor, "pr_curve")
+    guarded = evaluate(probs, targets, classes, thresholds)
+    plain = evaluate(probs, targets, classes, 0.5)
+    row = {
+        OBJECTIVE: guarded["macro"]["recall"] or 0.0,
+        "val_macro_precision": guarded["macro"]["precision"],
+        "val_macro_f2": guarded["macro"]["f2"],
+        "val_macro_ap": guarded["macro"]["average_precision"],
         "val_macro_recall@0.5": plain["macro"]["recall"],
-        "val_macro_precision@0.5": plain["macro"]["precision"],
-        "val_macro_ap": plain["macro"]["average_precision"],
     }
+    row.update({f"val_recall/{c}": guarded["per_class"][c]["recall"] for c in classes})
+    return row
 
 
 class _Images(Dataset):
@@ -267,26 +301,23 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
         "versions": {"defect_tune": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "history": [],
     }
-    best, best_epoch, best_state, waited = -1.0, 0, None, 0
+    stopper, best_state = EarlyStopping(config.early_stopping_patience), None
     try:
         for epoch in range(config.epochs):
             epoch_started = time.perf_counter()
             row = {"epoch": epoch + 1, **train_one_epoch(parts, config, train_loader, epoch, rng, on_batch)}
             probs, targets, row["val_loss"] = predict(parts, val_loader)
-            row.update(score_epoch(probs, targets, config))
+            row.update(score_epoch(probs, targets, config, classes))
             row["seconds"] = round(time.perf_counter() - epoch_started, 3)
             results["history"].append(row)
             if parts.scheduler is not None and not parts.per_batch_schedule:
                 parts.scheduler.step(row[OBJECTIVE])
-            if row[OBJECTIVE] > best:
-                best, best_epoch, waited = row[OBJECTIVE], epoch + 1, 0
+            if stopper.update(row[OBJECTIVE], epoch + 1):
                 best_state = copy.deepcopy(parts.model.state_dict())
                 torch.save(best_state, out_dir / "best.pt")
-            else:
-                waited += 1
             if on_epoch is not None:
                 on_epoch(row)
-            if config.early_stopping_patience and waited >= config.early_stopping_patience:
+            if stopper.should_stop:
                 break
     except NonFiniteLoss as error:
         results.update(status="failed", error=str(error), seconds=round(time.perf_counter() - started, 3))
@@ -307,8 +338,8 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
     test_report = evaluate(test_probs, test_targets, classes, thresholds)
     results.update(
         status="completed",
-        best_epoch=best_epoch,
-        best_objective=best,
+        best_epoch=stopper.best_epoch,
+        best_objective=stopper.best,
         epochs_run=len(results["history"]),
         stopped_early=len(results["history"]) < config.epochs,
         baselines=baselines,
@@ -318,7 +349,7 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
         seconds=round(time.perf_counter() - started, 3),
     )
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = per_class_table(val_report, f"VALIDATION (epoch {best_epoch}, thresholds learned here)") + "\n"
+    table = per_class_table(val_report, f"VALIDATION (epoch {stopper.best_epoch}, thresholds learned here)") + "\n"
     table += per_class_table(test_report, "TEST (thresholds from validation, unchanged)") + "\n"
     (out_dir / "per_class.txt").write_text(table)
     return results

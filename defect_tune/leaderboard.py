@@ -1,0 +1,67 @@
+"""A sweep's leaderboard: one row per trial, best first, from Tune's results."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from defect_tune.train import OBJECTIVE
+
+STOP_REASONS = ("completed", "early_stopping", "asha", "error", "no_result")
+
+
+def _clean(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def trial_row(result, space, classes: list[str]) -> dict:
+    """One `ray.tune.Result` as a leaderboard row: sampled parameters, how the trial ended, and
+    its best epoch's validation figures."""
+    sampled = {name: value for name, value in (result.config or {}).items() if not name.startswith("_")}
+    history = result.metrics_dataframe
+    metrics = result.metrics or {}
+    row: dict = {"trial_id": metrics.get("trial_id") or (result.path or "").rsplit("_", 1)[-1]}
+    points = {tuple(sorted(p.items())): name for name, p in space.points}
+    row["seed_point"] = points.get(tuple(sorted(sampled.items())))
+    row.update({f"param/{k}": v for k, v in sampled.items()})
+    epochs = int(history["training_iteration"].max()) if history is not None and len(history) else 0
+    if result.error is not None:
+        reason = "error"
+    elif epochs == 0:
+        reason = "no_result"
+    elif epochs >= space.max_epochs:
+        reason = "completed"
+    elif metrics.get("early_stopped"):
+        reason = "early_stopping"
+    else:
+        reason = "asha"
+    row.update(status="error" if result.error is not None else "terminated", stop_reason=reason, epochs=epochs)
+    row["error"] = None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500]
+    key = space.objective
+    if epochs and key in history:
+        best = history.loc[history[key].idxmax() if space.mode == "max" else history[key].idxmin()]
+        row[key] = float(best[key])
+        row["best_epoch"] = int(best["epoch"])
+        for column in dict.fromkeys((OBJECTIVE, "val_macro_precision", "val_macro_f2", "val_macro_ap", "val_macro_recall@0.5", "val_loss")):
+            row[column] = _clean(best.get(column))
+        for c in classes:
+            row[f"val_recall/{c}"] = _clean(best.get(f"val_recall/{c}"))
+        checkpoints = history["checkpoint_path"].dropna() if "checkpoint_path" in history else []
+        row["checkpoint"] = checkpoints.iloc[-1] if len(checkpoints) else None
+        row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
+        row["wall_seconds"] = float(history["time_total_s"].max())
+    else:
+        row[key] = None
+    return row
+
+
+def build_leaderboard(results, space, classes: list[str]) -> pd.DataFrame:
+    rows = [trial_row(result, space, classes) for result in results]
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return board
+    ascending = space.mode == "min"
+    board = board.sort_values(space.objective, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+    board.insert(0, "rank", range(1, len(board) + 1))
+    return board

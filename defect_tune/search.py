@@ -1,0 +1,298 @@
+"""`defect-tune search`: Ray Tune drives Optuna (TPE) and ASHA over trials that each fit a
+TorchTrainer. The same command searches on a laptop (a local Ray cluster) and on a GPU cluster
+(`--address`, shared `--storage`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
+from rich.table import Table
+
+from defect_tune.data import read_meta
+from defect_tune.leaderboard import build_leaderboard
+from defect_tune.space import DefineByRun, SearchSpace, load_space
+from defect_tune.trial import TrialSetup, run_trial
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class SearchError(ValueError):
+    """A sweep that cannot start; the message says why."""
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    data: Path
+    space: Path
+    name: str
+    out: Path | None = None  # default results/<name>
+    num_samples: int | None = None  # default: the space's budget
+    workers_per_trial: int = 1
+    # A scheduling share: Ray gives a worker with one CPU or less one torch thread either way, and
+    # half a CPU lets two trials train side by side on a 2-core laptop with a core left for Data.
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    max_concurrent: int | None = None  # default: from the cluster's resources
+    address: str | None = None  # None: start a local Ray cluster
+    storage: str | None = None  # default: <out>/tune; a URI (s3://, gs://) or shared path for multi-node
+    resume: bool = False
+    seed: int = 0
+    max_failures: int = 0
+
+
+class AshaAwareOptunaSearch(OptunaSearch):
+    """Tells Optuna that a trial ASHA stopped was pruned, not completed.
+
+    Tune reports an ASHA-stopped trial as complete with its last, partly trained value, which
+    biases TPE toward configurations that look good early. As PRUNED, TPE ranks it by its
+    intermediate values instead (the base class marks a trial PRUNED when no value is given).
+    """
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_by_scheduler = (
+            not error and result is not None and not result.get("early_stopped")
+            and result.get("training_iteration", self._max_epochs) < self._max_epochs
+        )
+        super().on_trial_complete(trial_id, None if stopped_by_scheduler else result, error)
+
+
+class ProgressTable(tune.Callback):
+    """A live view of the sweep on the driver: a line per event, a table as trials finish."""
+
+    def __init__(self, space: SearchSpace, console: Console):
+        self.space, self.console = space, console
+        self.rows: dict[str, dict] = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state
+        return {**self.__dict__, "console": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, console=Console(stderr=True))
+
+    def _row(self, trial) -> dict:
+        return self.rows.setdefault(trial.trial_id, {"status": "RUNNING", "epoch": 0, "objective": None, "config": trial.config})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._row(trial)
+        self.console.print(f"[start] {trial.trial_id} {_short(trial.config)}", highlight=False, markup=False)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self._row(trial)
+        value = result.get(self.space.objective)
+        row.update(epoch=result.get("training_iteration", 0), objective=value)
+        self.console.print(f"[epoch {row['epoch']}] {trial.trial_id} {self.space.objective}={value:.4f}", highlight=False, markup=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._row(trial)["status"] = "TERMINATED"
+        self.console.print(self.table())
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial)["status"] = "ERROR"
+        self.console.print(f"[error] {trial.trial_id}: see {trial.local_path}", highlight=False, markup=False)
+
+    def table(self) -> Table:
+        table = Table(title=f"trials ({len(self.rows)} of {self.space.num_samples})")
+        for column in ("trial", "status", "epoch", "objective"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("config")
+        for trial_id, row in self.rows.items():
+            value = "-" if row["objective"] is None else f"{row['objective']:.4f}"
+            table.add_row(trial_id, row["status"], str(row["epoch"]), value, _short(row["config"]))
+        return table
+
+
+def _short(config: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+def trials_at_once(resources: dict, options: SearchOptions) -> int:
+    """How many trials run side by side without starving Ray Data.
+
+    Each trial's workers take `workers * cpus_per_worker` CPUs (and GPUs); the trial function
+    itself takes none. Ray Data's read and map tasks need whole CPUs nobody reserved: a 2-core
+    machine with a 0.1-CPU trial and a 1-CPU worker starved them forever
+    (https://github.com/ray-project/ray/issues/29662). So a quarter of the CPUs, at least one,
+    stays free for Data.
+    """
+    if options.max_concurrent:
+        return options.max_concurrent
+    cpus = resources.get("CPU", 0)
+    free_for_data = max(1.0, cpus / 4)
+    per_trial = options.workers_per_trial * options.cpus_per_worker
+    by_cpu = math.floor((cpus - free_for_data) / per_trial) if per_trial else 1_000_000
+    by_gpu = 1_000_000
+    if options.gpus_per_worker > 0:
+        by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * options.gpus_per_worker))
+    count = min(by_cpu, by_gpu)
+    if count < 1:
+        raise SearchError(
+            f"the cluster ({resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs) cannot run one trial of "
+            f"{options.workers_per_trial} worker(s) x {options.cpus_per_worker} CPU / {options.gpus_per_worker} GPU "
+            "and keep a CPU free for Ray Data"
+        )
+    return count
+
+
+def wait_for_release(total: dict, timeout: float = 60.0) -> dict:
+    """Free resources once the sweep's trials have let go of theirs (Train's placement groups
+    are removed asynchronously after a trial ends), or what is still taken after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= total[k] - 1e-6 for k in ("CPU", "GPU") if k in total) or time.monotonic() > deadline:
+            return free
+        time.sleep(0.5)
+
+
+def _storage(options: SearchOptions, out: Path) -> str:
+    if options.storage is None:
+        return str((out / "tune").absolute())
+    if "://" in options.storage:
+        return options.storage
+    return str(Path(options.storage).absolute())
+
+
+def run_search(options: SearchOptions, console: Console | None = None) -> dict:
+    """Run (or resume) a sweep; write the leaderboard and best config; return a summary."""
+    console = console or Console(stderr=True)
+    space = load_space(options.space)
+    if options.num_samples is not None:
+        space = SearchSpace(**{**space.__dict__, "num_samples": options.num_samples})
+    meta = read_meta(options.data)
+    out = (options.out or Path("results") / options.name).absolute()
+    storage = _storage(options, out)
+    experiment = f"{storage.rstrip('/')}/{options.name}"
+    if not options.resume and tune.Tuner.can_restore(experiment):
+        raise SearchError(f"sweep {options.name!r} already exists at {experiment}; --resume continues it, or pick another --name")
+    if options.resume and not tune.Tuner.can_restore(experiment):
+        raise SearchError(f"--resume: no sweep {options.name!r} to resume at {experiment}")
+
+    started = time.perf_counter()
+    ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    try:
+        resources = ray.cluster_resources()
+        concurrent = trials_at_once(resources, options)
+        setup = TrialSetup(
+            data_dir=str(Path(options.data).absolute()), meta=meta, space=space, storage_path=storage,
+            sweep_name=options.name, workers_per_trial=options.workers_per_trial,
+            cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
+            max_failures=options.max_failures,
+        )
+        # The trial function only waits on its TorchTrainer: it takes no CPU, so that every whole
+        # CPU not given to workers stays free for Ray Data (Tune refuses an all-zero request, so
+        # the bundle asks for a token of memory instead).
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 2**20})
+        progress = ProgressTable(space, console)
+        if options.resume:
+            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            searcher = AshaAwareOptunaSearch(
+                space=DefineByRun(space), metric=space.objective, mode=space.mode,
+                points_to_evaluate=[dict(p) for _, p in space.points] or None,
+                seed=options.seed, study_name=options.name, max_epochs=space.max_epochs,
+            )
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration", metric=space.objective, mode=space.mode, max_t=space.max_epochs,
+                grace_period=space.grace_period, reduction_factor=space.reduction_factor,
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=scheduler,
+                    num_samples=space.num_samples, max_concurrent_trials=concurrent, reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name=options.name, storage_path=storage, callbacks=[progress], verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                ),
+            )
+        console.print(
+            f"sweep {options.name}: {space.num_samples} trials of {Path(space.path).name}, {concurrent} at a time on "
+            f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs; Tune experiment {experiment}",
+            highlight=False,
+        )
+        results = tuner.fit()
+        board = build_leaderboard(results, space, meta["classes"])
+        free = wait_for_release(resources)
+    finally:
+        ray.shutdown()
+    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources)
+
+
+def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
+                  seconds: float, free: dict, total: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    board.to_csv(out / "leaderboard.csv", index=False)
+    board.to_parquet(out / "leaderboard.parquet", index=False)
+    summary = {
+        "name": options.name, "space": space.path, "data": str(Path(options.data).absolute()),
+        "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
+        "objective": space.objective, "mode": space.mode, "trials": len(board), "seconds": round(seconds, 1),
+        "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
+        "resources_total": total, "resources_free_at_end": free,
+    }
+    finished = board.dropna(subset=[space.objective]) if len(board) else board
+    if len(finished):
+        best = finished.iloc[0]
+        sampled = {k.removeprefix("param/"): _plain(v) for k, v in best.items() if k.startswith("param/") and _plain(v) is not None}
+        config = space.config_for(sampled)
+        header = (
+            f"# best of sweep {options.name}: trial {best['trial_id']}, {space.objective} = {best[space.objective]:.4f} "
+            f"at epoch {best['best_epoch']} of {best['epochs']}\n# data {meta.get('source_fingerprint')}\n"
+        )
+        (out / "best_config.yaml").write_text(header + config.to_yaml())
+        summary["best"] = {"trial_id": best["trial_id"], space.objective: float(best[space.objective]),
+                           "best_epoch": int(best["best_epoch"]), "params": sampled}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _plain(value):
+    """numpy/pandas scalars to Python; NaN (a parameter this trial's branch did not sample) to None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def default_space() -> Path:
+    return SPACES_DIR / "quick.yaml"
+
+
+def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
+    table = Table(title=f"leaderboard (top {min(top, len(board))} of {len(board)})")
+    columns = {"rank": "#", "trial_id": "trial", "seed_point": "seed point", "stop_reason": "stopped by",
+               "epochs": "epochs", space.objective: "objective", "val_macro_precision": "macro precision"}
+    for label in columns.values():
+        table.add_column(label, no_wrap=True)
+    table.add_column("parameters")
+    params = [c for c in board.columns if c.startswith("param/")]
+    for _, row in board.head(top).iterrows():
+        cells = []
+        for column in columns:
+            value = _plain(row.get(column))
+            cells.append("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+        sampled = {c.removeprefix("param/"): _plain(row[c]) for c in params if _plain(row[c]) is not None}
+        table.add_row(*cells, _short(sampled))
+    return table
+
+
+def load_leaderboard(out: Path):
+    import pandas as pd
+
+    return pd.read_parquet(Path(out) / "leaderboard.parquet")
+

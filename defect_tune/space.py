@@ -1,0 +1,215 @@
+"""Search spaces as data: a YAML file becomes an Optuna define-by-run function.
+
+    objective: val_guarded_macro_recall     # reported by every trial each epoch
+    mode: max
+    num_samples: 12                          # trial budget
+    max_epochs: 6                            # every trial's epoch budget (ASHA's max_t)
+    asha: {grace_period: 1, reduction_factor: 2}
+    fixed: {batch_size: 64, augment: light}  # any TrainConfig key
+    params:                                  # sampled in this order
+      model: {choice: [el_cnn, resnet18]}
+      lr: {loguniform: [1.0e-4, 3.0e-3]}
+      loss: {choice: [bce, weighted_bce, focal]}
+      focal_gamma: {uniform: [0.5, 4.0], when: {loss: focal}}   # conditional: sampled only then
+    points_to_evaluate:                      # measured in every sweep (the seeds' own defaults)
+      - {name: el_seed, params: {model: el_cnn, loss: weighted_bce, lr: 1.0e-3}}
+
+Distributions: `choice` (list), `uniform` / `loguniform` ([low, high]), `int` / `int_log`
+([low, high], inclusive). `when` maps earlier parameters to a value or list of values.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import yaml
+
+from defect_tune.config import ConfigError, TrainConfig, load_config
+from defect_tune.models import SEED_MODELS
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
+TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "fixed", "params", "points_to_evaluate", "description"}
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str
+    values: tuple  # the choices, or (low, high)
+    when: dict[str, tuple] = field(default_factory=dict)
+
+    def active(self, sampled: dict) -> bool:
+        return all(sampled.get(key) in allowed for key, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    objective: str
+    mode: str
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+    fixed: dict[str, Any]
+    params: tuple[Param, ...]
+    points: tuple[tuple[str, dict], ...]  # (name, params) for points_to_evaluate
+
+    def sample(self, trial) -> dict:
+        """The define-by-run body: suggest each active parameter on an Optuna trial."""
+        sampled: dict[str, Any] = {}
+        for p in self.params:
+            if not p.active(sampled):
+                continue
+            if p.kind == "choice":
+                sampled[p.name] = trial.suggest_categorical(p.name, list(p.values))
+            elif p.kind in ("uniform", "loguniform"):
+                sampled[p.name] = trial.suggest_float(p.name, *p.values, log=p.kind == "loguniform")
+            else:
+                sampled[p.name] = trial.suggest_int(p.name, *p.values, log=p.kind == "int_log")
+        return sampled
+
+    def config_for(self, sampled: dict) -> TrainConfig:
+        """The full training config of a trial: fixed values, the sampled ones, the epoch budget."""
+        return load_config(None, {**self.fixed, **sampled, "epochs": self.max_epochs})
+
+
+class DefineByRun:
+    """Picklable define-by-run function for `OptunaSearch` (Tune pickles the searcher for
+    `--resume`, so this must not be a closure). Returns nothing: Tune's config is exactly what was
+    suggested, and fixed values travel separately."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> None:
+        self.space.sample(trial)
+
+
+def _fail(path, key: str, message: str) -> SpaceError:
+    return SpaceError(f"{path}: {key}: {message}")
+
+
+def _parse_param(path, name: str, spec: Any, earlier: dict[str, Param]) -> Param:
+    where = f"params.{name}"
+    if name not in TrainConfig.model_fields:
+        close = difflib.get_close_matches(name, TrainConfig.model_fields, n=1)
+        raise _fail(path, where, "not a config key" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if not isinstance(spec, dict):
+        raise _fail(path, where, f"expected a mapping like {{choice: [...]}}, got {spec!r}")
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    extra = [k for k in spec if k not in DISTRIBUTIONS and k != "when"]
+    if len(kinds) != 1 or extra:
+        raise _fail(path, where, f"needs exactly one of {DISTRIBUTIONS} (and optionally 'when'), got {sorted(spec)}")
+    kind, values = kinds[0], spec[kinds[0]]
+    if kind == "choice":
+        if not isinstance(values, list) or not values:
+            raise _fail(path, where, "choice needs a non-empty list")
+        for value in values:
+            try:
+                load_config(None, {name: value})
+            except ConfigError as error:
+                raise _fail(path, where, f"choice {value!r} is invalid: {error}") from None
+            if name == "model" and value not in SEED_MODELS and not timm.is_model(value):
+                raise _fail(path, where, f"model {value!r} is neither a timm model nor one of {sorted(SEED_MODELS)}")
+    else:
+        if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, int | float) for v in values)):
+            raise _fail(path, where, f"{kind} needs [low, high], got {values!r}")
+        low, high = values
+        if not low < high:
+            raise _fail(path, where, f"{kind} needs low < high, got {values!r}")
+        if kind in ("loguniform", "int_log") and low <= 0:
+            raise _fail(path, where, f"{kind} needs low > 0, got {low}")
+        if kind.startswith("int") and not all(isinstance(v, int) for v in values):
+            raise _fail(path, where, f"{kind} needs integer bounds, got {values!r}")
+        for bound in values:
+            try:
+                load_config(None, {name: bound})
+            except ConfigError as error:
+                raise _fail(path, where, f"bound {bound!r} is outside the config's range: {error}") from None
+    when: dict[str, tuple] = {}
+    for key, allowed in (spec.get("when") or {}).items():
+        if key not in earlier:
+            raise _fail(path, f"{where}.when.{key}", "must name a parameter listed before this one")
+        allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if earlier[key].kind == "choice" and not set(allowed) <= set(earlier[key].values):
+            raise _fail(path, f"{where}.when.{key}", f"{list(allowed)} not among its choices {list(earlier[key].values)}")
+        when[key] = allowed
+    return Param(name, kind, tuple(values), when)
+
+
+def load_space(path: Path) -> SearchSpace:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SpaceError(f"{path}: {error}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    if unknown:
+        raise _fail(path, unknown[0], f"unknown key; expected some of {sorted(TOP_LEVEL)}")
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise _fail(path, "mode", f"must be max or min, got {mode!r}")
+    for key in ("num_samples", "max_epochs"):
+        if not isinstance(raw.get(key), int) or raw[key] < 1:
+            raise _fail(path, key, f"must be a positive integer, got {raw.get(key)!r}")
+    asha = raw.get("asha") or {}
+    if set(asha) - {"grace_period", "reduction_factor"}:
+        raise _fail(path, "asha", f"unknown keys {sorted(set(asha) - {'grace_period', 'reduction_factor'})}")
+    grace, factor = asha.get("grace_period", 1), asha.get("reduction_factor", 2)
+    if not (isinstance(grace, int) and 1 <= grace <= raw["max_epochs"]):
+        raise _fail(path, "asha.grace_period", f"must be an integer in [1, max_epochs], got {grace!r}")
+    if not (isinstance(factor, int | float) and factor > 1):
+        raise _fail(path, "asha.reduction_factor", f"must be > 1, got {factor!r}")
+    fixed = raw.get("fixed") or {}
+    try:
+        load_config(None, fixed)
+    except ConfigError as error:
+        raise _fail(path, "fixed", str(error)) from None
+    params: dict[str, Param] = {}
+    for name, spec in (raw.get("params") or {}).items():
+        if name in fixed:
+            raise _fail(path, f"params.{name}", "is also in fixed; a key is either fixed or searched")
+        params[name] = _parse_param(path, name, spec, params)
+    if not params:
+        raise _fail(path, "params", "needs at least one parameter to search")
+    space = SearchSpace(
+        path=str(path), objective=raw.get("objective", "val_guarded_macro_recall"), mode=mode,
+        num_samples=raw["num_samples"], max_epochs=raw["max_epochs"], grace_period=grace,
+        reduction_factor=float(factor), fixed=fixed, params=tuple(params.values()), points=(),
+    )
+    points = []
+    for index, point in enumerate(raw.get("points_to_evaluate") or []):
+        where = f"points_to_evaluate[{index}]"
+        if not isinstance(point, dict) or set(point) - {"name", "params"} or "params" not in point:
+            raise _fail(path, where, "expected {name: ..., params: {...}}")
+        values = point["params"]
+        active = {}
+        for p in space.params:  # a point must set exactly the parameters its own branch samples
+            if p.active(active):
+                if p.name not in values:
+                    raise _fail(path, f"{where}.params.{p.name}", "missing: this branch samples it")
+                value = values[p.name]
+                inside = value in p.values if p.kind == "choice" else p.values[0] <= value <= p.values[1]
+                if not inside:
+                    raise _fail(path, f"{where}.params.{p.name}", f"{value!r} is outside the searched {p.kind} {list(p.values)}")
+                active[p.name] = value
+        stray = sorted(set(values) - set(active))
+        if stray:
+            raise _fail(path, f"{where}.params.{stray[0]}", "not sampled on this branch (or not a searched parameter)")
+        try:
+            space.config_for(values)
+        except ConfigError as error:
+            raise _fail(path, where, str(error)) from None
+        points.append((str(point.get("name", f"point_{index}")), values))
+    return SearchSpace(**{**space.__dict__, "points": tuple(points)})

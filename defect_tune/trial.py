@@ -1,0 +1,162 @@
+"""One search trial on Ray: the trial's own Ray Datasets, a TorchTrainer, and the worker loop.
+
+Ray stays at the edges: the worker loop is the training core (`train.py`) plus
+`get_dataset_shard` and `report`. Every trial builds its Datasets itself: one Dataset shared by
+all trials leaked a CPU per trial that ASHA stopped and hung the sweep (see the project notes;
+https://github.com/ray-project/ray/issues/54305 for the placement-group side).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from defect_tune.augment import augment_batch, build_augmentation
+from defect_tune.config import TrainConfig
+from defect_tune.data import to_tensor
+from defect_tune.train import OBJECTIVE, EarlyStopping, build_parts, predict, score_epoch, seed_everything, train_one_epoch
+
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares; travels to trials through `tune.with_parameters`."""
+
+    data_dir: str
+    meta: dict
+    space: object  # SearchSpace
+    storage_path: str
+    sweep_name: str
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 0
+
+
+def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.frombuffer(b"".join(batch["pixels"]), np.uint8).reshape(-1, height, width)
+    labels = np.stack([np.asarray(row, dtype=np.float32) for row in batch["labels"]])
+    return images, labels
+
+
+class _Prepare:
+    """map_batches body: stored bytes to uint8 images (augmented for training) and labels."""
+
+    def __init__(self, height: int, width: int, augment: str | None, seed: int):
+        self.height, self.width, self.augment, self.seed = height, width, augment, seed
+
+    def __call__(self, batch: dict) -> dict:
+        images, labels = _decode(batch, self.height, self.width)
+        if self.augment:
+            # A fresh stream per batch: Ray Data runs batches in any order on any node, so the
+            # seed comes from the batch's content, which keeps a rerun's augmentations the same.
+            seed = (self.seed + hash(bytes(images[0, 0, :16]))) % 2**32
+            images = augment_batch(build_augmentation(self.augment, (self.height, self.width), seed), images)
+        return {"image": images, "labels": labels}
+
+
+def build_datasets(data_dir: str, meta: dict, config: TrainConfig) -> dict:
+    """The trial's Datasets: train (augmented, split across workers) and val (every worker whole)."""
+    height, width = meta["image"]["height"], meta["image"]["width"]
+    datasets = {}
+    for split, augment in (("train", config.augment), ("val", None)):
+        files = [str(Path(data_dir) / shard["file"]) for shard in meta["splits"][split]["shards"]]
+        ds = ray.data.read_parquet(files, columns=["pixels", "labels"])
+        if split == "train":
+            ds = ds.randomize_block_order(seed=config.seed)
+        datasets[split] = ds.map_batches(_Prepare(height, width, augment, config.seed), batch_format="numpy", batch_size=256)
+    return datasets
+
+
+def _batches(iterator, batch_size: int, drop_last: bool):
+    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last):
+        yield to_tensor(batch["image"]), torch.from_numpy(np.ascontiguousarray(batch["labels"]))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`)."""
+    config = TrainConfig.model_validate(loop_config["config"])
+    meta = loop_config["meta"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    seed_everything(config.seed)  # same initial weights on every worker; DDP keeps them in step
+    per_worker = meta["splits"]["train"]["images"] // world
+    drop_last = per_worker > config.batch_size
+    steps = max(per_worker // config.batch_size if drop_last else 1, 1)
+    parts = build_parts(config, meta, steps, ray.train.torch.get_device())
+    parts.net = ray.train.torch.prepare_model(
+        parts.model, parallel_strategy_kwargs={"find_unused_parameters": config.freeze_epochs > 0}
+    )
+    stopper = EarlyStopping(config.early_stopping_patience)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a retried worker group resumes from the last saved epoch
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        start, stopper.best, stopper.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+    rng = np.random.default_rng(config.seed + rank)
+    node = ray.get_runtime_context().get_node_id()
+    for epoch in range(start, config.epochs):
+        row = {"epoch": epoch + 1, **train_one_epoch(parts, config, _batches(train_shard, config.batch_size, drop_last), epoch, rng)}
+        metrics, improved, stop = {}, False, False
+        if rank == 0:  # TuneReportCallback forwards rank 0's metrics, so rank 0 sees all of val
+            probs, targets, row["val_loss"] = predict(parts, _batches(val_data, config.batch_size, False))
+            row.update(score_epoch(probs, targets, config, meta["classes"]))
+            improved = stopper.update(row[OBJECTIVE], epoch + 1)
+            stop = stopper.should_stop
+            row.update(best_epoch=stopper.best_epoch, early_stopped=stop, node_id=node)
+            metrics = row
+        if world > 1:  # every rank must take the same branch and report the same number of times
+            decision = [stop, improved]
+            torch.distributed.broadcast_object_list(decision, src=0)
+            stop, improved = decision
+        if rank == 0 and improved:
+            with tempfile.TemporaryDirectory() as directory:
+                state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                         "epoch": epoch + 1, "best": stopper.best, "best_epoch": stopper.best_epoch}
+                torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            return
+
+
+def run_trial(sampled: dict, setup: TrialSetup) -> None:
+    """The Tune trial: this trial's Datasets and one TorchTrainer run for its configuration."""
+    config = setup.space.config_for(sampled)
+    trial_id = ray.tune.get_context().get_trial_id()
+    use_gpu = setup.gpus_per_worker > 0
+    resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(), "meta": setup.meta},
+        scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=build_datasets(setup.data_dir, setup.meta, config),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            # Named by trial id, never a timestamp: a restored trial finds its Train run again.
+            name=f"{setup.sweep_name}-{trial_id}",
+            storage_path=setup.storage_path.rstrip("/") + "/train",
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=setup.max_failures),
+        ),
+    )
+    trainer.fit()

@@ -1,0 +1,88 @@
+"""The search driver's own logic, without a Ray cluster: concurrency, Optuna bookkeeping, leaderboard."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pandas as pd
+import pytest
+
+from defect_tune.leaderboard import build_leaderboard
+from defect_tune.search import AshaAwareOptunaSearch, SearchError, SearchOptions, trials_at_once
+from defect_tune.space import DefineByRun, load_space
+
+QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
+
+
+def options(**kwargs):
+    return SearchOptions(data=Path("d"), space=QUICK, name="n", **kwargs)
+
+
+def test_trials_at_once_keeps_cpus_free_for_ray_data():
+    assert trials_at_once({"CPU": 2}, options(cpus_per_worker=1)) == 1  # one worker CPU, one CPU for Data
+    assert trials_at_once({"CPU": 2}, options()) == 2  # two half-CPU workers, one CPU for Data
+    assert trials_at_once({"CPU": 16}, options(cpus_per_worker=1)) == 12
+    assert trials_at_once({"CPU": 16}, options(workers_per_trial=2, cpus_per_worker=2)) == 3
+    assert trials_at_once({"CPU": 16, "GPU": 1}, options(gpus_per_worker=0.25)) == 4  # four trials share a GPU
+    assert trials_at_once({"CPU": 2}, options(max_concurrent=3)) == 3
+    with pytest.raises(SearchError, match="cannot run one trial"):
+        trials_at_once({"CPU": 1}, options(cpus_per_worker=1))
+    with pytest.raises(SearchError, match="cannot run one trial"):
+        trials_at_once({"CPU": 8}, options(gpus_per_worker=1))
+
+
+def test_asha_stopped_trials_reach_optuna_as_pruned():
+    space = load_space(QUICK)
+    searcher = AshaAwareOptunaSearch(
+        space=DefineByRun(space), metric=space.objective, mode="max", seed=0, max_epochs=space.max_epochs
+    )
+    searcher.suggest("stopped")
+    searcher.suggest("finished")
+    searcher.suggest("patience")
+    searcher.suggest("crashed")
+    searcher.on_trial_result("stopped", {space.objective: 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("stopped", {space.objective: 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("finished", {space.objective: 0.5, "training_iteration": space.max_epochs})
+    searcher.on_trial_complete("patience", {space.objective: 0.4, "training_iteration": 2, "early_stopped": True})
+    searcher.on_trial_complete("crashed", None, error=True)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
+                      optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert searcher._ot_study.trials[1].value == 0.5
+
+
+def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None):
+    history = pd.DataFrame({
+        "training_iteration": list(range(1, epochs + 1)),
+        "epoch": list(range(1, epochs + 1)),
+        "val_guarded_macro_recall": objective,
+        "val_macro_precision": [0.6] * epochs,
+        "val_recall/a": [0.9] * epochs,
+        "checkpoint_path": [checkpoint] * epochs,
+        "node_id": ["n1"] * epochs,
+        "time_total_s": [10.0 * (i + 1) for i in range(epochs)],
+    })
+    metrics = {"trial_id": config["id"], "early_stopped": early}
+    return SimpleNamespace(config={k: v for k, v in config.items() if k != "id"}, metrics=metrics,
+                           metrics_dataframe=history, error=error, path=f"/x/run_{config['id']}")
+
+
+def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
+    space = load_space(QUICK)  # max_epochs 4
+    seed = {"model": "el_cnn", "loss": "weighted_bce", "class_weight_exponent": 0.5, "lr": 1.0e-3}
+    results = [
+        fake_result({"id": "a", **seed}, 4, [0.2, 0.5, 0.7, 0.6], checkpoint="/ckpt/a"),
+        fake_result({"id": "b", "model": "steel_cnn", "loss": "bce", "lr": 0.002}, 1, [0.3]),
+        fake_result({"id": "c", "model": "el_cnn", "loss": "asl", "asl_gamma_neg": 2.0, "lr": 0.001}, 2, [0.1, 0.75], early=True),
+        SimpleNamespace(config={"model": "el_cnn"}, metrics={"trial_id": "d"}, metrics_dataframe=None,
+                        error=RuntimeError("boom"), path="/x/run_d"),
+    ]
+    board = build_leaderboard(results, space, ["a"])
+    assert board["trial_id"].tolist() == ["c", "a", "b", "d"]
+    assert board["rank"].tolist() == [1, 2, 3, 4]
+    assert board["stop_reason"].tolist() == ["early_stopping", "completed", "asha", "error"]
+    a = board.set_index("trial_id").loc["a"]
+    assert a["val_guarded_macro_recall"] == 0.7 and a["best_epoch"] == 3 and a["epochs"] == 4
+    assert a["seed_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
+    assert board.set_index("trial_id").loc["d", "error"] == "RuntimeError: boom"
+    assert pd.isna(board.set_index("trial_id").loc["b", "param/class_weight_exponent"])

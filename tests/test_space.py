@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import optuna
+import pytest
+
+from defect_tune.space import DefineByRun, SpaceError, load_space
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("name", ["quick", "el_solar", "steel", "full"])
+def test_shipped_spaces_load_and_their_seed_points_are_valid_configs(name):
+    space = load_space(SPACES / f"{name}.yaml")
+    assert space.objective == "val_guarded_macro_recall" and space.mode == "max"
+    for point_name, params in space.points:
+        config = space.config_for(params)
+        assert config.epochs == space.max_epochs
+        assert all(getattr(config, key) == value for key, value in params.items()), point_name
+
+
+def sample_many(space, n=60, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    define = DefineByRun(space)
+    study.optimize(lambda trial: (define(trial), 0.0)[1], n_trials=n)
+    return study.trials
+
+
+def test_conditionals_are_real_no_gamma_for_a_bce_trial():
+    trials = sample_many(load_space(SPACES / "quick.yaml"))
+    losses = {t.params["loss"] for t in trials}
+    assert losses == {"bce", "weighted_bce", "focal", "asl"}
+    for t in trials:
+        loss = t.params["loss"]
+        assert ("focal_gamma" in t.params) == (loss == "focal")
+        assert ("asl_gamma_neg" in t.params) == (loss == "asl")
+        assert ("class_weight_exponent" in t.params) == (loss in ("weighted_bce", "focal"))
+
+
+def test_types_bounds_and_log_scales():
+    space = load_space(SPACES / "full.yaml")
+    trials = sample_many(space, n=80)
+    for t in trials:
+        assert 1e-5 <= t.params["lr"] <= 3e-3 and t.distributions["lr"].log
+        assert isinstance(t.params["freeze_epochs"], int) and 0 <= t.params["freeze_epochs"] <= 3
+        assert t.params["batch_size"] in (16, 32, 64)
+        if t.params["mixup_alpha"] == 0.0:
+            assert "mixup_labels" not in t.params
+        space.config_for(t.params)  # every sampled point is a valid training config
+    assert isinstance(trials[0].distributions["model"], optuna.distributions.CategoricalDistribution)
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "num_samples: 4\nmax_epochs: 3\n"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("params: {lerning_rate: {uniform: [0.1, 0.2]}}", "params.lerning_rate: not a config key"),
+        ("params: {lr: {uniform: [0.2, 0.1]}}", "params.lr: uniform needs low < high"),
+        ("params: {lr: {loguniform: [0, 0.1]}}", "params.lr: loguniform needs low > 0"),
+        ("params: {lr: {uniform: [0.1, 2.0]}}", "params.lr: bound 2.0 is outside"),
+        ("params: {lr: {normal: [0.1, 0.2]}}", "params.lr: needs exactly one of"),
+        ("params: {freeze_epochs: {int: [0.5, 3]}}", "params.freeze_epochs: int needs integer bounds"),
+        ("params: {loss: {choice: [bce, hinge]}}", "params.loss: choice 'hinge' is invalid"),
+        ("params: {model: {choice: [resnet_18]}}", "params.model: model 'resnet_18'"),
+        ("params: {focal_gamma: {uniform: [1, 2], when: {loss: focal}}, loss: {choice: [focal]}}",
+         "params.focal_gamma.when.loss: must name a parameter listed before"),
+        ("params: {loss: {choice: [bce]}, focal_gamma: {uniform: [1, 2], when: {loss: focal}}}",
+         r"params.focal_gamma.when.loss: \['focal'\] not among its choices"),
+        ("fixed: {lr: 0.1}\nparams: {lr: {uniform: [0.1, 0.2]}}", "params.lr: is also in fixed"),
+        ("fixed: {batch: 3}\nparams: {lr: {uniform: [0.1, 0.2]}}", "fixed: "),
+        ("asha: {grace_period: 9}\nparams: {lr: {uniform: [0.1, 0.2]}}", "asha.grace_period"),
+        ("sampler: tpe\nparams: {lr: {uniform: [0.1, 0.2]}}", "sampler: unknown key"),
+        ("params: {}", "params: needs at least one"),
+        ("params: {loss: {choice: [bce, focal]}, focal_gamma: {uniform: [1, 2], when: {loss: focal}}}\n"
+         "points_to_evaluate: [{name: p, params: {loss: bce, focal_gamma: 2}}]",
+         r"points_to_evaluate\[0\].params.focal_gamma: not sampled on this branch"),
+        ("params: {loss: {choice: [bce, focal]}, focal_gamma: {uniform: [1, 2], when: {loss: focal}}}\n"
+         "points_to_evaluate: [{name: p, params: {loss: focal}}]",
+         r"points_to_evaluate\[0\].params.focal_gamma: missing"),
+        ("params: {lr: {uniform: [0.1, 0.2]}}\npoints_to_evaluate: [{params: {lr: 0.5}}]",
+         r"points_to_evaluate\[0\].params.lr: 0.5 is outside"),
+    ],
+)
+def test_malformed_spaces_name_the_key(tmp_path, body, message):
+    with pytest.raises(SpaceError, match=message):
+        load_space(write(tmp_path, BASE + body))
+
+
+def test_missing_budget_and_bad_yaml(tmp_path):
+    with pytest.raises(SpaceError, match="num_samples: must be a positive integer"):
+        load_space(write(tmp_path, "max_epochs: 3\nparams: {lr: {uniform: [0.1, 0.2]}}"))
+    with pytest.raises(SpaceError, match="space.yaml"):
+        load_space(write(tmp_path, "params: [unclosed"))
+
+
+def test_config_for_merges_fixed_sampled_and_the_epoch_budget(tmp_path):
+    space = load_space(write(tmp_path, BASE + "fixed: {batch_size: 16}\nparams: {lr: {uniform: [0.1, 0.2]}}"))
+    config = space.config_for({"lr": 0.15})
+    assert (config.batch_size, config.lr, config.epochs) == (16, 0.15, 3)

@@ -25,7 +25,8 @@ def trial_row(result, space, classes: list[str]) -> dict:
     points = {tuple(sorted(p.items())): name for name, p in space.points}
     row["seed_point"] = points.get(tuple(sorted(sampled.items())))
     row.update({f"param/{k}": v for k, v in sampled.items()})
-    epochs = int(history["training_iteration"].max()) if history is not None and len(history) else 0
+    # Our epoch, not Tune's training_iteration, which restarts at 1 when a trial resumes.
+    epochs = int(history["epoch"].max()) if history is not None and "epoch" in history and len(history) else 0
     if result.error is not None:
         reason = "error"
     elif epochs == 0:
@@ -47,8 +48,7 @@ def trial_row(result, space, classes: list[str]) -> dict:
             row[column] = _clean(best.get(column))
         for c in classes:
             row[f"val_recall/{c}"] = _clean(best.get(f"val_recall/{c}"))
-        checkpoints = history["checkpoint_path"].dropna() if "checkpoint_path" in history else []
-        row["checkpoint"] = checkpoints.iloc[-1] if len(checkpoints) else None
+        row["checkpoint"] = _clean(best.get("checkpoint_path"))  # the best epoch's, which Train keeps
         row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
         row["wall_seconds"] = float(history["time_total_s"].max())
     else:

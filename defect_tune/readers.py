@@ -59,6 +59,13 @@ class Catalog:
         self.bad.append(BadInput(str(file), reason))
 
 
+def _require(layout: str, *paths: Path) -> None:
+    """Fail early, naming the first missing part of a dataset's layout."""
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found; {layout}")
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
@@ -115,9 +122,7 @@ def read_voc(root: Path) -> Catalog:
     """Pascal VOC: `root/JPEGImages/*` and `root/Annotations/*.xml`, labels from `<object><name>`."""
     root = Path(root)
     images, annotations = root / "JPEGImages", root / "Annotations"
-    for folder in (images, annotations):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: not found; a VOC dataset needs JPEGImages/ and Annotations/")
+    _require("a VOC dataset needs JPEGImages/ and Annotations/", images, annotations)
     catalog = Catalog()
     claimed: dict[Path, Path] = {}
     for xml_path in sorted(annotations.glob("*.xml")):
@@ -189,9 +194,7 @@ def read_severstal(root: Path) -> Catalog:
     `ImageId_ClassId,EncodedPixels` layout (empty pixels = no defect) is read too."""
     root = Path(root)
     table, images = root / "train.csv", root / "train_images"
-    for path in (table, images):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: not found; a Severstal dataset needs train.csv and train_images/")
+    _require("a Severstal dataset needs train.csv and train_images/", table, images)
     catalog = Catalog()
     regions: dict[str, list[Region]] = {}
     broken: dict[str, str] = {}
@@ -347,8 +350,7 @@ def read_elpv(root: Path | None, threshold: float = 0.5) -> Catalog:
     (mono/poly) and the probability are kept as metadata."""
     root = elpv_root() if root is None else Path(root)
     table = root / "labels.csv"
-    if not table.is_file():
-        raise FileNotFoundError(f"{table}: not found; an elpv dataset needs labels.csv and images/")
+    _require("an elpv dataset needs labels.csv and images/", table)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"elpv threshold must be in (0, 1], got {threshold}")
     catalog = Catalog(meta_columns=("cell_type", "defect_probability"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ class AshaAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped_by_scheduler = (
             not error and result is not None and not result.get("early_stopped")
-            and result.get("training_iteration", self._max_epochs) < self._max_epochs
+            and result.get("epoch", self._max_epochs) < self._max_epochs
         )
         super().on_trial_complete(trial_id, None if stopped_by_scheduler else result, error)
 
@@ -92,7 +93,7 @@ class ProgressTable(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         value = result.get(self.space.objective)
-        row.update(epoch=result.get("training_iteration", 0), objective=value)
+        row.update(epoch=result.get("epoch", 0), objective=value)
         self.console.print(f"[epoch {row['epoch']}] {trial.trial_id} {self.space.objective}={value:.4f}", highlight=False, markup=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -180,6 +181,9 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     if options.resume and not tune.Tuner.can_restore(experiment):
         raise SearchError(f"--resume: no sweep {options.name!r} to resume at {experiment}")
 
+    # Save Tune's experiment state at every step, not every 10+ s ("auto"): a driver killed right
+    # after a trial finished must not lose that trial or rerun it on --resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     started = time.perf_counter()
     ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     try:
@@ -205,7 +209,10 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                 seed=options.seed, study_name=options.name, max_epochs=space.max_epochs,
             )
             scheduler = ASHAScheduler(
-                time_attr="training_iteration", metric=space.objective, mode=space.mode, max_t=space.max_epochs,
+                # Our own epoch count, not Tune's training_iteration: a trial restarted from its
+                # Train checkpoint (after a failure or --resume) reports from where it left off,
+                # while Tune's counter starts again at 1.
+                time_attr="epoch", metric=space.objective, mode=space.mode, max_t=space.max_epochs,
                 grace_period=space.grace_period, reduction_factor=space.reduction_factor,
             )
             tuner = tune.Tuner(

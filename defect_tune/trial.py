@@ -54,15 +54,16 @@ def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarra
 class _Prepare:
     """map_batches body: stored bytes to uint8 images (augmented for training) and labels."""
 
-    def __init__(self, height: int, width: int, augment: str | None, seed: int):
-        self.height, self.width, self.augment, self.seed = height, width, augment, seed
+    def __init__(self, height: int, width: int, augment: str | None):
+        self.height, self.width, self.augment = height, width, augment
 
     def __call__(self, batch: dict) -> dict:
         images, labels = _decode(batch, self.height, self.width)
         if self.augment:
-            # A fresh stream per batch: Ray Data runs batches in any order on any node, so the
-            # seed comes from the batch's content, which keeps a rerun's augmentations the same.
-            seed = (self.seed + hash(bytes(images[0, 0, :16]))) % 2**32
+            # A fresh random stream per batch and epoch: Ray Data runs batches in any order on any
+            # node, and a seed fixed per batch would give every epoch the same augmented views.
+            # (So sweeps are not bit-reproducible; `defect-tune train` is.)
+            seed = int(np.random.default_rng().integers(2**32))
             images = augment_batch(build_augmentation(self.augment, (self.height, self.width), seed), images)
         return {"image": images, "labels": labels}
 
@@ -75,13 +76,15 @@ def build_datasets(data_dir: str, meta: dict, config: TrainConfig) -> dict:
         files = [str(Path(data_dir) / shard["file"]) for shard in meta["splits"][split]["shards"]]
         ds = ray.data.read_parquet(files, columns=["pixels", "labels"])
         if split == "train":
-            ds = ds.randomize_block_order(seed=config.seed)
-        datasets[split] = ds.map_batches(_Prepare(height, width, augment, config.seed), batch_format="numpy", batch_size=256)
+            ds = ds.randomize_block_order()  # a new shard order every epoch
+        datasets[split] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256)
     return datasets
 
 
-def _batches(iterator, batch_size: int, drop_last: bool):
-    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last):
+def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False):
+    buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
+    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                       local_shuffle_buffer_size=buffer):
         yield to_tensor(batch["image"]), torch.from_numpy(np.ascontiguousarray(batch["labels"]))
 
 
@@ -102,34 +105,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stopper = EarlyStopping(config.early_stopping_patience)
     start = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a retried worker group resumes from the last saved epoch
+    if checkpoint is not None:  # a retried or resumed trial continues after its last epoch
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         parts.model.load_state_dict(state["model"])
         parts.optimizer.load_state_dict(state["optimizer"])
-        start, stopper.best, stopper.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        if parts.scheduler is not None:
+            parts.scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+        stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     rng = np.random.default_rng(config.seed + rank)
     node = ray.get_runtime_context().get_node_id()
     for epoch in range(start, config.epochs):
-        row = {"epoch": epoch + 1, **train_one_epoch(parts, config, _batches(train_shard, config.batch_size, drop_last), epoch, rng)}
-        metrics, improved, stop = {}, False, False
+        row = {"epoch": epoch + 1, **train_one_epoch(parts, config, _batches(train_shard, config.batch_size, drop_last, shuffle=True), epoch, rng)}
+        metrics, stop = {}, False
         if rank == 0:  # TuneReportCallback forwards rank 0's metrics, so rank 0 sees all of val
             probs, targets, row["val_loss"] = predict(parts, _batches(val_data, config.batch_size, False))
             row.update(score_epoch(probs, targets, config, meta["classes"]))
-            improved = stopper.update(row[OBJECTIVE], epoch + 1)
+            stopper.update(row[OBJECTIVE], epoch + 1)
             stop = stopper.should_stop
             row.update(best_epoch=stopper.best_epoch, early_stopped=stop, node_id=node)
             metrics = row
         if world > 1:  # every rank must take the same branch and report the same number of times
-            decision = [stop, improved]
+            decision = [stop]
             torch.distributed.broadcast_object_list(decision, src=0)
-            stop, improved = decision
-        if rank == 0 and improved:
+            stop = decision[0]
+        if rank == 0:
+            # Every epoch: Train keeps the best (by the objective) and always the latest, which a
+            # retried or resumed trial continues from.
             with tempfile.TemporaryDirectory() as directory:
                 state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-                         "epoch": epoch + 1, "best": stopper.best, "best_epoch": stopper.best_epoch}
+                         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+                         "epoch": epoch + 1, "best": stopper.best, "best_epoch": stopper.best_epoch,
+                         "waited": stopper.waited}
                 torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:

@@ -1,0 +1,132 @@
+"""Real sweeps on real local Ray clusters: ASHA without leaks, resume after a killed driver, two nodes.
+
+Slow (minutes: each trial starts a TorchTrainer, about 25 s on this CPU); CI runs them.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from defect_tune.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def write_space(tmp_path: Path, num_samples: int, max_epochs: int, grace: int = 1) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        f"num_samples: {num_samples}\nmax_epochs: {max_epochs}\n"
+        f"asha: {{grace_period: {grace}, reduction_factor: 2}}\n"
+        "fixed: {model: el_cnn, batch_size: 64, augment: light, warmup_epochs: 0, early_stopping_patience: 0}\n"
+        "params:\n"
+        "  loss: {choice: [bce, weighted_bce]}\n"
+        "  class_weight_exponent: {uniform: [0.0, 1.0], when: {loss: weighted_bce}}\n"
+        "  lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
+        "points_to_evaluate:\n"
+        "  - {name: el_seed, params: {loss: weighted_bce, class_weight_exponent: 0.5, lr: 1.0e-3}}\n"
+    )
+    return path
+
+
+def search_command(*args) -> list[str]:
+    return [sys.executable, "-m", "defect_tune", "search", *map(str, args)]
+
+
+def test_asha_sweep_completes_and_gives_every_resource_back(synthetic_data, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        search_command("--data", synthetic_data, "--space", write_space(tmp_path, 8, 3), "--name", "leak", "--out", out),
+        capture_output=True, text=True, timeout=1500,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "leaderboard" in result.stderr and "best: trial" in result.stderr
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 8 and board["rank"].tolist() == list(range(1, 9))
+    assert set(board["stop_reason"]) <= {"asha", "completed"}
+    assert (board["stop_reason"] == "asha").sum() >= 1  # ASHA stopped some trials...
+    assert (board["stop_reason"] == "completed").sum() >= 1  # ...and let the best run to the end
+    assert board.loc[board["seed_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
+    assert board["val_guarded_macro_recall"].is_monotonic_decreasing
+    assert board["checkpoint"].notna().all()
+    summary = json.loads((out / "sweep.json").read_text())
+    total, free = summary["resources_total"], summary["resources_free_at_end"]
+    assert free["CPU"] == total["CPU"]  # no CPU held by a stopped trial's placement group
+    best = load_config(out / "best_config.yaml")
+    assert best.epochs == 3 and best.model == "el_cnn"
+    assert pd.read_parquet(out / "leaderboard.parquet")["trial_id"].tolist() == board["trial_id"].tolist()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data, tmp_path):
+    out = tmp_path / "out"
+    space = write_space(tmp_path, 4, 2, grace=2)  # grace = max: no ASHA stops, every trial finishes
+    args = ("--data", synthetic_data, "--space", space, "--name", "resumable", "--out", out)
+    driver = subprocess.Popen(search_command(*args), stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while sum("TERMINATED" in line for line in lines) < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert any("TERMINATED" in line for line in lines), "no trial finished before the deadline"
+    # Kill the driver and everything it started (its local Ray cluster), by the ids it started.
+    processes = _descendants(driver.pid)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+    experiment = out / "tune" / "resumable"
+    finished = {}
+    for trial_dir in experiment.glob("run_trial_*"):
+        progress = trial_dir / "progress.csv"
+        if progress.is_file() and len(pd.read_csv(progress)) == 2:
+            finished[trial_dir.name] = progress.read_bytes()
+    assert finished, "the killed sweep left no finished trial on disk:\n" + "".join(lines[-40:])
+
+    resumed = subprocess.run(search_command(*args, "--resume"), capture_output=True, text=True, timeout=1500)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 4 and (board["epochs"] == 2).all()
+    for name, before in finished.items():  # finished trials were kept, not rerun
+        assert (experiment / name / "progress.csv").read_bytes() == before
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(synthetic_data, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    # 2 + 2 CPUs, one CPU per worker: three trials at once (a CPU stays free for Ray Data) cannot
+    # all fit on one node, so the sweep must use both.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1"})
+    try:
+        worker = cluster.add_node(num_cpus=2, resources={"worker2": 1})
+        cluster.wait_for_nodes()
+        out = tmp_path / "out"
+        result = subprocess.run(
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 4, 1), "--name", "two-nodes",
+                           "--out", out, "--storage", tmp_path / "shared", "--address", cluster.address,
+                           "--cpus-per-worker", 1),
+            capture_output=True, text=True, timeout=1500,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        board = pd.read_csv(out / "leaderboard.csv")
+        nodes = set(",".join(board["nodes"].dropna()).split(","))
+        assert worker.node_id in nodes and len(nodes) == 2  # trials trained on the head and on the worker
+        assert (tmp_path / "shared" / "two-nodes").is_dir()  # Tune wrote to the shared storage
+    finally:
+        cluster.shutdown()

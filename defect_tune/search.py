@@ -181,8 +181,10 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     if options.resume and not tune.Tuner.can_restore(experiment):
         raise SearchError(f"--resume: no sweep {options.name!r} to resume at {experiment}")
 
-    # Save Tune's experiment state at every step, not every 10+ s ("auto"): a driver killed right
-    # after a trial finished must not lose that trial or rerun it on --resume.
+    # Save (and sync to storage) Tune's experiment state at every step, not every 10+ s ("auto"):
+    # trial results reach the storage path only with that sync, so a driver killed right after a
+    # trial finished would otherwise lose it. Measured: a 2 s period lost finished trials to a
+    # SIGKILL in the resume test; every step costs the 2-core quick sweep about a quarter of its time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     started = time.perf_counter()
     ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)

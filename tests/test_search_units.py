@@ -69,7 +69,7 @@ def fake_result(config, epochs, objective, error=None, early=False, checkpoint=N
 
 
 def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
-    space = load_space(QUICK)  # max_epochs 4
+    space = load_space(QUICK)  # max_epochs 3
     seed = {"model": "el_cnn", "loss": "weighted_bce", "class_weight_exponent": 0.5, "lr": 1.0e-3}
     results = [
         fake_result({"id": "a", **seed}, 4, [0.2, 0.5, 0.7, 0.6], checkpoint="/ckpt/a"),

@@ -59,10 +59,10 @@ class Catalog:
         self.bad.append(BadInput(str(file), reason))
 
 
-def _require(layout: str, *paths: Path) -> None:
+def _require(layout: str, *paths: Path, check=Path.exists) -> None:
     """Fail early, naming the first missing part of a dataset's layout."""
     for path in paths:
-        if not path.exists():
+        if not check(path):
             raise FileNotFoundError(f"{path}: not found; {layout}")
 
 
@@ -122,7 +122,7 @@ def read_voc(root: Path) -> Catalog:
     """Pascal VOC: `root/JPEGImages/*` and `root/Annotations/*.xml`, labels from `<object><name>`."""
     root = Path(root)
     images, annotations = root / "JPEGImages", root / "Annotations"
-    _require("a VOC dataset needs JPEGImages/ and Annotations/", images, annotations)
+    _require("a VOC dataset needs JPEGImages/ and Annotations/", images, annotations, check=Path.is_dir)
     catalog = Catalog()
     claimed: dict[Path, Path] = {}
     for xml_path in sorted(annotations.glob("*.xml")):
@@ -350,7 +350,7 @@ def read_elpv(root: Path | None, threshold: float = 0.5) -> Catalog:
     (mono/poly) and the probability are kept as metadata."""
     root = elpv_root() if root is None else Path(root)
     table = root / "labels.csv"
-    _require("an elpv dataset needs labels.csv and images/", table)
+    _require("an elpv dataset needs labels.csv and images/", table, check=Path.is_file)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"elpv threshold must be in (0, 1], got {threshold}")
     catalog = Catalog(meta_columns=("cell_type", "defect_probability"))

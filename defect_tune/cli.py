@@ -196,6 +196,7 @@ def search(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep; finished trials are kept, not rerun")] = False,
     seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
     max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (from its last checkpoint)")] = 0,
+    wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
 ) -> None:
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
     import datetime as dt
@@ -203,6 +204,7 @@ def search(
     from defect_tune.data import DataError
     from defect_tune.search import SearchError, SearchOptions, default_space, leaderboard_table, load_leaderboard, run_search
     from defect_tune.space import SpaceError, load_space
+    from defect_tune.tracking import TrackingError
 
     if resume and not name:
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
@@ -214,10 +216,10 @@ def search(
             data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
             workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
             max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
-            max_failures=max_failures,
+            max_failures=max_failures, wandb_project=wandb,
         )
         summary = run_search(options, console=console)
-    except (SearchError, SpaceError, DataError) as error:
+    except (SearchError, SpaceError, DataError, TrackingError) as error:
         console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     results = Path(out or Path("results") / name)
@@ -233,3 +235,114 @@ def search(
     else:
         console.print(f"no trial finished; see {results}/leaderboard.csv", style="red", markup=False)
         raise typer.Exit(1)
+
+
+def _fail(error: Exception, code: int = 2):
+    console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def export(
+    results: Annotated[Path, typer.Argument(help="A sweep's results folder (leaderboard.parquet, sweep.json)")],
+    out: Annotated[Path, typer.Option(help="The export file to write")] = Path("best.yaml"),
+    rank: Annotated[int, typer.Option(help="Export the k-th best trial")] = 1,
+    metric: Annotated[str | None, typer.Option(help="Leaderboard column to rank by (default: the sweep's objective)")] = None,
+    mode: Annotated[str | None, typer.Option(help="max | min (default: the objective's; min for *loss columns)")] = None,
+) -> None:
+    """Export a trial's full config plus what production needs (thresholds, best epoch, data fingerprint)."""
+    from defect_tune.export import ExportError, build_export, write_export
+
+    if mode not in (None, "max", "min"):
+        raise _fail(ValueError(f"--mode {mode!r}: choose max or min"))
+    try:
+        exported = build_export(results, rank, metric, mode)
+    except ExportError as error:
+        raise _fail(error) from None
+    write_export(exported, out)
+    sweep = exported["sweep"]
+    console.print(
+        f"exported trial {sweep['trial_id']} (rank {rank} by {sweep['ranked_by']['metric']}, "
+        f"{exported['objective']['name']} {exported['objective']['value']:.4f} at epoch {exported['best_epoch']}) to {out}",
+        highlight=False, markup=False, soft_wrap=True,
+    )
+
+
+@app.command()
+def retrain(
+    export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="A `defect-tune export` file")],
+    data: Annotated[Path, typer.Option(help="A `prepare` output with the export's classes")],
+    out: Annotated[Path, typer.Option(help="The model directory to write")],
+    holdout: Annotated[str, typer.Option(help="val: train on train, best epoch and thresholds from val (default). "
+                                              "none: train+val for the sweep's best epoch, exported thresholds")] = "val",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
+    workers: Annotated[int, typer.Option(help="TorchTrainer workers")] = 1,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker")] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker")] = 0.0,
+    storage: Annotated[str | None, typer.Option(help="Train's checkpoint storage: a shared path or URI on multi-node clusters")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the exported config's)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
+) -> None:
+    """Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, model card."""
+    from defect_tune.config import ConfigError
+    from defect_tune.data import DataError
+    from defect_tune.export import ExportError
+    from defect_tune.retrain import RetrainError, RetrainOptions
+    from defect_tune.retrain import retrain as run_retrain
+
+    options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
+                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
+                             overwrite=overwrite)
+    try:
+        run_retrain(options, console=console)
+    except (ExportError, DataError, RetrainError, ConfigError) as error:
+        raise _fail(error) from None
+    console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A `defect-tune retrain` model directory")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs")],
+    out: Annotated[Path, typer.Option(help="CSV of per-class probabilities and decisions")] = Path("preds.csv"),
+    tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Per-class probabilities and thresholded decisions for images, preprocessed as `prepare` did."""
+    from defect_tune.predict import PredictError, predict_images
+    from defect_tune.retrain import RetrainError
+
+    try:
+        table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device)
+    except (PredictError, RetrainError) as error:
+        raise _fail(error) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    failed = table["error"].notna()
+    flagged = (table["defects"].fillna("") != "").sum()
+    console.print(f"wrote {out}: {len(table)} images, {flagged} with a defect predicted", highlight=False, markup=False)
+    for _, row in table[failed].iterrows():
+        console.print(f"skipped {row['path']}: {row['error']}", style="yellow", highlight=False, markup=False)
+    if failed.all():
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="A sweep's results folder (leaderboard.parquet, sweep.json)")],
+    out: Annotated[Path | None, typer.Option(help="Where report.html and its PNGs go (default: RESULTS/report)")] = None,
+) -> None:
+    """A self-contained HTML report with figures of one sweep: leaderboard, history, importances, ASHA's savings, PR curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    from defect_tune.report import ReportError, write_report
+
+    try:
+        path = write_report(results, out)
+    except ReportError as error:
+        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    figures = len(list(path.parent.glob("*.png")))
+    console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False, soft_wrap=True)

@@ -15,6 +15,18 @@ def _clean(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool) -> str:
+    """Why a trial ended: an error, its epoch budget, its own early stopping, or ASHA, which
+    stops a trial between epochs without telling it."""
+    if failed:
+        return "error"
+    if epochs == 0:
+        return "no_result"
+    if epochs >= max_epochs:
+        return "completed"
+    return "early_stopping" if early_stopped else "asha"
+
+
 def trial_row(result, space, classes: list[str]) -> dict:
     """One `ray.tune.Result` as a leaderboard row: sampled parameters, how the trial ended, and
     its best epoch's validation figures."""
@@ -27,16 +39,7 @@ def trial_row(result, space, classes: list[str]) -> dict:
     row.update({f"param/{k}": v for k, v in sampled.items()})
     # Our epoch, not Tune's training_iteration, which restarts at 1 when a trial resumes.
     epochs = int(history["epoch"].max()) if history is not None and "epoch" in history and len(history) else 0
-    if result.error is not None:
-        reason = "error"
-    elif epochs == 0:
-        reason = "no_result"
-    elif epochs >= space.max_epochs:
-        reason = "completed"
-    elif metrics.get("early_stopped"):
-        reason = "early_stopping"
-    else:
-        reason = "asha"
+    reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), result.error is not None)
     row.update(status="error" if result.error is not None else "terminated", stop_reason=reason, epochs=epochs)
     row["error"] = None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500]
     key = space.objective
@@ -48,6 +51,8 @@ def trial_row(result, space, classes: list[str]) -> dict:
             row[column] = _clean(best.get(column))
         for c in classes:
             row[f"val_recall/{c}"] = _clean(best.get(f"val_recall/{c}"))
+        for c in classes:  # the best epoch's learned thresholds, which `export` hands to production
+            row[f"threshold/{c}"] = _clean(best.get(f"threshold/{c}"))
         row["checkpoint"] = _clean(best.get("checkpoint_path"))  # the best epoch's, which Train keeps
         row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
         row["wall_seconds"] = float(history["time_total_s"].max())

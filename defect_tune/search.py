@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from defect_tune.data import read_meta
+from defect_tune.export import package_versions
 from defect_tune.leaderboard import build_leaderboard
 from defect_tune.space import DefineByRun, SearchSpace, load_space
+from defect_tune.tracking import wandb_callbacks
 from defect_tune.trial import TrialSetup, run_trial
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -48,6 +50,7 @@ class SearchOptions:
     resume: bool = False
     seed: int = 0
     max_failures: int = 0
+    wandb_project: str | None = None  # log every trial as a W&B run (offline without a key)
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -158,6 +161,24 @@ def wait_for_release(total: dict, timeout: float = 60.0) -> dict:
         time.sleep(0.5)
 
 
+def refuse_second_local_cluster(address: str | None) -> None:
+    """Starting a local Ray cluster beside another one on this machine hangs sweeps: Train's
+    placement-group cleaner finds its cluster through the State API without an address, fails
+    with "Found multiple active Ray instances", and each stopped trial's CPUs stay reserved until
+    Ray Data starves (seen here with two sweeps at once). Use the running one, or stop it."""
+    if address is not None:
+        return
+    from ray._private.services import find_gcs_addresses
+
+    running = sorted(find_gcs_addresses())
+    if running:
+        raise SearchError(
+            f"a Ray cluster is already running on this machine ({', '.join(running)}); pass --address "
+            f"{running[0]} to use it, or stop it with `ray stop`: a second local cluster breaks Train's "
+            "placement-group cleaner and hangs the sweep"
+        )
+
+
 def _storage(options: SearchOptions, out: Path) -> str:
     if options.storage is None:
         return str((out / "tune").absolute())
@@ -186,6 +207,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     # trial finished would otherwise lose it. Measured: a 2 s period lost finished trials to a
     # SIGKILL in the resume test; every step costs the 2-core quick sweep about a quarter of its time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    refuse_second_local_cluster(options.address)
     started = time.perf_counter()
     ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     try:
@@ -224,7 +246,8 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                     num_samples=space.num_samples, max_concurrent_trials=concurrent, reuse_actors=False,
                 ),
                 run_config=tune.RunConfig(
-                    name=options.name, storage_path=storage, callbacks=[progress], verbose=0,
+                    name=options.name, storage_path=storage, verbose=0,
+                    callbacks=[progress, *wandb_callbacks(options.wandb_project, options.name, out, space, meta, console)],
                     failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 ),
             )
@@ -249,10 +272,17 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
     summary = {
         "name": options.name, "space": space.path, "data": str(Path(options.data).absolute()),
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
-        "objective": space.objective, "mode": space.mode, "trials": len(board), "seconds": round(seconds, 1),
+        "objective": space.objective, "mode": space.mode, "num_samples": space.num_samples,
+        "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
-        "resources_total": total, "resources_free_at_end": free,
+        "resources_total": total, "resources_free_at_end": free, "versions": package_versions(),
     }
+    # Every trial's full training config, so `export --rank k` never needs the space file again.
+    configs = {}
+    for _, row in board.iterrows():
+        sampled = {k.removeprefix("param/"): _plain(v) for k, v in row.items() if k.startswith("param/") and _plain(v) is not None}
+        configs[row["trial_id"]] = space.config_for(sampled).model_dump()
+    (out / "trial_configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     finished = board.dropna(subset=[space.objective]) if len(board) else board
     if len(finished):
         best = finished.iloc[0]

@@ -217,6 +217,10 @@ def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig, cla
         "val_macro_recall@0.5": plain["macro"]["recall"],
     }
     row.update({f"val_recall/{c}": guarded["per_class"][c]["recall"] for c in classes})
+    if (config.threshold_rule, config.threshold_method) != ("recall_at_precision", "pr_curve"):
+        thresholds = learn_thresholds(probs, targets, config.threshold_rule, config.precision_floor, config.threshold_method)
+    # The thresholds production would use with this epoch's weights (`export` takes the best epoch's).
+    row.update({f"threshold/{c}": float(t) for c, t in zip(classes, thresholds)})
     return row
 
 
@@ -248,7 +252,7 @@ def _reseed_worker(worker_id: int) -> None:
         pipeline.set_random_seed(info.seed % 2**32)
 
 
-def _loader(images, labels, config: TrainConfig, pipeline=None, train: bool = False) -> DataLoader:
+def make_loader(images, labels, config: TrainConfig, pipeline=None, train: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
     if train:
@@ -283,8 +287,8 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
     val_x, val_y, _ = load_split(data_dir, "val", meta)
     test_x, test_y, _ = load_split(data_dir, "test", meta)
     pipeline = build_augmentation(config.augment, train_x.shape[1:], config.seed)
-    train_loader = _loader(train_x, train_y, config, pipeline, train=True)
-    val_loader, test_loader = _loader(val_x, val_y, config), _loader(test_x, test_y, config)
+    train_loader = make_loader(train_x, train_y, config, pipeline, train=True)
+    val_loader, test_loader = make_loader(val_x, val_y, config), make_loader(test_x, test_y, config)
     parts = build_parts(config, meta, len(train_loader), pick_device(device))
     rng = np.random.default_rng(config.seed)
 

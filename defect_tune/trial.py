@@ -28,6 +28,7 @@ from defect_tune.data import to_tensor
 from defect_tune.train import OBJECTIVE, EarlyStopping, build_parts, predict, score_epoch, seed_everything, train_one_epoch
 
 CHECKPOINT_FILE = "model.pt"
+PREDICTIONS_FILE = "val_predictions.npz"  # the epoch's validation probabilities, for reports
 
 
 @dataclass(frozen=True)
@@ -68,34 +69,56 @@ class _Prepare:
         return {"image": images, "labels": labels}
 
 
-def build_datasets(data_dir: str, meta: dict, config: TrainConfig) -> dict:
-    """The trial's Datasets: train (augmented, split across workers) and val (every worker whole)."""
+def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits: tuple[str, ...] = ("train",),
+                   validate: bool = True, reproducible: bool = False) -> dict:
+    """The run's Datasets: train (split across workers) and val (every worker whole).
+
+    Sweeps augment in Ray Data, spread over the cluster. `reproducible` (production retraining)
+    fixes the shard order and leaves augmentation to the worker, seeded per epoch: Ray Data runs
+    batches on any node in any order, so a seed there cannot make two runs equal.
+    """
     height, width = meta["image"]["height"], meta["image"]["width"]
     datasets = {}
-    for split, augment in (("train", config.augment), ("val", None)):
-        files = [str(Path(data_dir) / shard["file"]) for shard in meta["splits"][split]["shards"]]
+    parts = [("train", train_splits, None if reproducible else config.augment)]
+    if validate:
+        parts.append(("val", ("val",), None))
+    for name, splits, augment in parts:
+        files = [str(Path(data_dir) / shard["file"]) for split in splits for shard in meta["splits"][split]["shards"]]
         ds = ray.data.read_parquet(files, columns=["pixels", "labels"])
-        if split == "train":
-            ds = ds.randomize_block_order()  # a new shard order every epoch
-        datasets[split] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256)
+        if name == "train":
+            # A new shard order every epoch; a fixed one when the run must be reproducible.
+            ds = ds.randomize_block_order(seed=config.seed if reproducible else None)
+        datasets[name] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256)
     return datasets
 
 
-def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False):
+def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None, pipeline=None):
     buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                                       local_shuffle_buffer_size=buffer):
-        yield to_tensor(batch["image"]), torch.from_numpy(np.ascontiguousarray(batch["labels"]))
+                                       local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if shuffle else None):
+        images = batch["image"] if pipeline is None else augment_batch(pipeline, batch["image"])
+        yield to_tensor(images), torch.from_numpy(np.ascontiguousarray(batch["labels"]))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`)."""
+    """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`).
+
+    loop_config: `config`, `meta`; for production retraining also `stop_after` (train this many
+    epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
+    objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank).
+    """
     config = TrainConfig.model_validate(loop_config["config"])
     meta = loop_config["meta"]
+    stop_after = loop_config.get("stop_after", config.epochs)
+    validate = loop_config.get("validate", True)
+    reproducible = loop_config.get("reproducible", False)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config.seed)  # same initial weights on every worker; DDP keeps them in step
-    per_worker = meta["splits"]["train"]["images"] // world
+    if reproducible:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no deterministic version
+    train_images = sum(meta["splits"][split]["images"] for split in loop_config.get("train_splits", ("train",)))
+    per_worker = train_images // world
     drop_last = per_worker > config.batch_size
     steps = max(per_worker // config.batch_size if drop_last else 1, 1)
     parts = build_parts(config, meta, steps, ray.train.torch.get_device())
@@ -115,13 +138,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start = state["epoch"]
         stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
     train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
+    val_data = ray.train.get_dataset_shard("val") if validate else None
+    shape = (meta["image"]["height"], meta["image"]["width"])
     rng = np.random.default_rng(config.seed + rank)
     node = ray.get_runtime_context().get_node_id()
-    for epoch in range(start, config.epochs):
-        row = {"epoch": epoch + 1, **train_one_epoch(parts, config, _batches(train_shard, config.batch_size, drop_last, shuffle=True), epoch, rng)}
+    for epoch in range(start, stop_after):
+        pipeline = None
+        if reproducible:
+            pipeline = build_augmentation(config.augment, shape, config.seed + 1000 * epoch + rank)
+        batches = _batches(train_shard, config.batch_size, drop_last, shuffle=True,
+                           seed=config.seed + rank if reproducible else None, pipeline=pipeline)
+        row = {"epoch": epoch + 1, **train_one_epoch(parts, config, batches, epoch, rng)}
         metrics, stop = {}, False
-        if rank == 0:  # TuneReportCallback forwards rank 0's metrics, so rank 0 sees all of val
+        if rank == 0 and not validate:
+            row.update(node_id=node)
+            metrics = row
+        elif rank == 0:  # TuneReportCallback forwards rank 0's metrics, so rank 0 sees all of val
             probs, targets, row["val_loss"] = predict(parts, _batches(val_data, config.batch_size, False))
             row.update(score_epoch(probs, targets, config, meta["classes"]))
             stopper.update(row[OBJECTIVE], epoch + 1)
@@ -141,6 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "epoch": epoch + 1, "best": stopper.best, "best_epoch": stopper.best_epoch,
                          "waited": stopper.waited}
                 torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+                if validate:
+                    np.savez_compressed(os.path.join(directory, PREDICTIONS_FILE), probs=probs, targets=targets,
+                                        classes=np.array(meta["classes"]))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

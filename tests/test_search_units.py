@@ -1,4 +1,5 @@
-"""The search driver's own logic, without a Ray cluster: concurrency, Optuna bookkeeping, leaderboard."""
+"""The search driver's own logic, without a sweep: concurrency, Optuna bookkeeping, leaderboard, and
+the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 
 from defect_tune.leaderboard import build_leaderboard
-from defect_tune.search import AshaAwareOptunaSearch, SearchError, SearchOptions, trials_at_once
+from defect_tune.search import AshaAwareOptunaSearch, SearchError, SearchOptions, refuse_second_local_cluster, trials_at_once
 from defect_tune.space import DefineByRun, load_space
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
@@ -87,3 +88,17 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     assert a["seed_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
     assert board.set_index("trial_id").loc["d", "error"] == "RuntimeError: boom"
     assert pd.isna(board.set_index("trial_id").loc["b", "param/class_weight_exponent"])
+
+
+def test_a_second_local_cluster_is_refused_with_the_running_address():
+    import ray
+
+    refuse_second_local_cluster(None)  # nothing running: a local cluster may start
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        with pytest.raises(SearchError, match=f"already running on this machine \\({address}\\); pass --address {address}"):
+            refuse_second_local_cluster(None)
+        refuse_second_local_cluster(address)  # connecting to it is fine
+    finally:
+        ray.shutdown()

@@ -1,0 +1,126 @@
+"""`defect-tune export`: one trial of a sweep, as everything a production retraining job needs."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION
+
+EXPORT_FORMAT = 1
+PACKAGES = ("defect-tune", "torch", "torchvision", "timm", "ray", "optuna", "albumentations", "numpy", "pyarrow")
+
+
+class ExportError(ValueError):
+    """A sweep result that cannot be exported; the message names the file."""
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
+    files = {name: results / name for name in ("sweep.json", "leaderboard.parquet", "trial_configs.json")}
+    for path in files.values():
+        if not path.is_file():
+            raise ExportError(f"{path}: not found; is {results} the results folder of a `defect-tune search`?")
+    sweep = json.loads(files["sweep.json"].read_text())
+    return sweep, pd.read_parquet(files["leaderboard.parquet"]), json.loads(files["trial_configs.json"].read_text())
+
+
+def _value(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) -> pd.Series:
+    """The `rank`-th best trial by `metric` among trials that finished an epoch without error."""
+    if metric not in board.columns:
+        close = [c for c in board.columns if c.startswith(("val_", "param/"))]
+        raise ExportError(f"{where}: no column {metric!r} in the leaderboard; columns include {', '.join(close)}")
+    usable = board[(board["status"] != "error") & board[metric].notna()]
+    if rank < 1 or rank > len(usable):
+        raise ExportError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) have a {metric} value")
+    ordered = usable.sort_values(metric, ascending=mode == "min", kind="stable")
+    return ordered.iloc[rank - 1]
+
+
+def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: str | None = None) -> dict:
+    results = Path(results)
+    sweep, board, configs = _read(results)
+    metric = metric or sweep["objective"]
+    mode = mode or (sweep["mode"] if metric == sweep["objective"] else "min" if "loss" in metric else "max")
+    row = pick(board, metric, mode, rank, results / "leaderboard.parquet")
+    trial_id = row["trial_id"]
+    if trial_id not in configs:
+        raise ExportError(f"{results / 'trial_configs.json'}: no config for trial {trial_id}")
+    classes = sweep["classes"]
+    thresholds = {c: _value(row.get(f"threshold/{c}")) for c in classes}
+    missing = [c for c, t in thresholds.items() if t is None]
+    if missing:
+        raise ExportError(f"{results / 'leaderboard.parquet'}: trial {trial_id} has no learned threshold for {missing}")
+    config = configs[trial_id]
+    return {
+        "format": EXPORT_FORMAT,
+        "sweep": {
+            "name": sweep["name"], "results": str(results.absolute()), "experiment": sweep["experiment"],
+            "space": sweep["space"], "trial_id": trial_id, "rank": rank, "ranked_by": {"metric": metric, "mode": mode},
+            "seed_point": _value(row.get("seed_point")), "stop_reason": row["stop_reason"],
+            "epochs_run": int(row["epochs"]), "checkpoint": _value(row.get("checkpoint")),
+        },
+        "objective": {
+            "name": OBJECTIVE, "mode": "max", "value": _value(row.get(OBJECTIVE)),
+            "precision_floor": config["precision_floor"], "definition": OBJECTIVE_DEFINITION,
+        },
+        "best_epoch": int(row["best_epoch"]),
+        # Learned on validation at the best epoch by the config's threshold_rule: a probability at
+        # or above a class's threshold means "defect present". Above 1 means "never predicted":
+        # no threshold reached the precision floor on validation.
+        "thresholds": thresholds,
+        "validation": {
+            "macro_precision": _value(row.get("val_macro_precision")), "macro_f2": _value(row.get("val_macro_f2")),
+            "macro_ap": _value(row.get("val_macro_ap")),
+            "recall": {c: _value(row.get(f"val_recall/{c}")) for c in classes},
+        },
+        "data": {"source_fingerprint": sweep.get("source_fingerprint"), "dir": sweep["data"], "classes": classes},
+        "versions": sweep.get("versions") or package_versions(),
+        "config": config,
+    }
+
+
+def write_export(export: dict, out: Path) -> None:
+    sweep = export["sweep"]
+    header = (
+        f"# defect-tune export: trial {sweep['trial_id']} (rank {sweep['rank']} by {sweep['ranked_by']['metric']}) "
+        f"of sweep {sweep['name']}\n# retrain with: defect-tune retrain {out} --data DIR --out MODEL\n"
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(header + yaml.safe_dump(export, sort_keys=False, width=120))
+
+
+def read_export(path: Path) -> dict:
+    try:
+        export = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found") from None
+    except yaml.YAMLError as error:
+        raise ExportError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(export, dict) or export.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: not a `defect-tune export` file (format {EXPORT_FORMAT})")
+    for key in ("config", "thresholds", "best_epoch", "data"):
+        if key not in export:
+            raise ExportError(f"{path}: missing {key!r}")
+    return export

@@ -1,0 +1,113 @@
+"""`defect-tune predict`: a model directory's per-class probabilities and decisions for images.
+
+Each image goes through `prepare`'s own decode and fit (the model directory records which), so a
+model sees at inference exactly what it saw in training. A source that `prepare` would tile
+becomes several tiles; the image's probability for a class is its highest tile's.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from defect_tune.data import to_tensor
+from defect_tune.images import decode_or_reason
+from defect_tune.readers import IMAGE_SUFFIXES, Item
+from defect_tune.retrain import load_model
+
+
+class PredictError(ValueError):
+    """Inputs that cannot be predicted at all; the message names them."""
+
+
+def expand(inputs: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for images) and globs, in the order given, each once."""
+    found: dict[Path, None] = {}
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise PredictError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise PredictError(f"{text}: no such file, folder or matching glob")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def _tta_views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+    return [x, torch.flip(x, dims=[-1]), torch.flip(x, dims=[-2])] if tta else [x]
+
+
+@torch.no_grad()
+def _probabilities(model, images: np.ndarray, device: torch.device, tta: bool) -> np.ndarray:
+    x = to_tensor(images).to(device)
+    views = [torch.sigmoid(model(view)).float() for view in _tta_views(x, tta)]
+    return torch.stack(views).mean(0).cpu().numpy()  # TTA: the mean over the flips
+
+
+def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int]) -> Iterator[tuple[Path, np.ndarray | str]]:
+    for path in paths:
+        result = decode_or_reason((Item(id=str(path), path=path, labels=()), size, fit))
+        if isinstance(result, str):
+            yield path, result
+            continue
+        tiles = np.stack([output.pixels for output in result.outputs]) if result.outputs else None
+        if tiles is None or tiles.shape[1:] != shape:
+            got = "no pixels" if tiles is None else f"{tiles.shape[1]}x{tiles.shape[2]}"
+            yield path, f"fits to {got}, the model takes {shape[0]}x{shape[1]} (fit {fit}); prepare-time aspect ratio differs"
+            continue
+        yield path, tiles
+
+
+def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta: bool = False,
+                   device: str = "auto") -> pd.DataFrame:
+    """One row per image: path, tiles, prob/<class>, pred/<class>, defects, error."""
+    from defect_tune.train import pick_device
+
+    target = pick_device(device)
+    model, info = load_model(model_dir, target)
+    classes, thresholds = info["classes"], np.array([info["thresholds"][c] for c in info["classes"]])
+    pre = info["preprocessing"]
+    paths = expand(inputs)
+    rows: list[dict] = []
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        stacked = np.concatenate([tiles for _, tiles in pending])
+        probs = np.concatenate([_probabilities(model, stacked[i : i + batch_size], target, tta)
+                                for i in range(0, len(stacked), batch_size)])
+        start = 0
+        for path, tiles in pending:
+            image_probs = probs[start : start + len(tiles)].max(axis=0)  # a defect in any tile is in the image
+            start += len(tiles)
+            decisions = image_probs >= thresholds
+            rows.append({"path": str(path), "tiles": len(tiles), **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
+                         **{f"pred/{c}": int(d) for c, d in zip(classes, decisions)},
+                         "defects": ";".join(c for c, d in zip(classes, decisions) if d), "error": None})
+        pending.clear()
+
+    for path, tiles in _decoded(paths, pre["image_size"], pre["fit"], (pre["height"], pre["width"])):
+        if isinstance(tiles, str):  # kept, with the reason: nothing is silently dropped
+            rows.append({"path": str(path), "tiles": 0, "error": tiles})
+            continue
+        pending.append((path, tiles))
+        if sum(len(t) for _, t in pending) >= batch_size:
+            flush()
+    flush()
+    columns = ["path", "tiles", *(f"prob/{c}" for c in classes), *(f"pred/{c}" for c in classes), "defects", "error"]
+    order = {str(p): i for i, p in enumerate(paths)}
+    board = pd.DataFrame(rows, columns=columns)
+    board = board.astype({"tiles": "Int64", **{f"pred/{c}": "Int64" for c in classes}})  # empty, not NaN, on errors
+    return board.sort_values("path", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)

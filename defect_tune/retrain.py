@@ -1,0 +1,304 @@
+"""`defect-tune retrain`: an exported configuration trained once more, for production, as one
+TorchTrainer run (locally or on a cluster), written out as a model directory.
+
+Two ways, the user's choice (`holdout`):
+- `val` (default): train on train, keep validation to pick the best epoch and learn the
+  per-class thresholds on this model's own outputs. Thresholds learned on another model (the
+  sweep's) do not fit a retrained one; calibrated thresholds are worth more on small defect sets
+  than the extra 15% of images.
+- `none`: train on train+val for the epoch at which the sweep's trial scored best (on the same
+  learning-rate schedule), and use the thresholds exported from the sweep.
+Either way the test split is untouched until the end, and its metrics go into the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from defect_tune.class_stats import ClassCounts
+from defect_tune.config import TrainConfig
+from defect_tune.data import MEAN, STD, load_split, read_meta
+from defect_tune.export import package_versions, read_export
+from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
+from defect_tune.models import build_model
+from defect_tune.search import SearchError, refuse_second_local_cluster
+from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
+from defect_tune.trial import CHECKPOINT_FILE, build_datasets, train_loop_per_worker
+
+HOLDOUTS = ("val", "none")
+WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
+RARE = 10  # fewer training positives than this: the model card calls the class too rare to trust
+
+
+class RetrainError(ValueError):
+    """A retraining that cannot start or finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    export: Path
+    data: Path
+    out: Path
+    holdout: str = "val"
+    address: str | None = None  # None: a local Ray cluster
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    storage: str | None = None  # Train's checkpoints; a shared path or URI on a multi-node cluster
+    seed: int | None = None  # default: the exported config's
+    overwrite: bool = False
+
+
+def _check(options: RetrainOptions, export: dict, meta: dict) -> None:
+    if options.holdout not in HOLDOUTS:
+        raise RetrainError(f"--holdout {options.holdout!r}: choose one of {', '.join(HOLDOUTS)}")
+    if meta["classes"] != export["data"]["classes"]:
+        raise RetrainError(
+            f"{options.data}/meta.json: classes {meta['classes']} differ from the export's {export['data']['classes']}; "
+            "the thresholds and the head are per class, so retrain on data prepared with the same classes (--classes)"
+        )
+    if options.holdout == "val" and not meta["splits"]["val"]["images"]:
+        raise RetrainError(f"{options.data}: --holdout val needs a validation split, and it is empty")
+    out = Path(options.out)
+    if out.exists() and any(out.iterdir()):
+        if not options.overwrite:
+            raise RetrainError(f"{out}: exists and is not empty; --overwrite replaces it")
+        if not (out / MODEL_JSON).is_file():
+            raise RetrainError(f"{out}: --overwrite only replaces a model directory (no {MODEL_JSON} there)")
+
+
+def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: int, validate: bool, storage: str):
+    train_splits = ("train",) if validate else ("train", "val")
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the same rows in the same order
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(), "meta": meta, "stop_after": stop_after, "validate": validate,
+                           "reproducible": True, "train_splits": train_splits},
+        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=build_datasets(str(Path(options.data).absolute()), meta, config, train_splits, validate, reproducible=True),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max")
+            if validate else CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RetrainError(f"training failed: {result.error}")
+    if validate:
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
+    else:
+        checkpoint, metrics = result.checkpoint, result.metrics
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return state, metrics, result.path, int(result.metrics["epoch"])
+
+
+def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
+    """Train, calibrate, test and write OUT; return the model's metadata (OUT/model.json)."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    export = read_export(options.export)
+    meta = read_meta(options.data)
+    _check(options, export, meta)
+    values = dict(export["config"])
+    if options.seed is not None:
+        values["seed"] = options.seed
+    config = TrainConfig.model_validate(values)
+    classes = meta["classes"]
+    validate = options.holdout == "val"
+    stop_after = config.epochs if validate else int(export["best_epoch"])
+    if meta.get("source_fingerprint") != export["data"].get("source_fingerprint"):
+        console.print(f"note: {options.data} is not the data the sweep ran on (fingerprints differ); retraining on it anyway",
+                      highlight=False, markup=False)
+    plan = (f"train on train for up to {stop_after} epochs, best epoch and thresholds from val" if validate else
+            f"train on train+val for {stop_after} epochs (the sweep's best epoch), the sweep's thresholds")
+    console.print(f"retrain {export['sweep']['name']} trial {export['sweep']['trial_id']}: {plan}; seed {config.seed}",
+                  highlight=False, markup=False)
+
+    out = Path(options.out).absolute()
+    with tempfile.TemporaryDirectory(prefix="defect-tune-retrain-") as scratch:
+        storage = options.storage or str(Path(scratch) / "train")
+        if options.address is not None and options.storage is None:
+            console.print("note: on a multi-node cluster pass --storage (a shared path or URI) so the driver can read "
+                          "the workers' checkpoints", highlight=False, markup=False)
+        try:
+            refuse_second_local_cluster(options.address)
+        except SearchError as error:
+            raise RetrainError(str(error)) from None
+        ray.init(address=options.address, configure_logging=False, ignore_reinit_error=True)
+        try:
+            state, metrics, run_path, epochs_run = _fit(options, config, meta, stop_after, validate, storage)
+        finally:
+            ray.shutdown()
+
+    if validate:
+        thresholds = np.array([metrics[f"threshold/{c}"] for c in classes], dtype=np.float64)
+        best_epoch, source = int(state["best_epoch"]), "learned on val with the retrained model"
+    else:
+        thresholds = np.array([export["thresholds"][c] for c in classes], dtype=np.float64)
+        best_epoch, source = stop_after, f"exported from sweep {export['sweep']['name']}"
+
+    # The untouched test split, scored on this machine with the weights that will ship.
+    parts = build_parts(config.model_copy(update={"pretrained": False, "pretrained_path": None}), meta, 1, pick_device())
+    parts.model.load_state_dict(state["model"])
+    test_x, test_y, _ = load_split(options.data, "test", meta)
+    test_probs, test_targets, _ = predict(parts, make_loader(test_x, test_y, config))
+    test_report = evaluate(test_probs, test_targets, classes, thresholds)
+    val_report = None
+    if validate:
+        val_x, val_y, _ = load_split(options.data, "val", meta)
+        val_probs, val_targets, _ = predict(parts, make_loader(val_x, val_y, config))
+        val_report = evaluate(val_probs, val_targets, classes, thresholds)
+
+    counts = ClassCounts.from_meta(meta, ("train",) if validate else ("train", "val"))
+    info = {
+        "format": 1,
+        "classes": classes,
+        "thresholds": dict(zip(classes, (float(t) for t in thresholds))),
+        "thresholds_from": source,
+        "preprocessing": {  # what `predict` must do to an image, the same as `prepare` did
+            "image_size": meta["options"]["image_size"], "fit": meta["image"]["fit"],
+            "height": meta["image"]["height"], "width": meta["image"]["width"], "grayscale": True,
+            "mean": MEAN, "std": STD,
+        },
+        "training": {
+            "holdout": options.holdout, "train_splits": ["train"] if validate else ["train", "val"],
+            "epochs_trained": epochs_run, "best_epoch": best_epoch, "seed": config.seed,
+            "workers": options.workers, "gpus_per_worker": options.gpus_per_worker, "train_run": run_path,
+            "train_positives": counts.positives,
+        },
+        "data": {"dir": str(Path(options.data).absolute()), "source_fingerprint": meta.get("source_fingerprint"),
+                 "images": {split: meta["splits"][split]["images"] for split in ("train", "val", "test")}},
+        "export": {"file": str(Path(options.export).absolute()), **export["sweep"],
+                   "sweep_objective": export["objective"]["value"]},
+        "objective": {"name": OBJECTIVE, "definition": OBJECTIVE_DEFINITION},
+        "versions": package_versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    metrics_out = {
+        "test": test_report,
+        "test_macro_recall": test_report["macro"]["recall"],
+        "test_guarded_macro_recall": guarded_macro_recall(test_probs, test_targets, config.precision_floor),
+        "val": val_report,
+        "sweep_val_objective": export["objective"]["value"],
+    }
+    _write(out, parts.model, config, info, metrics_out)
+    console.print(
+        f"model: {out} (test macro recall {_fmt(metrics_out['test_macro_recall'])} at the {source} thresholds; "
+        f"the sweep's validation objective was {_fmt(export['objective']['value'])})",
+        highlight=False, markup=False, soft_wrap=True,
+    )
+    return info
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _write(out: Path, model, config: TrainConfig, info: dict, metrics: dict) -> None:
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS),
+              metadata={"format": "pt", "classes": json.dumps(info["classes"])})
+    (staging / "config.yaml").write_text(config.to_yaml())
+    (staging / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    table = per_class_table(metrics["test"], "TEST (untouched until now; thresholds fixed before it was read)") + "\n"
+    if metrics["val"] is not None:
+        table = per_class_table(metrics["val"], "VALIDATION (thresholds learned here)") + "\n" + table
+    (staging / "per_class.txt").write_text(table)
+    (staging / "MODEL_CARD.md").write_text(model_card(info, metrics, table))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def model_card(info: dict, metrics: dict, table: str) -> str:
+    training, data, export = info["training"], info["data"], info["export"]
+    test = metrics["test"]
+    limits = []
+    for c in info["classes"]:
+        positives = training["train_positives"][c]
+        support = test["per_class"][c]["support"]
+        if info["thresholds"][c] >= PREDICT_NOTHING:
+            limits.append(f"- `{c}`: never predicted. No threshold reached the precision floor on validation.")
+        if positives < RARE:
+            limits.append(f"- `{c}`: {positives} training images. That is too rare to learn reliably; treat its scores as a hint.")
+        if support == 0:
+            limits.append(f"- `{c}`: no test images, so its test figures are undefined.")
+        elif support < 5:
+            limits.append(f"- `{c}`: {support} test image(s), so its test recall is a coarse estimate.")
+    lines = [
+        f"# Model card: {export['name']} trial {export['trial_id']}",
+        "",
+        f"A multi-label defect classifier ({', '.join(info['classes'])}) trained by `defect-tune retrain` on "
+        f"{info['created']}.",
+        "",
+        "## Data",
+        f"- Prepared data `{data['dir']}`, fingerprint `{data['source_fingerprint']}`.",
+        f"- Images: {data['images']['train']} train, {data['images']['val']} val, {data['images']['test']} test. "
+        f"Trained on {' + '.join(training['train_splits'])}.",
+        f"- Preprocessing: grayscale, fit `{info['preprocessing']['fit']}` to "
+        f"{info['preprocessing']['height']}x{info['preprocessing']['width']}, normalised "
+        f"(x/255 - {info['preprocessing']['mean']}) / {info['preprocessing']['std']}.",
+        "",
+        "## Training",
+        f"- Configuration from `{export['file']}`: trial {export['trial_id']} of sweep `{export['name']}`. "
+        f"The sweep's validation objective was {_fmt(export['sweep_objective'])}.",
+        f"- {training['epochs_trained']} epochs, best epoch {training['best_epoch']}, seed {training['seed']}.",
+        f"- Holdout `{training['holdout']}`. Thresholds were {info['thresholds_from']}.",
+        "",
+        "## Metric",
+        f"The search objective is `{info['objective']['name']}`. {info['objective']['definition']}",
+        "",
+        f"On the test split this model has macro recall {_fmt(metrics['test_macro_recall'])} at its thresholds "
+        f"and macro precision {_fmt(test['macro']['precision'])}. The guarded macro recall on test, with thresholds "
+        f"chosen on test itself, is {_fmt(metrics['test_guarded_macro_recall'])}; compare it with the sweep's validation figure.",
+        "",
+        "```",
+        table.rstrip(),
+        "```",
+        "",
+        "## Limits",
+        *(limits or ["- None flagged by the checks on class counts and thresholds."]),
+        "- Validated on images prepared like these only: another camera, resolution or cell type needs its own test.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def load_model(model_dir: Path, device: torch.device | None = None):
+    """A model directory's network (eval mode) and its model.json."""
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_JSON
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RetrainError(f"{path}: not found; is {model_dir} a `defect-tune retrain` output?") from None
+    from defect_tune.config import load_config
+
+    config = load_config(model_dir / "config.yaml", {"pretrained": False, "pretrained_path": None})
+    model = build_model(config, len(info["classes"]))
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    device = device or pick_device()
+    return model.to(device).eval(), info

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -34,6 +36,9 @@ def trial_row(result, space, classes: list[str]) -> dict:
     history = result.metrics_dataframe
     metrics = result.metrics or {}
     row: dict = {"trial_id": metrics.get("trial_id") or (result.path or "").rsplit("_", 1)[-1]}
+    # The order Tune started it in, from its folder name (`run_trial_<id>_<index>_...`).
+    started = re.search(rf"_{re.escape(row['trial_id'])}_(\d+)(?:_|$)", Path(result.path or "").name)
+    row["trial_index"] = int(started.group(1)) if started else None
     points = {tuple(sorted(p.items())): name for name, p in space.points}
     row["seed_point"] = points.get(tuple(sorted(sampled.items())))
     row.update({f"param/{k}": v for k, v in sampled.items()})

@@ -150,9 +150,12 @@ def _duration(seconds) -> str:
 def trial_indices(board: pd.DataFrame, experiment: str | None) -> tuple[list[int], str | None]:
     """Each trial's index in the order Tune started it, and a note when that order is a guess.
 
-    Older Tune ids end in the index (`abc12_00003`); current ones are bare (`7555c64f`), and the
+    The leaderboard records it (`trial_index`); for results folders without that
+    column, older Tune ids end in the index (`abc12_00003`); current ones are bare (`7555c64f`), and the
     index is in the name of the trial's folder in the experiment (`run_trial_7555c64f_1_lr=...`).
     """
+    if "trial_index" in board and board["trial_index"].notna().all():  # recorded by the leaderboard
+        return [int(i) for i in board["trial_index"]], None
     ids = board["trial_id"].astype(str).tolist()
     suffixes = [re.search(r"_(\d+)$", i) for i in ids]
     if all(suffixes):

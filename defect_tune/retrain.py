@@ -85,7 +85,9 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
     train_splits = ("train",) if validate else ("train", "val")
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the same rows in the same order
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the same rows in the same order, every run
+    context.enable_progress_bars = False  # per-dataset bars every epoch drown the log
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(), "meta": meta, "stop_after": stop_after, "validate": validate,

@@ -56,6 +56,15 @@ class _TrialRun(_WandbLoggingActor):
             os.environ["WANDB_API_KEY"] = api_key
         self._axes_defined = False
 
+    def run(self):
+        super().run()  # ends with wandb.finish()
+        # finish() returns before the run's file is written: wandb-core holds the transaction log's
+        # current 32 KiB block in memory until it closes the run's stream, on a message finish()
+        # sends without waiting. Tune kills this actor, and wandb-core with it, once run() returns,
+        # so an offline run could keep nothing but the file header. teardown() waits for wandb-core
+        # to close every stream and exit.
+        self._wandb.teardown()
+
     def _handle_result(self, result: dict) -> tuple[dict, dict]:
         if not self._axes_defined:  # wandb.init has run by now (in `run`, before the first item)
             self._wandb.define_metric("epoch")

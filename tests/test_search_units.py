@@ -53,7 +53,7 @@ def test_asha_stopped_trials_reach_optuna_as_pruned():
     assert searcher._ot_study.trials[1].value == 0.5
 
 
-def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None):
+def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None, index=0):
     history = pd.DataFrame({
         "training_iteration": list(range(1, epochs + 1)),
         "epoch": list(range(1, epochs + 1)),
@@ -66,16 +66,17 @@ def fake_result(config, epochs, objective, error=None, early=False, checkpoint=N
     })
     metrics = {"trial_id": config["id"], "early_stopped": early}
     return SimpleNamespace(config={k: v for k, v in config.items() if k != "id"}, metrics=metrics,
-                           metrics_dataframe=history, error=error, path=f"/x/run_{config['id']}")
+                           metrics_dataframe=history, error=error,
+                           path=f"/x/run_trial_{config['id']}_{index}_lr={config.get('lr')}")
 
 
 def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     space = load_space(QUICK)  # max_epochs 3
     seed = {"model": "el_cnn", "loss": "weighted_bce", "class_weight_exponent": 0.5, "lr": 1.0e-3}
     results = [
-        fake_result({"id": "a", **seed}, 4, [0.2, 0.5, 0.7, 0.6], checkpoint="/ckpt/a"),
-        fake_result({"id": "b", "model": "steel_cnn", "loss": "bce", "lr": 0.002}, 1, [0.3]),
-        fake_result({"id": "c", "model": "el_cnn", "loss": "asl", "asl_gamma_neg": 2.0, "lr": 0.001}, 2, [0.1, 0.75], early=True),
+        fake_result({"id": "a", **seed}, 4, [0.2, 0.5, 0.7, 0.6], checkpoint="/ckpt/a", index=1),
+        fake_result({"id": "b", "model": "steel_cnn", "loss": "bce", "lr": 0.002}, 1, [0.3], index=3),
+        fake_result({"id": "c", "model": "el_cnn", "loss": "asl", "asl_gamma_neg": 2.0, "lr": 0.001}, 2, [0.1, 0.75], early=True, index=2),
         SimpleNamespace(config={"model": "el_cnn"}, metrics={"trial_id": "d"}, metrics_dataframe=None,
                         error=RuntimeError("boom"), path="/x/run_d"),
     ]
@@ -88,6 +89,9 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     assert a["seed_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
     assert board.set_index("trial_id").loc["d", "error"] == "RuntimeError: boom"
     assert pd.isna(board.set_index("trial_id").loc["b", "param/class_weight_exponent"])
+    # The start order, from the trial folder's name; unknown when the folder does not say.
+    indices = board.set_index("trial_id")["trial_index"]
+    assert indices[["a", "b", "c"]].tolist() == [1, 3, 2] and pd.isna(indices["d"])
 
 
 def test_a_second_local_cluster_is_refused_with_the_running_address():

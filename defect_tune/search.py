@@ -166,7 +166,7 @@ def refuse_second_local_cluster(address: str | None) -> None:
     placement-group cleaner finds its cluster through the State API without an address, fails
     with "Found multiple active Ray instances", and each stopped trial's CPUs stay reserved until
     Ray Data starves (seen here with two sweeps at once). Use the running one, or stop it."""
-    if address is not None:
+    if address is not None or os.environ.get("RAY_ADDRESS"):  # set for drivers of Ray jobs
         return
     from ray._private.services import find_gcs_addresses
 

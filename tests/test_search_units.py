@@ -1,6 +1,7 @@
 """The search driver's own logic, without a sweep: concurrency, Optuna bookkeeping, leaderboard, and
 the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,15 +95,17 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     assert indices[["a", "b", "c"]].tolist() == [1, 3, 2] and pd.isna(indices["d"])
 
 
-def test_a_second_local_cluster_is_refused_with_the_running_address():
+def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch):
     import ray
 
-    refuse_second_local_cluster(None)  # nothing running: a local cluster may start
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        with pytest.raises(SearchError, match=f"already running on this machine \\({address}\\); pass --address {address}"):
+        with pytest.raises(SearchError, match=f"already running on this machine \\(.*{re.escape(address)}.*\\); pass --address"):
             refuse_second_local_cluster(None)
         refuse_second_local_cluster(address)  # connecting to it is fine
+        monkeypatch.setenv("RAY_ADDRESS", address)  # a Ray job's driver: Ray says which cluster
+        refuse_second_local_cluster(None)
     finally:
         ray.shutdown()

@@ -141,15 +141,18 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         if options.address is not None and options.storage is None:
             console.print("note: on a multi-node cluster pass --storage (a shared path or URI) so the driver can read "
                           "the workers' checkpoints", highlight=False, markup=False)
-        try:
-            refuse_second_local_cluster(options.address)
-        except SearchError as error:
-            raise RetrainError(str(error)) from None
-        ray.init(address=options.address, configure_logging=False, ignore_reinit_error=True)
+        connected = ray.is_initialized()  # a caller's Ray session is used as it is, and left running
+        if not connected:
+            try:
+                refuse_second_local_cluster(options.address)
+            except SearchError as error:
+                raise RetrainError(str(error)) from None
+            ray.init(address=options.address, configure_logging=False)
         try:
             state, metrics, run_path, epochs_run = _fit(options, config, meta, stop_after, validate, storage)
         finally:
-            ray.shutdown()
+            if not connected:
+                ray.shutdown()
 
     if validate:
         thresholds = np.array([metrics[f"threshold/{c}"] for c in classes], dtype=np.float64)

@@ -197,14 +197,18 @@ def test_predict_cli_csv_and_clear_errors(tmp_path, synthetic_data):
 
 
 @pytest.mark.slow
-def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, synthetic_data):
+def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, synthetic_data, request):
     """Two retrains with the same seed give the same weights on CPU; train+val uses the export's
     epoch and thresholds. Each retrain is a real TorchTrainer run on a local Ray cluster."""
     from defect_tune.retrain import RetrainError, RetrainOptions, retrain
 
+    import ray
+
     results = make_results(tmp_path, synthetic_data)
     best = tmp_path / "best.yaml"
     write_export(build_export(results, rank=2), best)  # bce, 2 epochs, best epoch 2
+    ray.init(num_cpus=2, configure_logging=False)  # one local cluster for all three runs; retrain leaves it up
+    request.addfinalizer(ray.shutdown)
     runs = [retrain(RetrainOptions(export=best, data=synthetic_data, out=tmp_path / f"model{k}", seed=7)) for k in (1, 2)]
     first, second = (load_file(str(tmp_path / f"model{k}" / "model.safetensors")) for k in (1, 2))
     assert first.keys() == second.keys()
@@ -235,3 +239,4 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
 
     with pytest.raises(RetrainError, match="exists and is not empty; --overwrite"):
         retrain(RetrainOptions(export=best, data=synthetic_data, out=model))
+    assert ray.is_initialized()  # a caller's Ray session survives every retrain

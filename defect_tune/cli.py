@@ -346,3 +346,162 @@ def report(
         raise typer.Exit(2) from None
     figures = len(list(path.parent.glob("*.png")))
     console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False, soft_wrap=True)
+
+
+# Cluster jobs: `submit` runs a command above on a Ray cluster; `jobs` watches and stops it.
+ADDRESS_HELP = "Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)"
+jobs_app = typer.Typer(help="Watch, list and stop jobs on a Ray cluster (see `submit`).", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+def _connect(address: str | None):
+    from defect_tune.submit import SubmitError, connect
+
+    try:
+        return connect(address)
+    except SubmitError as error:
+        raise _fail(error) from None
+
+
+def _follow_to_end(cluster, job_id: str) -> None:
+    """Stream a job's output to stdout until it ends; exit 0 if it succeeded, 1 if not."""
+    from defect_tune.submit import SubmitError, UnknownJob, describe, follow
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    try:
+        details = follow(cluster, job_id, write)
+    except UnknownJob as error:
+        raise _fail(error) from None
+    except SubmitError as error:
+        console.print(f"error: {error}; the job may still be running (defect-tune jobs status {job_id})",
+                      style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(f"stopped following; job {job_id} keeps running (defect-tune jobs stop {job_id})", markup=False)
+        raise typer.Exit(130) from None
+    succeeded = str(details.status) == "SUCCEEDED"
+    console.print(describe(details), style=None if succeeded else "red", markup=False, highlight=False, soft_wrap=True)
+    if not succeeded:
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    command: Annotated[list[str], typer.Argument(metavar="COMMAND", help="After `--`: the defect-tune command to run on the cluster, e.g. `-- search --space S --storage s3://b/p --out /shared/r`")],
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
+    follow: Annotated[bool, typer.Option(help="Stream the job's output until it ends; exit 0 if it succeeded, 1 if not")] = False,
+    job_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks raysubmit_...)")] = None,
+    working_dir: Annotated[Path | None, typer.Option(help="Code to ship as the job's working_dir (default: this checkout)")] = None,
+    no_working_dir: Annotated[bool, typer.Option("--no-working-dir", help="Ship no code: run the defect-tune installed in the cluster's image")] = False,
+) -> None:
+    """Run a defect-tune command on a Ray cluster as a job: `submit [OPTIONS] -- search ARGS...`; print the job id.
+
+    The checkout ships as the job's working_dir; the cluster's image must have the dependencies.
+    The cluster token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) authenticates;
+    WANDB_MODE/ENTITY/BASE_URL travel with the job, WANDB_API_KEY never does.
+    """
+    import os
+
+    from defect_tune.submit import SubmitError, check_command, default_working_dir, entrypoint, kept_back, path_notes
+    from defect_tune.submit import submit as submit_job
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands} - {"submit"}
+    try:
+        check_command(command, commands)
+        code = None if no_working_dir else (working_dir or default_working_dir())
+    except SubmitError as error:
+        raise _fail(error) from None
+    cluster = _connect(address)
+    for note in path_notes(command):
+        console.print(f"note: {note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    for name in kept_back(os.environ):
+        console.print(f"note: {name} is not sent with the job (Ray logs a job's environment in plain text); "
+                      "the cluster's head node needs its own, e.g. from a Kubernetes Secret", style="yellow", markup=False, soft_wrap=True)
+    try:
+        job = submit_job(cluster, command, code, job_id)
+    except SubmitError as error:
+        raise _fail(error) from None
+    print(job, flush=True)
+    where = "" if address is None else f" --address {address}"
+    console.print(f"submitted {job} to {cluster.address}: {entrypoint(command)}"
+                  f"{'' if code is None else f' (code from {code})'}\n"
+                  f"follow: defect-tune jobs logs {job} --follow{where}; stop: defect-tune jobs stop {job}{where}",
+                  markup=False, highlight=False, soft_wrap=True)
+    if follow:
+        _follow_to_end(cluster, job)
+
+
+JobId = Annotated[str, typer.Argument(help="The job's submission id (printed by `submit`)")]
+Address = Annotated[str | None, typer.Option(help=ADDRESS_HELP)]
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: JobId, address: Address = None) -> None:
+    """A job's status, when it started, and Ray's message."""
+    from defect_tune.submit import SubmitError, describe, info
+
+    cluster = _connect(address)
+    try:
+        print(describe(info(cluster, job_id)))
+    except SubmitError as error:
+        raise _fail(error) from None
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: JobId, address: Address = None,
+              follow: Annotated[bool, typer.Option(help="Keep streaming until the job ends; exit 0 if it succeeded, 1 if not")] = False) -> None:
+    """A job's output so far (or, with --follow, until it ends)."""
+    from defect_tune.submit import SubmitError, logs
+
+    cluster = _connect(address)
+    if follow:
+        _follow_to_end(cluster, job_id)
+        return
+    try:
+        sys.stdout.write(logs(cluster, job_id))
+    except SubmitError as error:
+        raise _fail(error) from None
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobId, address: Address = None,
+              wait: Annotated[bool, typer.Option(help="Wait (up to 60 s) until the job has stopped")] = True) -> None:
+    """Stop a job: SIGTERM to its driver, SIGKILL a few seconds later; its trials end with it."""
+    from defect_tune.submit import SubmitError, describe, stop
+    from defect_tune.submit import wait as wait_for
+
+    cluster = _connect(address)
+    try:
+        was_running = stop(cluster, job_id)
+        details = wait_for(cluster, job_id, timeout=60) if wait else None
+    except SubmitError as error:
+        raise _fail(error) from None
+    if details is None:
+        console.print(f"asked job {job_id} to stop", markup=False)
+        return
+    print(describe(details))
+    if not was_running:
+        console.print(f"job {job_id} had already ended", markup=False)
+    elif str(details.status) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        console.print(f"job {job_id} is still {details.status} after 60 s", style="red", markup=False)
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Address = None,
+              every: Annotated[bool, typer.Option("--all", help="Every job on the cluster, not only defect-tune's")] = False) -> None:
+    """Jobs on the cluster that defect-tune submitted, oldest first."""
+    from defect_tune.submit import SubmitError, describe, list_jobs
+
+    cluster = _connect(address)
+    try:
+        jobs = list_jobs(cluster, everything=every)
+    except SubmitError as error:
+        raise _fail(error) from None
+    for details in jobs:
+        print(describe(details))
+    if not jobs:
+        console.print(f"no {'' if every else 'defect-tune '}jobs on the cluster at {cluster.address}", markup=False)

@@ -273,13 +273,15 @@ def parse_search(args: list[str]) -> dict:
 
 
 def search_commands(text: str) -> list[list[str]]:
-    """Every `defect-tune search ...` in shell text (continuation lines joined), as arguments."""
+    """Every `defect-tune search ...` (or `defect-tune submit ... -- search ...`) in shell text,
+    continuation lines joined, as arguments."""
     text = re.sub(r"\\\n\s*", " ", text)
     found = []
     for line in text.splitlines():
-        if "defect-tune search" not in line:
+        start = re.search(r"(defect-tune|--)\s+search\b", line)
+        if start is None:
             continue
-        words = shlex.split(line[line.index("defect-tune search"):], comments=True)
+        words = shlex.split(line[start.start():], comments=True)
         for stop in ("|", "&&", ";", "&"):
             words = words[: words.index(stop)] if stop in words else words
         found.append(words[2:])

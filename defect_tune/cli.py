@@ -19,6 +19,11 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def _fail(error: Exception, code: int = 2):
+    console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     parts = text.replace("/", ",").split(",")
     try:
@@ -98,8 +103,7 @@ def prepare(
     try:
         meta = run_prepare(options, console=console)
     except PrepareError as error:
-        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(error) from None
     console.print(summary_table(meta))
     console.print(f"wrote {out}/meta.json and {sum(len(s['shards']) for s in meta['splits'].values())} shards")
 
@@ -123,8 +127,7 @@ def train(
     try:
         settings = load_config(config, ctx.args)
     except ConfigError as error:
-        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(error) from None
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
     )
@@ -142,8 +145,7 @@ def train(
         with progress:
             results = fit(settings, data, out, device, on_epoch=on_epoch, on_batch=lambda: progress.advance(task))
     except (DataError, ModelError, ValueError) as error:
-        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(error) from None
     except NonFiniteLoss as error:
         console.print(f"training failed: {error} (status 'failed' in {out}/results.json)", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -220,8 +222,7 @@ def search(
         )
         summary = run_search(options, console=console)
     except (SearchError, SpaceError, DataError, TrackingError) as error:
-        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(error) from None
     results = Path(out or Path("results") / name)
     board = load_leaderboard(results)
     console.print(leaderboard_table(board, load_space(space)))
@@ -235,11 +236,6 @@ def search(
     else:
         console.print(f"no trial finished; see {results}/leaderboard.csv", style="red", markup=False)
         raise typer.Exit(1)
-
-
-def _fail(error: Exception, code: int = 2):
-    console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @app.command()
@@ -342,8 +338,7 @@ def report(
     try:
         path = write_report(results, out)
     except ReportError as error:
-        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(error) from None
     figures = len(list(path.parent.glob("*.png")))
     console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False, soft_wrap=True)
 

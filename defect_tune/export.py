@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from defect_tune.leaderboard import plain
 from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION
 
 EXPORT_FORMAT = 1
@@ -40,12 +40,6 @@ def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
     return sweep, pd.read_parquet(files["leaderboard.parquet"]), json.loads(files["trial_configs.json"].read_text())
 
 
-def _value(value):
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) -> pd.Series:
     """The `rank`-th best trial by `metric` among trials that finished an epoch without error."""
     if metric not in board.columns:
@@ -68,7 +62,7 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     if trial_id not in configs:
         raise ExportError(f"{results / 'trial_configs.json'}: no config for trial {trial_id}")
     classes = sweep["classes"]
-    thresholds = {c: _value(row.get(f"threshold/{c}")) for c in classes}
+    thresholds = {c: plain(row.get(f"threshold/{c}")) for c in classes}
     missing = [c for c, t in thresholds.items() if t is None]
     if missing:
         raise ExportError(f"{results / 'leaderboard.parquet'}: trial {trial_id} has no learned threshold for {missing}")
@@ -78,11 +72,11 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
         "sweep": {
             "name": sweep["name"], "results": str(results.absolute()), "experiment": sweep["experiment"],
             "space": sweep["space"], "trial_id": trial_id, "rank": rank, "ranked_by": {"metric": metric, "mode": mode},
-            "seed_point": _value(row.get("seed_point")), "stop_reason": row["stop_reason"],
-            "epochs_run": int(row["epochs"]), "checkpoint": _value(row.get("checkpoint")),
+            "seed_point": plain(row.get("seed_point")), "stop_reason": row["stop_reason"],
+            "epochs_run": int(row["epochs"]), "checkpoint": plain(row.get("checkpoint")),
         },
         "objective": {
-            "name": OBJECTIVE, "mode": "max", "value": _value(row.get(OBJECTIVE)),
+            "name": OBJECTIVE, "mode": "max", "value": plain(row.get(OBJECTIVE)),
             "precision_floor": config["precision_floor"], "definition": OBJECTIVE_DEFINITION,
         },
         "best_epoch": int(row["best_epoch"]),
@@ -91,9 +85,9 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
         # no threshold reached the precision floor on validation.
         "thresholds": thresholds,
         "validation": {
-            "macro_precision": _value(row.get("val_macro_precision")), "macro_f2": _value(row.get("val_macro_f2")),
-            "macro_ap": _value(row.get("val_macro_ap")),
-            "recall": {c: _value(row.get(f"val_recall/{c}")) for c in classes},
+            "macro_precision": plain(row.get("val_macro_precision")), "macro_f2": plain(row.get("val_macro_f2")),
+            "macro_ap": plain(row.get("val_macro_ap")),
+            "recall": {c: plain(row.get(f"val_recall/{c}")) for c in classes},
         },
         "data": {"source_fingerprint": sweep.get("source_fingerprint"), "dir": sweep["data"], "classes": classes},
         "versions": sweep.get("versions") or package_versions(),

@@ -17,6 +17,13 @@ def _clean(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def plain(value):
+    """numpy/pandas scalars to Python; NaN (e.g. a parameter this trial's branch did not sample) to None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return _clean(value)
+
+
 def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool) -> str:
     """Why a trial ended: an error, its epoch budget, its own early stopping, or ASHA, which
     stops a trial between epochs without telling it."""

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from defect_tune.data import read_meta
 from defect_tune.export import package_versions
-from defect_tune.leaderboard import build_leaderboard
+from defect_tune.leaderboard import build_leaderboard, plain
 from defect_tune.space import DefineByRun, SearchSpace, load_space
 from defect_tune.tracking import wandb_callbacks
 from defect_tune.trial import TrialSetup, run_trial
@@ -280,13 +280,13 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
     # Every trial's full training config, so `export --rank k` never needs the space file again.
     configs = {}
     for _, row in board.iterrows():
-        sampled = {k.removeprefix("param/"): _plain(v) for k, v in row.items() if k.startswith("param/") and _plain(v) is not None}
+        sampled = {k.removeprefix("param/"): plain(v) for k, v in row.items() if k.startswith("param/") and plain(v) is not None}
         configs[row["trial_id"]] = space.config_for(sampled).model_dump()
     (out / "trial_configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     finished = board.dropna(subset=[space.objective]) if len(board) else board
     if len(finished):
         best = finished.iloc[0]
-        sampled = {k.removeprefix("param/"): _plain(v) for k, v in best.items() if k.startswith("param/") and _plain(v) is not None}
+        sampled = {k.removeprefix("param/"): plain(v) for k, v in best.items() if k.startswith("param/") and plain(v) is not None}
         config = space.config_for(sampled)
         header = (
             f"# best of sweep {options.name}: trial {best['trial_id']}, {space.objective} = {best[space.objective]:.4f} "
@@ -297,15 +297,6 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
                            "best_epoch": int(best["best_epoch"]), "params": sampled}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-
-
-def _plain(value):
-    """numpy/pandas scalars to Python; NaN (a parameter this trial's branch did not sample) to None."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def default_space() -> Path:
@@ -323,9 +314,9 @@ def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
     for _, row in board.head(top).iterrows():
         cells = []
         for column in columns:
-            value = _plain(row.get(column))
+            value = plain(row.get(column))
             cells.append("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
-        sampled = {c.removeprefix("param/"): _plain(row[c]) for c in params if _plain(row[c]) is not None}
+        sampled = {c.removeprefix("param/"): plain(row[c]) for c in params if plain(row[c]) is not None}
         table.add_row(*cells, _short(sampled))
     return table
 

@@ -3,26 +3,33 @@
 Augmentation runs on the stored uint8 pixels, before normalisation, so CLAHE and noise see the
 image as the camera gave it. The same functions serve the in-process loader and Ray Data's
 `map_batches`.
+
+albumentations and torch are imported where they are used: Ray starts many processes per trial,
+and every one that unpickles a config would otherwise pay their import (about 6 s of CPU).
 """
 
 from __future__ import annotations
 
-import albumentations as A
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import albumentations as A
+    import torch
 
 # Probabilities follow the seeds' manufacturing pipelines: geometric flips often, photometric
 # and distortion transforms sometimes, so most images still look like the line camera's.
 TRANSFORMS = {
-    "hflip": lambda: A.HorizontalFlip(p=0.5),
-    "vflip": lambda: A.VerticalFlip(p=0.5),
-    "rot90": lambda: A.RandomRotate90(p=0.5),
-    "elastic": lambda: A.ElasticTransform(alpha=1.0, sigma=50.0, p=0.3),
-    "grid_distortion": lambda: A.GridDistortion(num_steps=5, distort_limit=0.3, p=0.3),
-    "clahe": lambda: A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=0.3),
-    "noise": lambda: A.GaussNoise(std_range=(0.02, 0.08), p=0.3),
-    "blur": lambda: A.GaussianBlur(blur_limit=(3, 5), p=0.2),
-    "coarse_dropout": lambda: A.CoarseDropout(
+    "hflip": lambda A: A.HorizontalFlip(p=0.5),
+    "vflip": lambda A: A.VerticalFlip(p=0.5),
+    "rot90": lambda A: A.RandomRotate90(p=0.5),
+    "elastic": lambda A: A.ElasticTransform(alpha=1.0, sigma=50.0, p=0.3),
+    "grid_distortion": lambda A: A.GridDistortion(num_steps=5, distort_limit=0.3, p=0.3),
+    "clahe": lambda A: A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=0.3),
+    "noise": lambda A: A.GaussNoise(std_range=(0.02, 0.08), p=0.3),
+    "blur": lambda A: A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+    "coarse_dropout": lambda A: A.CoarseDropout(
         num_holes_range=(1, 8), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.3
     ),
 }
@@ -49,12 +56,14 @@ def parse_augment(spec: str) -> tuple[str, ...]:
 
 
 def build_augmentation(spec: str, shape: tuple[int, int], seed: int) -> A.Compose | None:
+    import albumentations as A
+
     names = parse_augment(spec)
     if not names:
         return None
     if "rot90" in names and shape[0] != shape[1]:
         raise ValueError(f"augment rot90 needs square images; these are {shape[0]}x{shape[1]} (use hflip/vflip)")
-    return A.Compose([TRANSFORMS[name]() for name in names], seed=seed)
+    return A.Compose([TRANSFORMS[name](A) for name in names], seed=seed)
 
 
 def augment_batch(pipeline: A.Compose | None, images: np.ndarray) -> np.ndarray:
@@ -71,6 +80,8 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, labels: str, rng: np.r
     defect present in one image is a partial positive. `union`: a defect in either image is a
     full positive, since a crack at 40 % opacity is still a crack to an inspector.
     """
+    import torch
+
     lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
     perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
     mixed_x = lam * x + (1 - lam) * x[perm]

@@ -184,8 +184,8 @@ def _default_data() -> Path:
 
 @app.command()
 def search(
-    data: Annotated[Path | None, typer.Option(help="A `prepare` output (default: the embedded synthetic set)")] = None,
-    space: Annotated[Path | None, typer.Option(help="Search space YAML (default: search_spaces/quick.yaml)")] = None,
+    data: Annotated[str | None, typer.Option(help="A `prepare` output: a path every node reads, or a URI (s3://, gs://); default: the embedded synthetic set")] = None,
+    space: Annotated[Path | None, typer.Option(help="Search space YAML, or a bundled space by name: quick (default), el_solar, steel, full")] = None,
     name: Annotated[str | None, typer.Option(help="Sweep name (default: <space>-<timestamp>); --resume needs it")] = None,
     out: Annotated[Path | None, typer.Option(help="Results folder (default: results/<name>)")] = None,
     num_samples: Annotated[int | None, typer.Option(help="Trial budget (default: the space's)")] = None,
@@ -204,14 +204,17 @@ def search(
     import datetime as dt
 
     from defect_tune.data import DataError
-    from defect_tune.search import SearchError, SearchOptions, default_space, leaderboard_table, load_leaderboard, run_search
+    from defect_tune.search import SearchError, SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
     from defect_tune.space import SpaceError, load_space
     from defect_tune.tracking import TrackingError
 
     if resume and not name:
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
         raise typer.Exit(2)
-    space = space or default_space()
+    try:
+        space = resolve_space(space)
+    except SpaceError as error:
+        raise _fail(error) from None
     name = name or f"{space.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
         options = SearchOptions(
@@ -267,7 +270,7 @@ def export(
 @app.command()
 def retrain(
     export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="A `defect-tune export` file")],
-    data: Annotated[Path, typer.Option(help="A `prepare` output with the export's classes")],
+    data: Annotated[str, typer.Option(help="A `prepare` output with the export's classes: a path, or a URI (s3://, gs://)")],
     out: Annotated[Path, typer.Option(help="The model directory to write")],
     holdout: Annotated[str, typer.Option(help="val: train on train, best epoch and thresholds from val (default). "
                                               "none: train+val for the sweep's best epoch, exported thresholds")] = "val",

@@ -20,6 +20,17 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key (and the file)."""
 
 
+# The metric every trial reports and the search maximises. Here, not in train.py, so that what
+# only needs the name (leaderboard, export, Ray's per-trial processes) does not import torch and timm.
+OBJECTIVE = "val_guarded_macro_recall"
+OBJECTIVE_DEFINITION = (
+    "Validation macro recall, guarded: for each class with validation positives, the highest recall "
+    "reachable at a threshold whose validation precision is at least precision_floor (0 when none "
+    "is), averaged over those classes. Predicting every defect everywhere scores 0 on every class "
+    "rarer than the floor."
+)
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 

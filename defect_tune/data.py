@@ -6,12 +6,19 @@ same `to_tensor` and `sample_weights`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # timm's grayscale statistics (ImageNet's RGB means and stds averaged), so pretrained stems and
 # networks trained from scratch see inputs on the same scale.
@@ -22,13 +29,45 @@ class DataError(ValueError):
     """Prepared data that cannot be used; the message names the file."""
 
 
-def read_meta(data_dir: Path) -> dict:
-    path = Path(data_dir) / "meta.json"
+def data_location(data: str | os.PathLike) -> str:
+    """Where prepared data lives, as every node of a cluster reads it: a local (or shared) path made
+    absolute, or a URI that pyarrow and Ray Data open (s3://, gs://, hdfs://, file://) as given."""
+    text = os.fspath(data)
+    return text if "://" in text else str(Path(text).absolute())
+
+
+def data_file(location: str, name: str) -> str:
+    """A file of the prepared data: a path, or a URI when the data is one."""
+    return f"{location.rstrip('/')}/{name}" if "://" in location else str(Path(location) / name)
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem | None, str]:
+    """pyarrow's filesystem for a URI and the path within it; (None, path) for a local path."""
+    if "://" not in location:
+        return None, location
     try:
-        meta = json.loads(path.read_text())
+        filesystem, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowException, OSError, ValueError) as error:  # unknown scheme, missing credentials, ...
+        raise DataError(f"{location}: cannot open: {error}") from None
+    return filesystem, path.rstrip("/")
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    location = data_location(data_dir)
+    path = data_file(location, "meta.json")
+    filesystem, root = _filesystem(location)
+    try:
+        if filesystem is None:
+            text = Path(path).read_text()
+        else:
+            with filesystem.open_input_stream(f"{root}/meta.json") as stream:
+                text = stream.read().decode()
+        meta = json.loads(text)
     except FileNotFoundError:
         raise DataError(f"{path}: not found; run `defect-tune prepare` first") from None
-    except json.JSONDecodeError as error:
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{path}: cannot read: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON: {error}") from None
     for key in ("classes", "image", "splits"):
         if key not in meta:
@@ -36,14 +75,63 @@ def read_meta(data_dir: Path) -> dict:
     return meta
 
 
-def load_split(data_dir: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
+SHARD_COLUMNS = ("id", "pixels", "labels")
+
+
+def check_shards(data_dir: str | os.PathLike, meta: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """Every shard meta.json lists is there, whole (its sha256), a Parquet file with the columns
+    training reads and the row count meta.json says. Run before any trial starts: a bad shard
+    found by a Ray Data task mid-sweep fails trials one by one with a worse message."""
+    location = data_location(data_dir)
+    filesystem, root = _filesystem(location)
+    meta_file = data_file(location, "meta.json")
+    for split in splits:
+        entry = meta["splits"].get(split)
+        if entry is None:
+            raise DataError(f"{meta_file}: no {split!r} split")
+        shards = entry.get("shards", [])
+        rows = 0
+        for shard in shards:
+            name = data_file(location, shard["file"])
+            path = f"{root}/{shard['file']}"
+            try:
+                if filesystem is None:
+                    data = Path(path).read_bytes()
+                else:
+                    with filesystem.open_input_stream(path) as stream:
+                        data = stream.read()
+            except FileNotFoundError:
+                raise DataError(f"{name}: not found, but {meta_file} lists it") from None
+            except (OSError, pa.ArrowException) as error:
+                raise DataError(f"{name}: cannot read: {error}") from None
+            if "sha256" in shard and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise DataError(f"{name}: content differs from what {meta_file} recorded (sha256); the shard is "
+                                "corrupt or from another `prepare` run: prepare again")
+            try:
+                parquet = pq.ParquetFile(pa.BufferReader(data))
+            except (OSError, pa.ArrowException) as error:
+                raise DataError(f"{name}: not a readable Parquet file: {error}") from None
+            missing = [c for c in SHARD_COLUMNS if c not in parquet.schema_arrow.names]
+            if missing:
+                raise DataError(f"{name}: missing column(s) {missing}; not a `defect-tune prepare` shard")
+            if "rows" in shard and parquet.metadata.num_rows != shard["rows"]:
+                raise DataError(f"{name}: holds {parquet.metadata.num_rows} rows, {meta_file} says {shard['rows']}")
+            rows += parquet.metadata.num_rows
+        if rows != entry.get("images", rows):
+            raise DataError(f"{meta_file}: split {split!r} has {entry['images']} images, its shards hold {rows} rows")
+
+
+def load_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All images of a split as (N, H, W) uint8, labels (N, C) float32, and ids."""
-    shards = [Path(data_dir) / shard["file"] for shard in meta["splits"][split]["shards"]]
+    location = data_location(data_dir)
+    filesystem, root = _filesystem(location)
+    files = [shard["file"] for shard in meta["splits"][split]["shards"]]
+    shards = [f"{root}/{name}" for name in files]
     height, width, classes = meta["image"]["height"], meta["image"]["width"], len(meta["classes"])
     if not shards:
         return np.zeros((0, height, width), np.uint8), np.zeros((0, classes), np.float32), []
     try:
-        table = pq.read_table(shards, columns=["id", "pixels", "labels"])
+        table = pq.read_table(shards, columns=["id", "pixels", "labels"], filesystem=filesystem)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"{data_dir}/{split}: cannot read shards: {error}") from None
     expected = meta["splits"][split]["images"]
@@ -59,6 +147,8 @@ def load_split(data_dir: Path, split: str, meta: dict) -> tuple[np.ndarray, np.n
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W) uint8 to normalised (N, 1, H, W) float32."""
+    import torch  # here, not at the top: Ray Data's task processes import this module and need no torch
+
     x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
     return x.sub_(MEAN).div_(STD)
 

@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from defect_tune.leaderboard import plain
-from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION
+from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
 
 EXPORT_FORMAT = 1
 PACKAGES = ("defect-tune", "torch", "torchvision", "timm", "ray", "optuna", "albumentations", "numpy", "pyarrow")

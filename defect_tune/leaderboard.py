@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from defect_tune.train import OBJECTIVE
+from defect_tune.config import OBJECTIVE
 
 STOP_REASONS = ("completed", "early_stopping", "asha", "error", "no_result")
 
@@ -22,6 +22,24 @@ def plain(value):
     if hasattr(value, "item"):
         value = value.item()
     return _clean(value)
+
+
+# The last line of a Python traceback: `package.module.SomeError: message`.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Loss|Exit|Interrupt)): (\S.*)$")
+
+
+def error_reason(error: BaseException | str) -> str:
+    """A failed trial's cause in one line, e.g. `NonFiniteLoss: epoch 1, batch 4: training loss
+    is nan`: the innermost exception of the traceback Ray wraps it in (Tune's error.txt keeps the
+    whole). Falls back to the error's own type and first line."""
+    text = str(error)
+    causes = [m for m in map(_EXCEPTION_LINE.match, (line.strip() for line in text.splitlines())) if m]
+    if causes:
+        name, message = causes[-1].groups()
+    else:
+        name = type(error).__name__ if isinstance(error, BaseException) else "Error"
+        message = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{name}: {message}"[:500]
 
 
 def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool) -> str:
@@ -53,7 +71,7 @@ def trial_row(result, space, classes: list[str]) -> dict:
     epochs = int(history["epoch"].max()) if history is not None and "epoch" in history and len(history) else 0
     reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), result.error is not None)
     row.update(status="error" if result.error is not None else "terminated", stop_reason=reason, epochs=epochs)
-    row["error"] = None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500]
+    row["error"] = None if result.error is None else error_reason(result.error)
     key = space.objective
     if epochs and key in history:
         best = history.loc[history[key].idxmax() if space.mode == "max" else history[key].idxmin()]

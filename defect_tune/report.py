@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from defect_tune.space import SpaceError, load_space
-from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION
+from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
 from defect_tune.trial import PREDICTIONS_FILE
 
 TOP_CONFIGS = 10  # rows of the per-class recall heatmap

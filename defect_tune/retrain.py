@@ -31,13 +31,14 @@ from safetensors.torch import load_file, save_file
 
 from defect_tune.class_stats import ClassCounts
 from defect_tune.config import TrainConfig
-from defect_tune.data import MEAN, STD, load_split, read_meta
+from defect_tune.data import MEAN, STD, check_shards, data_location, load_split, read_meta
 from defect_tune.export import package_versions, read_export
 from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
 from defect_tune.models import build_model
 from defect_tune.search import SearchError, refuse_second_local_cluster
 from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
-from defect_tune.trial import CHECKPOINT_FILE, build_datasets, train_loop_per_worker
+from defect_tune.ingest import build_datasets
+from defect_tune.trial import CHECKPOINT_FILE, train_loop_per_worker
 
 HOLDOUTS = ("val", "none")
 WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
@@ -51,7 +52,7 @@ class RetrainError(ValueError):
 @dataclass(frozen=True)
 class RetrainOptions:
     export: Path
-    data: Path
+    data: Path | str  # a path, or a URI (s3://, gs://, file://)
     out: Path
     holdout: str = "val"
     address: str | None = None  # None: a local Ray cluster
@@ -93,7 +94,7 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
         train_loop_config={"config": config.model_dump(), "meta": meta, "stop_after": stop_after, "validate": validate,
                            "reproducible": True, "train_splits": train_splits},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(str(Path(options.data).absolute()), meta, config, train_splits, validate, reproducible=True),
+        datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,
@@ -120,6 +121,7 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     export = read_export(options.export)
     meta = read_meta(options.data)
     _check(options, export, meta)
+    check_shards(options.data, meta)
     values = dict(export["config"])
     if options.seed is not None:
         values["seed"] = options.seed
@@ -190,7 +192,7 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
             "workers": options.workers, "gpus_per_worker": options.gpus_per_worker, "train_run": run_path,
             "train_positives": counts.positives,
         },
-        "data": {"dir": str(Path(options.data).absolute()), "source_fingerprint": meta.get("source_fingerprint"),
+        "data": {"dir": data_location(options.data), "source_fingerprint": meta.get("source_fingerprint"),
                  "images": {split: meta["splits"][split]["images"] for split in ("train", "val", "test")}},
         "export": {"file": str(Path(options.export).absolute()), **export["sweep"],
                    "sweep_objective": export["objective"]["value"]},

@@ -4,6 +4,7 @@ TorchTrainer. The same command searches on a laptop (a local Ray cluster) and on
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -18,14 +19,15 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.table import Table
 
-from defect_tune.data import read_meta
+from defect_tune.data import check_shards, data_location, read_meta
 from defect_tune.export import package_versions
 from defect_tune.leaderboard import build_leaderboard, plain
-from defect_tune.space import DefineByRun, SearchSpace, load_space
+from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.tracking import wandb_callbacks
 from defect_tune.trial import TrialSetup, run_trial
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The checkout's search_spaces/, installed as this package's data (pyproject.toml), so a wheel has it too.
+SPACES_DIR = Path(str(importlib.resources.files("defect_tune.search_spaces")))
 
 
 class SearchError(ValueError):
@@ -34,7 +36,7 @@ class SearchError(ValueError):
 
 @dataclass(frozen=True)
 class SearchOptions:
-    data: Path
+    data: Path | str  # a path every node reads, or a URI (s3://, gs://, file://)
     space: Path
     name: str
     out: Path | None = None  # default results/<name>
@@ -194,6 +196,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     if options.num_samples is not None:
         space = SearchSpace(**{**space.__dict__, "num_samples": options.num_samples})
     meta = read_meta(options.data)
+    check_shards(options.data, meta)  # a missing or corrupt shard stops the sweep here, not trial by trial
     out = (options.out or Path("results") / options.name).absolute()
     storage = _storage(options, out)
     experiment = f"{storage.rstrip('/')}/{options.name}"
@@ -214,7 +217,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         resources = ray.cluster_resources()
         concurrent = trials_at_once(resources, options)
         setup = TrialSetup(
-            data_dir=str(Path(options.data).absolute()), meta=meta, space=space, storage_path=storage,
+            data_dir=data_location(options.data), meta=meta, space=space, storage_path=storage,
             sweep_name=options.name, workers_per_trial=options.workers_per_trial,
             cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
             max_failures=options.max_failures,
@@ -270,7 +273,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
     summary = {
-        "name": options.name, "space": space.path, "data": str(Path(options.data).absolute()),
+        "name": options.name, "space": space.path, "data": data_location(options.data),
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
         "objective": space.objective, "mode": space.mode, "num_samples": space.num_samples,
         "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
@@ -299,8 +302,22 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
     return summary
 
 
-def default_space() -> Path:
-    return SPACES_DIR / "quick.yaml"
+def bundled_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space(space: Path | str | None) -> Path:
+    """A space file: the bundled quick space when none is given; a bundled space by name (`el_solar`);
+    otherwise the path as given, which must exist."""
+    if space is None:
+        return SPACES_DIR / "quick.yaml"
+    path = Path(space)
+    if path.is_file():
+        return path
+    bundled = SPACES_DIR / f"{path.name}.yaml"
+    if path.parent == Path(".") and not path.suffix and bundled.is_file():
+        return bundled
+    raise SpaceError(f"{path}: no such search space file (bundled spaces, usable by name: {', '.join(bundled_spaces())})")
 
 
 def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:

@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import yaml
 
 from defect_tune.config import ConfigError, TrainConfig, load_config
-from defect_tune.models import SEED_MODELS
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
 TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "fixed", "params", "points_to_evaluate", "description"}
@@ -94,6 +92,16 @@ class DefineByRun:
         self.space.sample(trial)
 
 
+def _known_model(name: str) -> bool:
+    # timm and the models are imported here, not at the top: every Ray process that unpickles a
+    # space would otherwise pay for them (several seconds of CPU each).
+    import timm
+
+    from defect_tune.models import SEED_MODELS
+
+    return name in SEED_MODELS or timm.is_model(name)
+
+
 def _fail(path, key: str, message: str) -> SpaceError:
     return SpaceError(f"{path}: {key}: {message}")
 
@@ -118,7 +126,9 @@ def _parse_param(path, name: str, spec: Any, earlier: dict[str, Param]) -> Param
                 load_config(None, {name: value})
             except ConfigError as error:
                 raise _fail(path, where, f"choice {value!r} is invalid: {error}") from None
-            if name == "model" and value not in SEED_MODELS and not timm.is_model(value):
+            if name == "model" and not _known_model(value):
+                from defect_tune.models import SEED_MODELS
+
                 raise _fail(path, where, f"model {value!r} is neither a timm model nor one of {sorted(SEED_MODELS)}")
     else:
         if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, int | float) for v in values)):

@@ -25,19 +25,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomS
 from defect_tune import __version__
 from defect_tune.augment import augment_batch, build_augmentation, mixup
 from defect_tune.class_stats import ClassCounts
-from defect_tune.config import TrainConfig
-from defect_tune.data import load_split, read_meta, sample_weights, to_tensor
+from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
+from defect_tune.data import data_location, load_split, read_meta, sample_weights, to_tensor
 from defect_tune.losses import build_loss
 from defect_tune.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
 from defect_tune.models import DefectClassifier, build_model, parameter_counts, set_backbone_trainable
 
-OBJECTIVE = "val_guarded_macro_recall"
-OBJECTIVE_DEFINITION = (
-    "Validation macro recall, guarded: for each class with validation positives, the highest recall "
-    "reachable at a threshold whose validation precision is at least precision_floor (0 when none "
-    "is), averaged over those classes. Predicting every defect everywhere scores 0 on every class "
-    "rarer than the floor."
-)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -296,7 +289,7 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
         "status": "running",
         "error": None,
         "config": config.model_dump(),
-        "data": {"dir": str(Path(data_dir).absolute()), "source_fingerprint": meta.get("source_fingerprint"),
+        "data": {"dir": data_location(data_dir), "source_fingerprint": meta.get("source_fingerprint"),
                  "classes": classes, "image": meta["image"]},
         "objective": {"name": OBJECTIVE, "mode": "max", "precision_floor": config.precision_floor,
                       "definition": OBJECTIVE_DEFINITION},

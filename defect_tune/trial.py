@@ -16,16 +16,12 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.train
-import ray.train.torch
-import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from defect_tune.augment import augment_batch, build_augmentation
-from defect_tune.config import TrainConfig
-from defect_tune.data import to_tensor
-from defect_tune.train import OBJECTIVE, EarlyStopping, build_parts, predict, score_epoch, seed_everything, train_one_epoch
+from defect_tune.config import OBJECTIVE, TrainConfig
+from defect_tune.ingest import build_datasets
 
 CHECKPOINT_FILE = "model.pt"
 PREDICTIONS_FILE = "val_predictions.npz"  # the epoch's validation probabilities, for reports
@@ -46,58 +42,21 @@ class TrialSetup:
     max_failures: int = 0
 
 
-def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    images = np.frombuffer(b"".join(batch["pixels"]), np.uint8).reshape(-1, height, width)
-    labels = np.stack([np.asarray(row, dtype=np.float32) for row in batch["labels"]])
-    return images, labels
+def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None, pipeline=None,
+             as_uint8: bool = False):
+    """(images, labels) batches from a Dataset shard: normalised tensors, or the stored uint8
+    images and float labels as numpy (`as_uint8`, 4x smaller to keep)."""
+    import torch
 
+    from defect_tune.augment import augment_batch
+    from defect_tune.data import to_tensor
 
-class _Prepare:
-    """map_batches body: stored bytes to uint8 images (augmented for training) and labels."""
-
-    def __init__(self, height: int, width: int, augment: str | None):
-        self.height, self.width, self.augment = height, width, augment
-
-    def __call__(self, batch: dict) -> dict:
-        images, labels = _decode(batch, self.height, self.width)
-        if self.augment:
-            # A fresh random stream per batch and epoch: Ray Data runs batches in any order on any
-            # node, and a seed fixed per batch would give every epoch the same augmented views.
-            # (So sweeps are not bit-reproducible; `defect-tune train` is.)
-            seed = int(np.random.default_rng().integers(2**32))
-            images = augment_batch(build_augmentation(self.augment, (self.height, self.width), seed), images)
-        return {"image": images, "labels": labels}
-
-
-def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits: tuple[str, ...] = ("train",),
-                   validate: bool = True, reproducible: bool = False) -> dict:
-    """The run's Datasets: train (split across workers) and val (every worker whole).
-
-    Sweeps augment in Ray Data, spread over the cluster. `reproducible` (production retraining)
-    fixes the shard order and leaves augmentation to the worker, seeded per epoch: Ray Data runs
-    batches on any node in any order, so a seed there cannot make two runs equal.
-    """
-    height, width = meta["image"]["height"], meta["image"]["width"]
-    datasets = {}
-    parts = [("train", train_splits, None if reproducible else config.augment)]
-    if validate:
-        parts.append(("val", ("val",), None))
-    for name, splits, augment in parts:
-        files = [str(Path(data_dir) / shard["file"]) for split in splits for shard in meta["splits"][split]["shards"]]
-        ds = ray.data.read_parquet(files, columns=["pixels", "labels"])
-        if name == "train":
-            # A new shard order every epoch; a fixed one when the run must be reproducible.
-            ds = ds.randomize_block_order(seed=config.seed if reproducible else None)
-        datasets[name] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256)
-    return datasets
-
-
-def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None, pipeline=None):
     buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
                                        local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if shuffle else None):
         images = batch["image"] if pipeline is None else augment_batch(pipeline, batch["image"])
-        yield to_tensor(images), torch.from_numpy(np.ascontiguousarray(batch["labels"]))
+        labels = np.ascontiguousarray(batch["labels"])
+        yield (images, labels) if as_uint8 else (to_tensor(images), torch.from_numpy(labels))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -106,7 +65,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loop_config: `config`, `meta`; for production retraining also `stop_after` (train this many
     epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
     objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank).
+
+    The training core is imported here, in the worker, not at the top of this module: the trial's
+    other processes (Tune's trial actor, Train's controller) unpickle this function too, and
+    importing timm, albumentations and scikit-learn there cost each of them about 10 s of CPU.
     """
+    import ray.train.torch
+    import torch
+
+    from defect_tune.augment import build_augmentation
+    from defect_tune.data import to_tensor
+    from defect_tune.train import EarlyStopping, build_parts, predict, score_epoch, seed_everything, train_one_epoch
+
     config = TrainConfig.model_validate(loop_config["config"])
     meta = loop_config["meta"]
     stop_after = loop_config.get("stop_after", config.epochs)
@@ -139,6 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val") if validate else None
+    val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled
     shape = (meta["image"]["height"], meta["image"]["width"])
     rng = np.random.default_rng(config.seed + rank)
     node = ray.get_runtime_context().get_node_id()
@@ -154,7 +125,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             row.update(node_id=node)
             metrics = row
         elif rank == 0:  # TuneReportCallback forwards rank 0's metrics, so rank 0 sees all of val
-            probs, targets, row["val_loss"] = predict(parts, _batches(val_data, config.batch_size, False))
+            if val_cache is None:
+                val_cache = list(_batches(val_data, config.batch_size, False, as_uint8=True))
+            probs, targets, row["val_loss"] = predict(parts, ((to_tensor(x), torch.from_numpy(y)) for x, y in val_cache))
             row.update(score_epoch(probs, targets, config, meta["classes"]))
             stopper.update(row[OBJECTIVE], epoch + 1)
             stop = stopper.should_stop

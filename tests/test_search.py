@@ -1,12 +1,15 @@
-"""Real sweeps on real local Ray clusters: ASHA without leaks, resume after a killed driver, two nodes.
+"""Real sweeps on real local Ray clusters: ASHA without leaks (logging to W&B offline), resume after a
+killed driver, two nodes.
 
 Slow (minutes: each trial starts a TorchTrainer, about 25 s on this CPU); CI runs them.
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ import psutil
 import pytest
 
 from defect_tune.config import load_config
+from test_wandb import assert_key_written_nowhere, assert_one_run_per_trial, offline_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,28 +44,40 @@ def search_command(*args) -> list[str]:
     return [sys.executable, "-m", "defect_tune", "search", *map(str, args)]
 
 
-def test_asha_sweep_completes_and_gives_every_resource_back(synthetic_data, tmp_path):
+@pytest.mark.timeout(1500)  # 8 trials with W&B: ~10 minutes alone on 2 cores
+def test_asha_sweep_completes_gives_every_resource_back_and_logs_every_trial_to_wandb(synthetic_data, tmp_path):
+    """Eight trials, so ASHA must stop some: the stopped trials' CPUs come back (a leak hangs the
+    sweep), and every trial, stopped or finished, is one offline W&B run; the key is written nowhere."""
     out = tmp_path / "out"
-    result = subprocess.run(
-        search_command("--data", synthetic_data, "--space", write_space(tmp_path, 8, 3), "--name", "leak", "--out", out),
-        capture_output=True, text=True, timeout=1500,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "leaderboard" in result.stderr and "best: trial" in result.stderr
-    board = pd.read_csv(out / "leaderboard.csv")
-    assert len(board) == 8 and board["rank"].tolist() == list(range(1, 9))
-    assert set(board["stop_reason"]) <= {"asha", "completed"}
-    assert (board["stop_reason"] == "asha").sum() >= 1  # ASHA stopped some trials...
-    assert (board["stop_reason"] == "completed").sum() >= 1  # ...and let the best run to the end
-    assert board.loc[board["seed_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
-    assert board["val_guarded_macro_recall"].is_monotonic_decreasing
-    assert board["checkpoint"].notna().all()
-    summary = json.loads((out / "sweep.json").read_text())
-    total, free = summary["resources_total"], summary["resources_free_at_end"]
-    assert free["CPU"] == total["CPU"]  # no CPU held by a stopped trial's placement group
-    best = load_config(out / "best_config.yaml")
-    assert best.epochs == 3 and best.model == "el_cnn"
-    assert pd.read_parquet(out / "leaderboard.parquet")["trial_id"].tolist() == board["trial_id"].tolist()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths must stay short
+    try:
+        result = subprocess.run(
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 8, 3), "--name", "leak",
+                           "--out", out, "--wandb", "defect-tune-test"),
+            capture_output=True, text=True, timeout=1500, env=offline_env(tmp_path, ray_tmp),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "leaderboard" in result.stderr and "best: trial" in result.stderr
+        board = pd.read_csv(out / "leaderboard.csv")
+        assert len(board) == 8 and board["rank"].tolist() == list(range(1, 9))
+        assert set(board["stop_reason"]) <= {"asha", "completed"}
+        assert (board["stop_reason"] == "asha").sum() >= 1  # ASHA stopped some trials...
+        assert (board["stop_reason"] == "completed").sum() >= 1  # ...and let the best run to the end
+        assert board.loc[board["seed_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
+        assert board["val_guarded_macro_recall"].is_monotonic_decreasing
+        assert board["checkpoint"].notna().all()
+        summary = json.loads((out / "sweep.json").read_text())
+        total, free = summary["resources_total"], summary["resources_free_at_end"]
+        assert free["CPU"] == total["CPU"]  # no CPU held by a stopped trial's placement group
+        best = load_config(out / "best_config.yaml")
+        assert best.epochs == 3 and best.model == "el_cnn"
+        assert pd.read_parquet(out / "leaderboard.parquet")["trial_id"].tolist() == board["trial_id"].tolist()
+
+        assert f"runs go to {out / 'wandb'}" in result.stderr and "wandb sync" in result.stderr
+        assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
+        assert_key_written_nowhere(result, out, ray_tmp, tmp_path)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -74,7 +90,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data, tmp_path):
     out = tmp_path / "out"
-    space = write_space(tmp_path, 4, 2, grace=2)  # grace = max: no ASHA stops, every trial finishes
+    space = write_space(tmp_path, 3, 2, grace=2)  # grace = max: no ASHA stops, every trial finishes
     args = ("--data", synthetic_data, "--space", space, "--name", "resumable", "--out", out)
     driver = subprocess.Popen(search_command(*args), stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -101,7 +117,7 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     resumed = subprocess.run(search_command(*args, "--resume"), capture_output=True, text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     board = pd.read_csv(out / "leaderboard.csv")
-    assert len(board) == 4 and (board["epochs"] == 2).all()
+    assert len(board) == 3 and (board["epochs"] == 2).all()
     for name, before in finished.items():  # finished trials were kept, not rerun
         assert (experiment / name / "progress.csv").read_bytes() == before
 
@@ -118,7 +134,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(synthetic_data, tmp_path):
         cluster.wait_for_nodes()
         out = tmp_path / "out"
         result = subprocess.run(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 4, 1), "--name", "two-nodes",
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 3, 1), "--name", "two-nodes",
                            "--out", out, "--storage", tmp_path / "shared", "--address", cluster.address,
                            "--cpus-per-worker", 1),
             capture_output=True, text=True, timeout=1500,

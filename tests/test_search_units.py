@@ -2,6 +2,9 @@
 the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
 import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,9 +12,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from defect_tune.leaderboard import build_leaderboard
-from defect_tune.search import AshaAwareOptunaSearch, SearchError, SearchOptions, refuse_second_local_cluster, trials_at_once
-from defect_tune.space import DefineByRun, load_space
+from defect_tune.leaderboard import build_leaderboard, error_reason
+from defect_tune.search import (AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces, refuse_second_local_cluster,
+                                resolve_space, trials_at_once)
+from defect_tune.space import DefineByRun, SpaceError, load_space
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
 
@@ -109,3 +113,48 @@ def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch)
         refuse_second_local_cluster(None)
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- the bundled search spaces
+
+
+def test_spaces_are_found_by_name_or_path_and_a_missing_one_lists_the_bundled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the bundled spaces come from the installed package
+    assert resolve_space(None).read_bytes() == QUICK.read_bytes()
+    assert resolve_space("el_solar").read_bytes() == (QUICK.parent / "el_solar.yaml").read_bytes()
+    assert bundled_spaces() == sorted(p.stem for p in QUICK.parent.glob("*.yaml"))
+    mine = tmp_path / "el_solar.yaml"  # a file of the user's wins over the bundled space of that name
+    mine.write_text("num_samples: 1\n")
+    assert resolve_space(Path("el_solar.yaml")) == Path("el_solar.yaml")
+    with pytest.raises(SpaceError, match=r"^steel2: no such search space file \(bundled spaces, usable by name: el_solar, full, quick, steel\)"):
+        resolve_space("steel2")
+    with pytest.raises(SpaceError, match="^configs/quick: no such search space file"):
+        resolve_space("configs/quick")  # a path is a path, never a bundled name
+
+
+def test_a_wheel_carries_the_search_spaces(tmp_path):
+    """`pip install defect-tune` (not editable) still has the default space: build the wheel the
+    way pip does, offline, and look inside."""
+    root = QUICK.parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("defect_tune-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    spaces = {f"defect_tune/search_spaces/{p.name}" for p in QUICK.parent.glob("*.yaml")}
+    assert {"defect_tune/search_spaces/quick.yaml", "defect_tune/cli.py"} <= names and spaces <= names
+
+
+def test_a_failed_trials_reason_is_its_root_cause_not_rays_wrapper():
+    wrapped = (
+        "RayTaskError(WorkerGroupError): ray::ImplicitFunc.train() (pid=14755, ip=192.0.2.2)\n"
+        "  File \"/venv/ray/air/_internal/util.py\", line 98, in run\n    self._ret = self._target(*self._args)\n"
+        "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+        "Traceback (most recent call last):\n  File \"/work/defect_tune/train.py\", line 154, in train_one_epoch\n"
+        "    raise NonFiniteLoss(f\"epoch {epoch + 1}, batch {step + 1}: training loss is {loss.item()}\")\n"
+        "defect_tune.train.NonFiniteLoss: epoch 1, batch 4: training loss is nan\n"
+    )
+    assert error_reason(wrapped) == "NonFiniteLoss: epoch 1, batch 4: training loss is nan"
+    assert error_reason(RuntimeError("boom")) == "RuntimeError: boom"
+    assert error_reason(ValueError("first line\nsecond")) == "ValueError: first line"
+    assert len(error_reason(RuntimeError("x" * 2000))) == 500

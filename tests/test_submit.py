@@ -247,7 +247,8 @@ def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in
     started = time.monotonic()
     result = defect_tune(
         "submit", "--address", head.url, "--follow", "--job-id", "sweep-on-loopback", "--",
-        "search", "--data", synthetic_data, "--space", write_space(tmp_path, 2, 1), "--name", "loopback",
+        # The data as a URI (what s3://... takes on a real cluster; file:// is the same code path).
+        "search", "--data", synthetic_data.absolute().as_uri(), "--space", write_space(tmp_path, 2, 1), "--name", "loopback",
         "--storage", shared / "tune", "--out", shared / "results" / "loopback",
         env=env, timeout=900,
     )
@@ -271,7 +272,8 @@ def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in
 
     details = requests.get(f"{head.url}/api/jobs/sweep-on-loopback", headers={"Authorization": f"Bearer {head.token}"}).json()
     assert details["runtime_env"]["env_vars"] == {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    assert details["entrypoint"].startswith("python -m defect_tune search --data ")
+    assert details["entrypoint"].startswith(f"python -m defect_tune search --data {synthetic_data.absolute().as_uri()} ")
+    assert json.loads((shared / "results" / "loopback" / "sweep.json").read_text())["data"] == synthetic_data.absolute().as_uri()
     logs = head.session_logs()
     assert "Creating runtime env" in logs and "WANDB_MODE" in logs  # the agent's log, which would have leaked it
     for output in (result.stdout, result.stderr, logs):

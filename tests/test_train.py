@@ -134,3 +134,78 @@ def test_train_command_end_to_end(synthetic_data, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert bad.returncode == 2 and "lr: " in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_prepared_data_reads_the_same_from_a_uri_and_uri_errors_name_the_file(synthetic_data, tmp_path):
+    """--data s3://... goes through pyarrow's filesystems; file:// is the same code path, here."""
+    from defect_tune.data import DataError, data_file, data_location
+
+    uri = synthetic_data.absolute().as_uri()
+    assert uri.startswith("file:///") and data_location(uri) == uri  # a URI passes through as given
+    assert data_location(synthetic_data) == str(synthetic_data.absolute())
+    assert data_file("s3://bucket/el/", "train-00000.parquet") == "s3://bucket/el/train-00000.parquet"
+    assert read_meta(uri) == read_meta(synthetic_data)
+    for split in ("train", "val", "test"):
+        from_uri, from_path = load_split(uri, split, read_meta(uri)), load_split(synthetic_data, split, read_meta(synthetic_data))
+        assert np.array_equal(from_uri[0], from_path[0]) and np.array_equal(from_uri[1], from_path[1])
+        assert from_uri[2] == from_path[2]
+
+    missing = (tmp_path / "nothing").as_uri()
+    with pytest.raises(DataError, match=f"^{missing}/meta.json: not found; run `defect-tune prepare` first"):
+        read_meta(missing)
+    with pytest.raises(DataError, match="^nosuchfs://bucket/data: cannot open: "):
+        read_meta("nosuchfs://bucket/data")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=f"^{broken.as_uri()}/meta.json: not valid JSON"):
+        read_meta(broken.as_uri())
+
+
+def _copy_prepared(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target, json.loads((target / "meta.json").read_text())
+
+
+def test_shards_are_checked_whole_before_anything_trains(synthetic_data, tmp_path):
+    from defect_tune.data import DataError, check_shards
+
+    check_shards(synthetic_data, read_meta(synthetic_data))  # the real thing passes
+    check_shards(synthetic_data.absolute().as_uri(), read_meta(synthetic_data))
+
+    data, meta = _copy_prepared(synthetic_data, tmp_path / "missing")
+    shard = meta["splits"]["val"]["shards"][0]["file"]
+    (data / shard).unlink()
+    with pytest.raises(DataError, match=f"^{data / shard}: not found, but {data / 'meta.json'} lists it"):
+        check_shards(data, meta)
+
+    data, meta = _copy_prepared(synthetic_data, tmp_path / "truncated")
+    path = data / meta["splits"]["train"]["shards"][0]["file"]
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"^{path}: content differs from what .* recorded \\(sha256\\)"):
+        check_shards(data, meta)
+    del meta["splits"]["train"]["shards"][0]["sha256"]  # an older meta.json without hashes: Parquet's own check
+    with pytest.raises(DataError, match=f"^{path}: not a readable Parquet file"):
+        check_shards(data, meta)
+
+    data, meta = _copy_prepared(synthetic_data, tmp_path / "counts")
+    meta["splits"]["test"]["shards"][0]["rows"] += 1
+    with pytest.raises(DataError, match="holds 57 rows, .*meta.json says 58"):
+        check_shards(data, meta)
+    meta["splits"]["test"]["shards"][0]["rows"] -= 1
+    meta["splits"]["test"]["images"] = 60
+    with pytest.raises(DataError, match="meta.json: split 'test' has 60 images, its shards hold 57 rows"):
+        check_shards(data, meta)
+
+
+def test_search_refuses_corrupt_data_before_starting_ray(synthetic_data, tmp_path):
+    data, meta = _copy_prepared(synthetic_data, tmp_path / "corrupt")
+    path = data / meta["splits"]["train"]["shards"][0]["file"]
+    path.write_bytes(b"PAR1 not really" + path.read_bytes()[20:])
+    result = subprocess.run([sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--name", "x",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"{path}: content differs" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr and not (tmp_path / "out").exists()

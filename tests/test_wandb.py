@@ -1,18 +1,16 @@
 """`search --wandb`: one W&B run per trial, read back from the offline run files W&B itself writes.
 
-The sweep test is slow (a real sweep on a local Ray cluster, about 2 minutes on 2 cores); the rest
-runs W&B offline in this process, without Ray.
+These run W&B offline in this process, without Ray. The real sweep's runs are checked by
+test_search.py's ASHA sweep, which logs to W&B through the helpers at the end of this file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -194,59 +192,52 @@ def test_a_trial_run_has_epoch_axis_best_summary_and_per_class_table(tmp_path, m
     assert run["summary"]["val_guarded_macro_recall"] == 0.7 and run["summary"]["best_epoch"] == 2
 
 
-# --- a real sweep -----------------------------------------------------------------------------
+# --- a real sweep's runs (the sweep itself is test_search.py's ASHA sweep) -----------------------
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)  # about 2 minutes alone on 2 cores; far more when other sweeps share them
-def test_sweep_logs_every_trial_offline_and_never_writes_the_key(synthetic_data, tmp_path):
-    from test_search import search_command, write_space
+def assert_one_run_per_trial(out: Path, sweep: str, project: str, data: Path) -> None:
+    """Every trial of the sweep in `out` is one offline run whose history, summary and per-class
+    table match what Tune and the leaderboard recorded."""
+    board = pd.read_parquet(out / "leaderboard.parquet")
+    runs = {run["id"]: run for run in map(read_run, sorted((out / "wandb").glob("offline-run-*")))}
+    assert sorted(runs) == sorted(board["trial_id"])  # one run per trial
+    classes = json.loads((data / "meta.json").read_text())["classes"]
+    for _, row in board.iterrows():
+        run = runs[row["trial_id"]]
+        assert (run["name"], run["group"], run["job_type"], run["project"]) == (row["trial_id"], sweep, "trial", project)
+        assert run["tags"] == ["defect-tune", "space"]
+        sampled = {k.removeprefix("param/"): v for k, v in row.items() if k.startswith("param/") and pd.notna(v)}
+        assert {k: run["config"][k] for k in sampled} == pytest.approx(sampled)
+        assert run["config"]["sweep"] == sweep and run["config"]["data_fingerprint"]
+        assert run["config"]["seed_point"] == (row["seed_point"] if pd.notna(row["seed_point"]) else None)
+        # Every epoch Tune recorded, in order, with our epoch as the x axis.
+        (progress,) = (out / "tune" / sweep).glob(f"run_trial_{row['trial_id']}*/progress.csv")
+        tune_history = pd.read_csv(progress)
+        epochs = [h for h in run["history"] if "val_guarded_macro_recall" in h]
+        assert [h["epoch"] for h in epochs] == tune_history["epoch"].tolist() == list(range(1, row["epochs"] + 1))
+        assert [h["val_guarded_macro_recall"] for h in epochs] == pytest.approx(tune_history["val_guarded_macro_recall"].tolist())
+        assert max(h["val_guarded_macro_recall"] for h in epochs) == pytest.approx(row["val_guarded_macro_recall"])
+        summary = run["summary"]
+        assert summary["stop_reason"] == row["stop_reason"] and summary["epochs"] == row["epochs"]
+        assert summary["best_epoch"] == row["best_epoch"]
+        assert summary["val_guarded_macro_recall"] == pytest.approx(row["val_guarded_macro_recall"])
+        (table_row,) = [h for h in run["history"] if "per_class" in h]
+        table = json.loads((run["dir"] / "files" / table_row["per_class"]["path"]).read_text())
+        assert [r[0] for r in table["data"]] == classes
+        assert [r[3] for r in table["data"]] == pytest.approx([row[f"val_recall/{r[0]}"] for r in table["data"]])
 
-    out = tmp_path / "out"
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths must stay short
+
+def assert_key_written_nowhere(result: subprocess.CompletedProcess, *roots: Path) -> None:
+    secret = SECRET.encode()
+    assert secret not in result.stdout.encode() + result.stderr.encode()
+    for root in roots:
+        leaks = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and secret in p.read_bytes()]
+        assert not leaks, f"the API key was written to {leaks}"
+
+
+def offline_env(tmp_path: Path, ray_tmp: Path) -> dict:
+    """A user's environment with a W&B key but offline, W&B's folders and Ray's temp dir in the test's own."""
     env = {**os.environ, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline", "RAY_TMPDIR": str(ray_tmp),
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
            "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
     env.pop("WANDB_DIR", None)
-    try:
-        result = subprocess.run(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 3, 2), "--name", "wb",
-                           "--out", out, "--wandb", "defect-tune-test"),
-            capture_output=True, text=True, timeout=1400, env=env,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert f"runs go to {out / 'wandb'}" in result.stderr and "wandb sync" in result.stderr
-
-        board = pd.read_parquet(out / "leaderboard.parquet")
-        runs = {run["id"]: run for run in map(read_run, sorted((out / "wandb").glob("offline-run-*")))}
-        assert sorted(runs) == sorted(board["trial_id"])  # one run per trial
-        for _, row in board.iterrows():
-            run = runs[row["trial_id"]]
-            assert (run["name"], run["group"], run["job_type"], run["project"]) == (row["trial_id"], "wb", "trial", "defect-tune-test")
-            assert run["tags"] == ["defect-tune", "space"]
-            sampled = {k.removeprefix("param/"): v for k, v in row.items() if k.startswith("param/") and pd.notna(v)}
-            assert {k: run["config"][k] for k in sampled} == pytest.approx(sampled)
-            assert run["config"]["sweep"] == "wb" and run["config"]["data_fingerprint"]
-            assert run["config"]["seed_point"] == (row["seed_point"] if pd.notna(row["seed_point"]) else None)
-            # Every epoch Tune recorded, in order, with our epoch as the x axis.
-            (progress,) = (out / "tune" / "wb").glob(f"run_trial_{row['trial_id']}*/progress.csv")
-            tune_history = pd.read_csv(progress)
-            epochs = [h for h in run["history"] if "val_guarded_macro_recall" in h]
-            assert [h["epoch"] for h in epochs] == tune_history["epoch"].tolist() == list(range(1, row["epochs"] + 1))
-            assert [h["val_guarded_macro_recall"] for h in epochs] == pytest.approx(tune_history["val_guarded_macro_recall"].tolist())
-            assert max(h["val_guarded_macro_recall"] for h in epochs) == pytest.approx(row["val_guarded_macro_recall"])
-            summary = run["summary"]
-            assert summary["stop_reason"] == row["stop_reason"] and summary["epochs"] == row["epochs"]
-            assert summary["best_epoch"] == row["best_epoch"]
-            assert summary["val_guarded_macro_recall"] == pytest.approx(row["val_guarded_macro_recall"])
-            (table_row,) = [h for h in run["history"] if "per_class" in h]
-            table = json.loads((run["dir"] / "files" / table_row["per_class"]["path"]).read_text())
-            assert [r[0] for r in table["data"]] == json.loads((synthetic_data / "meta.json").read_text())["classes"]
-            assert [r[3] for r in table["data"]] == pytest.approx([row[f"val_recall/{r[0]}"] for r in table["data"]])
-
-        secret = SECRET.encode()
-        assert secret not in result.stdout.encode() + result.stderr.encode()
-        for root in (out, ray_tmp, tmp_path):
-            leaks = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and secret in p.read_bytes()]
-            assert not leaks, f"the API key was written to {leaks}"
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return env

@@ -1,0 +1,69 @@
+"""The Ray Data side of a trial: the trial's own Datasets over `prepare`'s Parquet shards, decoded
+(and, for sweeps, augmented) in `map_batches` tasks spread over the cluster.
+
+Light on purpose: every Ray Data task process unpickles `_Prepare` and so imports this module;
+albumentations is imported only where a batch is augmented.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import ray.data
+
+from defect_tune.config import TrainConfig
+from defect_tune.data import data_file, data_location
+
+
+def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.frombuffer(b"".join(batch["pixels"]), np.uint8).reshape(-1, height, width)
+    labels = np.stack([np.asarray(row, dtype=np.float32) for row in batch["labels"]])
+    return images, labels
+
+
+class _Prepare:
+    """map_batches body: stored bytes to uint8 images (augmented for training) and labels."""
+
+    def __init__(self, height: int, width: int, augment: str | None):
+        self.height, self.width, self.augment = height, width, augment
+
+    def __call__(self, batch: dict) -> dict:
+        images, labels = _decode(batch, self.height, self.width)
+        if self.augment:
+            # A fresh random stream per batch and epoch: Ray Data runs batches in any order on any
+            # node, and a seed fixed per batch would give every epoch the same augmented views.
+            # (So sweeps are not bit-reproducible; `defect-tune train` is.)
+            seed = int(np.random.default_rng().integers(2**32))
+            from defect_tune.augment import augment_batch, build_augmentation
+
+            images = augment_batch(build_augmentation(self.augment, (self.height, self.width), seed), images)
+        return {"image": images, "labels": labels}
+
+
+def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits: tuple[str, ...] = ("train",),
+                   validate: bool = True, reproducible: bool = False) -> dict:
+    """The run's Datasets: train (split across workers) and val (every worker whole).
+
+    Sweeps augment in Ray Data, spread over the cluster. `reproducible` (production retraining)
+    fixes the shard order and leaves augmentation to the worker, seeded per epoch: Ray Data runs
+    batches on any node in any order, so a seed there cannot make two runs equal.
+    """
+    height, width = meta["image"]["height"], meta["image"]["width"]
+    location = data_location(data_dir)  # a path all nodes share, or a URI (s3://...) Ray Data opens
+    # Ray Data 2.60's new Parquet reader lists files with a pool of up to 32 footer-reading actors
+    # (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS) and again at every execution, so every epoch of every
+    # trial: dozens of process starts, for a handful of shards whose footers the driver reads in
+    # milliseconds. The classic reader does just that. (Each Dataset keeps the context it was made in.)
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    datasets = {}
+    parts = [("train", train_splits, None if reproducible else config.augment)]
+    if validate:
+        parts.append(("val", ("val",), None))
+    for name, splits, augment in parts:
+        files = [data_file(location, shard["file"]) for split in splits for shard in meta["splits"][split]["shards"]]
+        ds = ray.data.read_parquet(files, columns=["pixels", "labels"])
+        if name == "train":
+            # A new shard order every epoch; a fixed one when the run must be reproducible.
+            ds = ds.randomize_block_order(seed=config.seed if reproducible else None)
+        datasets[name] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256)
+    return datasets

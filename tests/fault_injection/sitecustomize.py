@@ -1,0 +1,59 @@
+"""Fault injection for tests/test_faults.py, loaded by every Python process of the test's Ray
+cluster through PYTHONPATH (Ray's workers inherit the driver's environment).
+
+With DEFECT_TUNE_TEST_NAN_LR set, a trial whose `lr` equals it gets a training loss of NaN at its
+fourth batch: the real loss times NaN, so the real training loop's own check fails the trial,
+as a diverging configuration would. Nothing changes for any other trial or process.
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+NAN_LR = os.environ.get("DEFECT_TUNE_TEST_NAN_LR")
+
+
+def _poison(module) -> None:
+    import torch
+
+    real_build_loss = module.build_loss
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss, self.calls = loss, 0
+
+        def forward(self, logits, targets):
+            self.calls += 1
+            value = self.loss(logits, targets)
+            return value * float("nan") if self.calls == 4 else value
+
+    def build_loss(config, counts):
+        loss = real_build_loss(config, counts)
+        return Poisoned(loss) if config.lr == float(NAN_LR) else loss
+
+    module.build_loss = build_loss
+
+
+class _PatchTrain(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "defect_tune.train":
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        exec_module = spec.loader.exec_module
+
+        def exec_and_poison(module):
+            exec_module(module)
+            _poison(module)
+
+        spec.loader.exec_module = exec_and_poison
+        return spec
+
+
+if NAN_LR:
+    sys.meta_path.insert(0, _PatchTrain())

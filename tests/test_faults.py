@@ -1,0 +1,101 @@
+"""Faults a real cluster and real configurations bring, survived by a real sweep on a local Ray
+cluster: a configuration whose loss turns NaN, and a training worker killed mid-trial.
+
+Slow (a sweep of two trials, one at a time, each retried once); CI runs it.
+"""
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from test_search import search_command
+
+pytestmark = pytest.mark.slow
+
+FAULTS = Path(__file__).parent / "fault_injection"  # its sitecustomize poisons one lr's loss
+NAN_LR = 0.000123
+KILL_LR = 0.000456
+
+
+def write_space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "num_samples: 2\nmax_epochs: 3\nasha: {grace_period: 3, reduction_factor: 2}\n"
+        "fixed: {model: el_cnn, batch_size: 64, augment: light, warmup_epochs: 0, early_stopping_patience: 0}\n"
+        "params:\n  lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
+        "points_to_evaluate:\n"
+        f"  - {{name: diverges, params: {{lr: {NAN_LR}}}}}\n"
+        f"  - {{name: worker_killed, params: {{lr: {KILL_LR}}}}}\n"
+    )
+    return path
+
+
+def _train_workers(root: int) -> list[psutil.Process]:
+    """The training workers among the processes `root` started (its own local Ray cluster)."""
+    found = []
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _progress(experiment: Path, lr: float) -> pd.DataFrame | None:
+    """What Tune recorded of the trial with this lr, once it has recorded something."""
+    for trial in experiment.glob("run_trial_*"):
+        params, progress = trial / "params.json", trial / "progress.csv"
+        if params.is_file() and progress.is_file() and progress.stat().st_size:
+            if json.loads(params.read_text()).get("lr") == pytest.approx(lr):
+                return pd.read_csv(progress)
+    return None
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_from_its_checkpoint(synthetic_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_LR", str(NAN_LR))
+    driver = subprocess.Popen(
+        search_command("--data", synthetic_data, "--space", write_space(tmp_path), "--name", "faults", "--out", out,
+                       "--max-concurrent", 1, "--max-failures", 1),
+        stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
+    reader.start()
+    experiment = out / "tune" / "faults"
+    killed = None
+    try:
+        deadline = time.monotonic() + 900
+        while killed is None and driver.poll() is None and time.monotonic() < deadline:
+            progress = _progress(experiment, KILL_LR)
+            if progress is not None and len(progress) == 1:  # its first epoch is checkpointed: kill mid-second
+                (worker,) = _train_workers(driver.pid)  # one trial at a time, one worker per trial
+                worker.send_signal(signal.SIGKILL)
+                killed = worker.pid
+            time.sleep(0.5)
+        assert killed, "the worker to kill never reported its first epoch:\n" + "".join(lines[-40:])
+        assert driver.wait(timeout=900) == 0, "".join(lines[-60:])
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    reader.join(timeout=10)
+
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 2  # the sweep went on past both faults
+    diverged = board.set_index("seed_point").loc["diverges"]
+    assert diverged["status"] == "error" and diverged["stop_reason"] == "error"
+    assert "training loss is nan" in diverged["error"]  # the reason, not only "trial failed"
+    recovered = board.set_index("seed_point").loc["worker_killed"]
+    assert recovered["status"] == "terminated" and recovered["stop_reason"] == "completed" and recovered["epochs"] == 3
+    # Retried from its last checkpoint: every epoch reported once, in order, none trained twice.
+    assert _progress(experiment, KILL_LR)["epoch"].tolist() == [1, 2, 3]
+    assert not psutil.pid_exists(killed)

@@ -1,6 +1,6 @@
 """`prepare` throughput against a plain PIL decode-and-resize loop over the same images.
 
-    python benchmarks/bench_prepare.py [--source DIR] [--image-size 224] [--repeats 3] [--write results/prepare_throughput.md]
+    python benchmarks/bench_prepare.py [--source DIR] [--image-size 224] [--repeats 3] [--write results/benchmarks/prepare_throughput.md]
 
 Source: NEU-DET from ../shared/datasets when present, else the synthetic default (1,200 images).
 Every variant runs in this one process invocation, alternating, best of `--repeats`; the table
@@ -10,6 +10,7 @@ prints images/s and the ratio to the plain loop.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import shutil
@@ -76,7 +77,7 @@ def main() -> None:
         f"# prepare throughput: {len(paths)} images of {source.name} to {args.image_size}px grayscale",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {cores} cores, Python {platform.python_version()}. "
-        f"Best of {args.repeats}, variants alternating in one run.",
+        f"Date: {datetime.date.today().isoformat()}. Best of {args.repeats}, variants alternating in one run.",
         f"Command: `python benchmarks/bench_prepare.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         "| variant | images/s | ratio to plain loop |",

@@ -164,5 +164,7 @@ def decode_or_reason(job: tuple[Item, int, str]) -> DecodeResult | str:
         return "image file not found"
     except UnidentifiedImageError:
         return "cannot decode image: not a recognised image format (corrupt or not an image)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"cannot decode image: too many pixels for a defect image (PIL's decompression-bomb guard): {error}"
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three on damaged files
         return f"cannot decode image: {error}"

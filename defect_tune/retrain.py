@@ -27,6 +27,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from rich.console import Console
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defect_tune.class_stats import ClassCounts
@@ -38,6 +39,7 @@ from defect_tune.models import build_model
 from defect_tune.search import SearchError, refuse_second_local_cluster
 from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
 from defect_tune.ingest import build_datasets
+from defect_tune.leaderboard import error_reason
 from defect_tune.trial import CHECKPOINT_FILE, train_loop_per_worker
 
 HOLDOUTS = ("val", "none")
@@ -104,7 +106,7 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
     )
     result = trainer.fit()
     if result.error is not None:
-        raise RetrainError(f"training failed: {result.error}")
+        raise RetrainError(f"training failed: {error_reason(result.error)}")
     if validate:
         checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
     else:
@@ -302,10 +304,23 @@ def load_model(model_dir: Path, device: torch.device | None = None):
         info = json.loads(path.read_text())
     except FileNotFoundError:
         raise RetrainError(f"{path}: not found; is {model_dir} a `defect-tune retrain` output?") from None
-    from defect_tune.config import load_config
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RetrainError(f"{path}: not readable JSON: {error}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
+        raise RetrainError(f"{path}: no list of classes; not a `defect-tune retrain` model.json")
+    from defect_tune.config import ConfigError, load_config
 
-    config = load_config(model_dir / "config.yaml", {"pretrained": False, "pretrained_path": None})
+    try:
+        config = load_config(model_dir / "config.yaml", {"pretrained": False, "pretrained_path": None})
+    except ConfigError as error:
+        raise RetrainError(str(error)) from None
     model = build_model(config, len(info["classes"]))
-    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    weights = model_dir / WEIGHTS
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except FileNotFoundError:
+        raise RetrainError(f"{weights}: not found; the model directory is incomplete") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:  # a torn file; a shape mismatch (RuntimeError)
+        raise RetrainError(f"{weights}: cannot load the weights: {str(error).splitlines()[0]}") from None
     device = device or pick_device()
     return model.to(device).eval(), info

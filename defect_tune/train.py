@@ -26,7 +26,7 @@ from defect_tune import __version__
 from defect_tune.augment import augment_batch, build_augmentation, mixup
 from defect_tune.class_stats import ClassCounts
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
-from defect_tune.data import data_location, load_split, read_meta, sample_weights, to_tensor
+from defect_tune.data import check_shards, data_location, load_split, read_meta, sample_weights, to_tensor
 from defect_tune.losses import build_loss
 from defect_tune.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
 from defect_tune.models import DefectClassifier, build_model, parameter_counts, set_backbone_trainable
@@ -270,11 +270,12 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
     """Train one configuration on `prepare`'s output, in this process; write OUT/results.json,
     OUT/per_class.txt, OUT/config.yaml and OUT/best.pt. A NaN/inf loss ends the run as failed."""
     started = time.perf_counter()
+    meta = read_meta(data_dir)
+    check_shards(data_dir, meta)  # before anything is written to OUT
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config.to_yaml())
     seed_everything(config.seed)
-    meta = read_meta(data_dir)
     classes = meta["classes"]
     train_x, train_y, _ = load_split(data_dir, "train", meta)
     val_x, val_y, _ = load_split(data_dir, "val", meta)

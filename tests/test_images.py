@@ -88,3 +88,14 @@ def test_corrupt_image_raises(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(OSError):
         decode(item(path=path), 8, "pad")
+
+
+@pytest.mark.parametrize("side", [12, 20])  # over PIL's limit (a warning), and over twice it (an error)
+def test_an_oversized_image_is_a_reason_not_a_crash(tmp_path, monkeypatch, side):
+    from defect_tune.images import decode_or_reason
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's real guard, scaled down
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((side, side), np.uint8)).save(path)
+    reason = decode_or_reason((item(path=path), 8, "pad"))
+    assert isinstance(reason, str) and reason.startswith("cannot decode image: too many pixels for a defect image")

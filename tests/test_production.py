@@ -196,6 +196,33 @@ def test_predict_cli_csv_and_clear_errors(tmp_path, synthetic_data):
     assert not_model.exit_code == 2 and "model.json: not found" in not_model.output
 
 
+def test_a_broken_model_directory_is_one_line_naming_the_file(tmp_path, synthetic_data):
+    import shutil
+
+    classes = read_meta(synthetic_data)["classes"]
+    good = write_model_dir(tmp_path / "good", synthetic_data, [0.5] * len(classes))
+    folder = source_images(synthetic_data)[0].parent
+    runner = CliRunner()
+
+    def broken(name: str, damage) -> Path:
+        model = tmp_path / name
+        shutil.copytree(good, model)
+        damage(model)
+        return model
+
+    cases = [
+        (broken("json", lambda m: (m / "model.json").write_text("{oops")), "model.json: not readable JSON"),
+        (broken("noclasses", lambda m: (m / "model.json").write_text("{}")), "model.json: no list of classes"),
+        (broken("noweights", lambda m: (m / "model.safetensors").unlink()), "model.safetensors: not found; the model directory is incomplete"),
+        (broken("torn", lambda m: (m / "model.safetensors").write_bytes(b"\x08\x00\x00\x00")), "model.safetensors: cannot load the weights"),
+        (broken("config", lambda m: (m / "config.yaml").write_text("lr: [")), "config.yaml: "),
+    ]
+    for model, message in cases:
+        result = runner.invoke(app, ["predict", str(model), str(folder)])
+        assert result.exit_code == 2 and message in result.output, (model, result.output)
+        assert str(model) in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.slow
 def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, synthetic_data, request):
     """Two retrains with the same seed give the same weights on CPU; train+val uses the export's

@@ -103,7 +103,10 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     # Kill the driver and everything it started (its local Ray cluster), by the ids it started.
     processes = _descendants(driver.pid)
     for process in processes:
-        process.send_signal(signal.SIGKILL)
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:  # exited by itself since it was listed
+            pass
     psutil.wait_procs(processes, timeout=30)
 
     experiment = out / "tune" / "resumable"

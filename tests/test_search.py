@@ -125,27 +125,49 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
         assert (experiment / name / "progress.csv").read_bytes() == before
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(synthetic_data, tmp_path):
+def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synthetic_data, tmp_path):
+    """A sweep on a head and a worker node; the worker node is stopped while a trial trains on it.
+    With --max-failures, that trial starts again from its last checkpoint on the surviving node."""
     from ray.cluster_utils import Cluster
 
     # 2 + 2 CPUs, one CPU per worker: three trials at once (a CPU stays free for Ray Data) cannot
     # all fit on one node, so the sweep must use both.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
+    driver = None
     try:
         worker = cluster.add_node(num_cpus=2, resources={"worker2": 1})
         cluster.wait_for_nodes()
         out = tmp_path / "out"
-        result = subprocess.run(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 3, 1), "--name", "two-nodes",
+        driver = subprocess.Popen(
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 3, 2, grace=2), "--name", "two-nodes",
                            "--out", out, "--storage", tmp_path / "shared", "--address", cluster.address,
-                           "--cpus-per-worker", 1),
-            capture_output=True, text=True, timeout=1500,
+                           "--cpus-per-worker", 1, "--max-failures", 2),
+            stderr=subprocess.PIPE, text=True,
         )
-        assert result.returncode == 0, result.stderr[-3000:]
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True).start()
+        experiment, lost = tmp_path / "shared" / "two-nodes", None
+        deadline = time.monotonic() + 900
+        while lost is None and driver.poll() is None and time.monotonic() < deadline:
+            for progress in experiment.glob("run_trial_*/progress.csv"):
+                table = pd.read_csv(progress) if progress.stat().st_size else pd.DataFrame()
+                if len(table) == 1 and table["node_id"].iloc[0] == worker.node_id:  # mid-trial on the worker
+                    lost = progress.parent.name
+                    cluster.remove_node(worker)  # the node's raylet and every process on it, at once
+                    break
+            time.sleep(0.5)
+        assert lost, "no trial reported an epoch from the worker node:\n" + "".join(lines[-40:])
+        assert driver.wait(timeout=900) == 0, "".join(lines[-60:])
+
         board = pd.read_csv(out / "leaderboard.csv")
+        assert len(board) == 3 and board["stop_reason"].eq("completed").all() and board["epochs"].eq(2).all()
         nodes = set(",".join(board["nodes"].dropna()).split(","))
         assert worker.node_id in nodes and len(nodes) == 2  # trials trained on the head and on the worker
-        assert (tmp_path / "shared" / "two-nodes").is_dir()  # Tune wrote to the shared storage
+        moved = pd.read_csv(experiment / lost / "progress.csv")
+        assert moved["epoch"].tolist() == [1, 2]  # continued from its checkpoint, nothing trained twice
+        assert moved["node_id"].iloc[-1] != worker.node_id  # and finished on the surviving node
     finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
         cluster.shutdown()

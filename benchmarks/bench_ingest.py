@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,8 @@ import torch
 from defect_tune.config import load_config
 from defect_tune.data import data_file, load_split, read_meta, to_tensor
 from defect_tune.ingest import build_datasets
+
+from common import emit, machine
 
 NEU_DET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
 BATCH = 64
@@ -133,8 +133,7 @@ def main() -> None:
     lines = [
         f"# Ingest: images/s delivered to the training loop, {described}, {images} training images",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. Date: {date.today().isoformat()}. "
-        f"Best of {args.epochs} epochs per variant, variants alternating in one run, batches of {BATCH}.",
+        f"{machine()} Best of {args.epochs} epochs per variant, variants alternating in one run, batches of {BATCH}.",
         f"Command: `python benchmarks/bench_ingest.py{' --write ' + str(args.write) if args.write else ''}`",
         "",
         "| variant | images/s | ratio to DataLoader, 0 workers |",
@@ -145,11 +144,7 @@ def main() -> None:
         "augmentation in map_batches tasks, a local shuffle buffer); the DataLoader reads the same shards "
         "with pyarrow and decodes per item, without augmentation.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(text)
+    emit(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import pandas as pd
+
+from common import emit, machine
 
 CONFIG = {"model": "el_cnn", "batch_size": 64, "augment": "light", "warmup_epochs": 0, "early_stopping_patience": 0,
           "lr": 1e-3}
@@ -85,8 +84,7 @@ def main() -> None:
     lines = [
         f"# Trial overhead: {args.epochs} epochs of one configuration, in process vs as a Tune trial",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-        f"Date: {date.today().isoformat()}. Data: {'synthetic 64 px' if args.data is None else args.data}"
+        f"{machine()} Data: {'synthetic 64 px' if args.data is None else args.data}"
         f", {images} training images.",
         f"Command: `python benchmarks/bench_trial_overhead.py{' --write ' + str(args.write) if args.write else ''}`",
         "",
@@ -97,11 +95,7 @@ def main() -> None:
         f"The trial's fixed start-up (first epoch less a later one): {startup:.1f} s. The whole command adds "
         "starting and stopping a local Ray cluster, and the sweep's own bookkeeping.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(text)
+    emit(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ albumentations is imported only where a batch is augmented.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ray
 import ray.data
@@ -40,13 +42,26 @@ class _Prepare:
         return {"image": images, "labels": labels}
 
 
+def data_tasks_at_once(workers: int, cpus_per_worker: float) -> int:
+    """Read or map tasks a run's Dataset keeps going at once: the CPUs its workers reserved, at
+    least two (one reading ahead while one is consumed)."""
+    return max(2, math.ceil(workers * cpus_per_worker))
+
+
 def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits: tuple[str, ...] = ("train",),
-                   validate: bool = True, reproducible: bool = False) -> dict:
+                   validate: bool = True, reproducible: bool = False, tasks_at_once: int = 2) -> dict:
     """The run's Datasets: train (split across workers) and val (every worker whole).
 
     Sweeps augment in Ray Data, spread over the cluster. `reproducible` (production retraining)
     fixes the shard order and leaves augmentation to the worker, seeded per epoch: Ray Data runs
     batches on any node in any order, so a seed there cannot make two runs equal.
+
+    Read and map tasks ask Ray for no CPU, and at most `tasks_at_once` of each run per Dataset.
+    With the default whole CPU per task they wait until some CPU is free, and the training
+    workers that wait on them hold every CPU as soon as the trials outnumber the free cores: after
+    a node is lost, or with a `--max-concurrent` the cluster cannot hold. That waited forever,
+    silently (https://github.com/ray-project/ray/issues/29662). Without a logical CPU they share
+    the cores like any loader process; the cap keeps a trial's Data work near what it reserved.
     """
     height, width = meta["image"]["height"], meta["image"]["width"]
     location = data_location(data_dir)  # a path all nodes share, or a URI (s3://...) Ray Data opens
@@ -61,9 +76,10 @@ def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits:
         parts.append(("val", ("val",), None))
     for name, splits, augment in parts:
         files = [data_file(location, shard["file"]) for split in splits for shard in meta["splits"][split]["shards"]]
-        ds = ray.data.read_parquet(files, columns=["pixels", "labels"])
+        ds = ray.data.read_parquet(files, columns=["pixels", "labels"], num_cpus=0, concurrency=tasks_at_once)
         if name == "train":
             # A new shard order every epoch; a fixed one when the run must be reproducible.
             ds = ds.randomize_block_order(seed=config.seed if reproducible else None)
-        datasets[name] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256)
+        datasets[name] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256,
+                                        num_cpus=0, concurrency=tasks_at_once)
     return datasets

@@ -38,7 +38,7 @@ from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall,
 from defect_tune.models import build_model
 from defect_tune.search import SearchError, refuse_second_local_cluster
 from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
-from defect_tune.ingest import build_datasets
+from defect_tune.ingest import build_datasets, data_tasks_at_once
 from defect_tune.leaderboard import error_reason
 from defect_tune.trial import CHECKPOINT_FILE, train_loop_per_worker
 
@@ -96,7 +96,8 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
         train_loop_config={"config": config.model_dump(), "meta": meta, "stop_after": stop_after, "validate": validate,
                            "reproducible": True, "train_splits": train_splits},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True),
+        datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True,
+                                tasks_at_once=data_tasks_at_once(options.workers, options.cpus_per_worker)),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,

@@ -125,13 +125,12 @@ def _short(config: dict) -> str:
 
 
 def trials_at_once(resources: dict, options: SearchOptions) -> int:
-    """How many trials run side by side without starving Ray Data.
+    """How many trials run side by side with cores to spare for Ray Data.
 
     Each trial's workers take `workers * cpus_per_worker` CPUs (and GPUs); the trial function
-    itself takes none. Ray Data's read and map tasks need whole CPUs nobody reserved: a 2-core
-    machine with a 0.1-CPU trial and a 1-CPU worker starved them forever
-    (https://github.com/ray-project/ray/issues/29662). So a quarter of the CPUs, at least one,
-    stays free for Data.
+    itself takes none, and neither do Ray Data's tasks (`ingest.build_datasets`), so no count can
+    starve them. They still need cores to run on: a quarter of the CPUs, at least one, is left
+    unreserved for them, unless that leaves no room for even one trial.
     """
     if options.max_concurrent:
         return options.max_concurrent
@@ -143,11 +142,12 @@ def trials_at_once(resources: dict, options: SearchOptions) -> int:
     if options.gpus_per_worker > 0:
         by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * options.gpus_per_worker))
     count = min(by_cpu, by_gpu)
+    if count < 1 and by_gpu >= 1 and cpus >= per_trial:
+        count = 1  # no spare core: Data shares the workers'
     if count < 1:
         raise SearchError(
             f"the cluster ({resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs) cannot run one trial of "
-            f"{options.workers_per_trial} worker(s) x {options.cpus_per_worker} CPU / {options.gpus_per_worker} GPU "
-            "and keep a CPU free for Ray Data"
+            f"{options.workers_per_trial} worker(s) x {options.cpus_per_worker} CPU / {options.gpus_per_worker} GPU"
         )
     return count
 
@@ -222,9 +222,9 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
             cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
             max_failures=options.max_failures,
         )
-        # The trial function only waits on its TorchTrainer: it takes no CPU, so that every whole
-        # CPU not given to workers stays free for Ray Data (Tune refuses an all-zero request, so
-        # the bundle asks for a token of memory instead).
+        # The trial function only waits on its TorchTrainer: it takes no CPU, so that every core
+        # not given to workers is left to Ray Data (Tune refuses an all-zero request, so the
+        # bundle asks for a token of memory instead).
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 2**20})
         progress = ProgressTable(space, console)
         if options.resume:

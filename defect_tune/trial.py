@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from defect_tune.config import OBJECTIVE, TrainConfig
-from defect_tune.ingest import build_datasets
+from defect_tune.ingest import build_datasets, data_tasks_at_once
 
 CHECKPOINT_FILE = "model.pt"
 PREDICTIONS_FILE = "val_predictions.npz"  # the epoch's validation probabilities, for reports
@@ -166,7 +166,8 @@ def run_trial(sampled: dict, setup: TrialSetup) -> None:
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(), "meta": setup.meta},
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(setup.data_dir, setup.meta, config),
+        datasets=build_datasets(setup.data_dir, setup.meta, config,
+                                tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             # Named by trial id, never a timestamp: a restored trial finds its Train run again.

@@ -308,7 +308,7 @@ def test_rayjob_entrypoint_is_a_search_the_cli_accepts():
 
 def test_rayjob_sweep_fits_its_gpu_group():
     """--max-concurrent trials fit the worker group's GPUs and leave a quarter of each pod's CPUs
-    free for Ray Data, which needs whole CPUs nobody reserved."""
+    unreserved, the cores Ray Data's augmentation runs on."""
     params = parse_search(shlex.split(load(RAYJOB)["spec"]["entrypoint"])[2:])
     (group,) = cluster_spec(RAYJOB)["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -24,15 +24,16 @@ def options(**kwargs):
     return SearchOptions(data=Path("d"), space=QUICK, name="n", **kwargs)
 
 
-def test_trials_at_once_keeps_cpus_free_for_ray_data():
+def test_trials_at_once_leaves_cpus_unreserved_for_ray_data():
     assert trials_at_once({"CPU": 2}, options(cpus_per_worker=1)) == 1  # one worker CPU, one CPU for Data
     assert trials_at_once({"CPU": 2}, options()) == 2  # two half-CPU workers, one CPU for Data
     assert trials_at_once({"CPU": 16}, options(cpus_per_worker=1)) == 12
     assert trials_at_once({"CPU": 16}, options(workers_per_trial=2, cpus_per_worker=2)) == 3
     assert trials_at_once({"CPU": 16, "GPU": 1}, options(gpus_per_worker=0.25)) == 4  # four trials share a GPU
     assert trials_at_once({"CPU": 2}, options(max_concurrent=3)) == 3
+    assert trials_at_once({"CPU": 1}, options(cpus_per_worker=1)) == 1  # no spare core: Data shares the worker's
     with pytest.raises(SearchError, match="cannot run one trial"):
-        trials_at_once({"CPU": 1}, options(cpus_per_worker=1))
+        trials_at_once({"CPU": 1}, options(workers_per_trial=2, cpus_per_worker=1))
     with pytest.raises(SearchError, match="cannot run one trial"):
         trials_at_once({"CPU": 8}, options(gpus_per_worker=1))
 

@@ -86,6 +86,8 @@ def trial_row(result, space, classes: list[str]) -> dict:
         row["checkpoint"] = _clean(best.get("checkpoint_path"))  # the best epoch's, which Train keeps
         row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
         row["wall_seconds"] = float(history["time_total_s"].max())
+        startup = [c for c in history if c.startswith("startup/")]  # trial start to first batch, in parts
+        row["startup_seconds"] = float(history[startup].iloc[0].sum()) if startup else None
     else:
         row[key] = None
     return row

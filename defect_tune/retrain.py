@@ -98,7 +98,7 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True,
                                 tasks_at_once=data_tasks_at_once(options.workers, options.cpus_per_worker)),
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"] if options.workers > 1 else []),  # as in trial.py
         run_config=RunConfig(
             name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,17 +60,28 @@ def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, 
         yield (images, labels) if as_uint8 else (to_tensor(images), torch.from_numpy(labels))
 
 
+def _noting_first(batches, times: list[float]):
+    """`batches`, appending the time the first one arrived to `times`."""
+    for batch in batches:
+        if not times:
+            times.append(time.time())
+        yield batch
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`).
 
     loop_config: `config`, `meta`; for production retraining also `stop_after` (train this many
     epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
-    objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank).
+    objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank);
+    for sweeps `trial_started_s`, the trial function's start (Unix time), from which rank 0
+    reports where the trial's start-up went (`startup/*`, seconds) with every epoch.
 
     The training core is imported here, in the worker, not at the top of this module: the trial's
     other processes (Tune's trial actor, Train's controller) unpickle this function too, and
     importing timm, albumentations and scikit-learn there cost each of them about 10 s of CPU.
     """
+    loop_started = time.time()
     import ray.train.torch
     import torch
 
@@ -95,6 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     parts.net = ray.train.torch.prepare_model(
         parts.model, parallel_strategy_kwargs={"find_unused_parameters": config.freeze_epochs > 0}
     )
+    model_ready = time.time()
     stopper = EarlyStopping(config.early_stopping_patience)
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -113,14 +126,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shape = (meta["image"]["height"], meta["image"]["width"])
     rng = np.random.default_rng(config.seed + rank)
     node = ray.get_runtime_context().get_node_id()
+    timing: dict = {}
+    if "trial_started_s" in loop_config:
+        timing = {"trial_started_s": loop_config["trial_started_s"],
+                  "startup/trainer_s": loop_started - loop_config["trial_started_s"],
+                  "startup/model_s": model_ready - loop_started}
+    first_batch: list[float] = []
     for epoch in range(start, stop_after):
+        epoch_started = time.time()
         pipeline = None
         if reproducible:
             pipeline = build_augmentation(config.augment, shape, config.seed + 1000 * epoch + rank)
         batches = _batches(train_shard, config.batch_size, drop_last, shuffle=True,
                            seed=config.seed + rank if reproducible else None, pipeline=pipeline)
+        if timing and not first_batch:
+            batches = _noting_first(batches, first_batch)
         row = {"epoch": epoch + 1, **train_one_epoch(parts, config, batches, epoch, rng)}
         metrics, stop = {}, False
+        if rank == 0 and timing:
+            if "startup/first_batch_s" not in timing:
+                timing["startup/first_batch_s"] = first_batch[0] - model_ready
+            row.update(timing)
         if rank == 0 and not validate:
             row.update(node_id=node)
             metrics = row
@@ -133,6 +159,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             stop = stopper.should_stop
             row.update(best_epoch=stopper.best_epoch, early_stopped=stop, node_id=node)
             metrics = row
+        if rank == 0:
+            row.update(epoch_s=time.time() - epoch_started, timestamp_s=time.time())
         if world > 1:  # every rank must take the same branch and report the same number of times
             decision = [stop]
             torch.distributed.broadcast_object_list(decision, src=0)
@@ -158,17 +186,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def run_trial(sampled: dict, setup: TrialSetup) -> None:
     """The Tune trial: this trial's Datasets and one TorchTrainer run for its configuration."""
+    started = time.time()
     config = setup.space.config_for(sampled)
     trial_id = ray.tune.get_context().get_trial_id()
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(), "meta": setup.meta},
+        train_loop_config={"config": config.model_dump(), "meta": setup.meta, "trial_started_s": started},
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(setup.data_dir, setup.meta, config,
                                 tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # One worker reads its Datasets itself; splitting would start a coordinator actor per
+        # Dataset to hand everything to that one worker (seconds of every trial's start-up).
+        dataset_config=DataConfig(datasets_to_split=["train"] if setup.workers_per_trial > 1 else []),
         run_config=RunConfig(
             # Named by trial id, never a timestamp: a restored trial finds its Train run again.
             name=f"{setup.sweep_name}-{trial_id}",

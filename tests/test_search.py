@@ -44,31 +44,58 @@ def search_command(*args) -> list[str]:
     return [sys.executable, "-m", "defect_tune", "search", *map(str, args)]
 
 
-@pytest.mark.timeout(1500)  # 8 trials with W&B: ~10 minutes alone on 2 cores
-def test_asha_sweep_completes_gives_every_resource_back_and_logs_every_trial_to_wandb(synthetic_data, tmp_path):
-    """Eight trials, so ASHA must stop some: the stopped trials' CPUs come back (a leak hangs the
+def _left_behind(before: set[int], grace: float = 30.0) -> list[str]:
+    """Ray or W&B processes started since `before` (pids) that are still alive after `grace` s."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if process.info["pid"] not in before and ("ray" in command or "wandb" in command):
+                alive.append(f"{process.info['pid']}: {command[:120]}")
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)
+
+
+def _pids() -> set[int]:
+    return set(psutil.pids())
+
+
+@pytest.mark.timeout(1500)  # 6 + 2 + 2 trials with W&B: ~9 minutes alone on 2 cores
+def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb(synthetic_data, tmp_path):
+    """Six trials, so ASHA must stop some: the stopped trials' CPUs come back (a leak hangs the
     sweep), and every trial, stopped or finished, is one offline W&B run; the key is written nowhere.
+    Then two more sweeps in a row: each completes, and none leaves a process behind.
 
     Two trials at once with 1-CPU workers on 2 CPUs: the trials' workers hold every CPU, as after
     losing a node. Ray Data's tasks must still run (when they asked for a CPU, this hung forever)."""
     out = tmp_path / "out"
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths must stay short
     try:
+        before = _pids()
         result = subprocess.run(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 8, 3), "--name", "leak",
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 6, 3), "--name", "leak",
                            "--out", out, "--wandb", "defect-tune-test", "--max-concurrent", 2, "--cpus-per-worker", 1),
             capture_output=True, text=True, timeout=1500, env=offline_env(tmp_path, ray_tmp),
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        assert not _left_behind(before)
         assert "leaderboard" in result.stderr and "best: trial" in result.stderr
         board = pd.read_csv(out / "leaderboard.csv")
-        assert len(board) == 8 and board["rank"].tolist() == list(range(1, 9))
+        assert len(board) == 6 and board["rank"].tolist() == list(range(1, 7))
         assert set(board["stop_reason"]) <= {"asha", "completed"}
         assert (board["stop_reason"] == "asha").sum() >= 1  # ASHA stopped some trials...
         assert (board["stop_reason"] == "completed").sum() >= 1  # ...and let the best run to the end
         assert board.loc[board["seed_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
         assert board["val_guarded_macro_recall"].is_monotonic_decreasing
         assert board["checkpoint"].notna().all()
+        # Where each trial's start-up went, reported with its epochs (benchmarks/bench_sweep.py).
+        assert (board["startup_seconds"] > 0).all() and (board["startup_seconds"] < board["wall_seconds"]).all()
+        for progress in (out / "tune" / "leak").glob("run_trial_*/progress.csv"):
+            history = pd.read_csv(progress)
+            assert (history[["startup/trainer_s", "startup/model_s", "startup/first_batch_s", "epoch_s"]] > 0).all().all()
+            assert (history["timestamp_s"] > history["trial_started_s"]).all()
         summary = json.loads((out / "sweep.json").read_text())
         total, free = summary["resources_total"], summary["resources_free_at_end"]
         assert free["CPU"] == total["CPU"]  # no CPU held by a stopped trial's placement group
@@ -79,6 +106,22 @@ def test_asha_sweep_completes_gives_every_resource_back_and_logs_every_trial_to_
         assert f"runs go to {out / 'wandb'}" in result.stderr and "wandb sync" in result.stderr
         assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
         assert_key_written_nowhere(result, out, ray_tmp, tmp_path)
+
+        (tmp_path / "again").mkdir()
+        space = write_space(tmp_path / "again", 2, 2)
+        for run in (1, 2):
+            before = _pids()
+            again = subprocess.run(
+                search_command("--data", synthetic_data, "--space", space, "--name", f"again-{run}",
+                               "--out", tmp_path / f"again-{run}", "--max-concurrent", 2, "--cpus-per-worker", 1),
+                capture_output=True, text=True, timeout=600, env=offline_env(tmp_path, ray_tmp),
+            )
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert not _left_behind(before)
+            board = pd.read_csv(tmp_path / f"again-{run}" / "leaderboard.csv")
+            assert len(board) == 2 and set(board["stop_reason"]) <= {"asha", "completed"}
+            summary = json.loads((tmp_path / f"again-{run}" / "sweep.json").read_text())
+            assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

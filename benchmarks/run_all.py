@@ -16,6 +16,8 @@ BENCHMARKS = {
     "bench_ingest.py": "ingest.md",
     "bench_trial_overhead.py": "trial_overhead.md",
     "bench_prepare.py": "prepare_throughput.md",
+    "bench_asha.py": "asha_vs_fifo.md",
+    "bench_sweep.py": "sweep_efficiency.md",
 }
 
 

@@ -57,6 +57,8 @@ def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool)
 def trial_row(result, space, classes: list[str]) -> dict:
     """One `ray.tune.Result` as a leaderboard row: sampled parameters, how the trial ended, and
     its best epoch's validation figures."""
+    from defect_tune.metrics import wilson_interval  # scipy: here, not for the W&B actor, which imports stop_reason
+
     sampled = {name: value for name, value in (result.config or {}).items() if not name.startswith("_")}
     history = result.metrics_dataframe
     metrics = result.metrics or {}
@@ -77,10 +79,16 @@ def trial_row(result, space, classes: list[str]) -> dict:
         best = history.loc[history[key].idxmax() if space.mode == "max" else history[key].idxmin()]
         row[key] = float(best[key])
         row["best_epoch"] = int(best["epoch"])
-        for column in dict.fromkeys((OBJECTIVE, "val_macro_precision", "val_macro_f2", "val_macro_ap", "val_macro_recall@0.5", "val_loss")):
+        for column in dict.fromkeys((OBJECTIVE, f"{OBJECTIVE}_low", f"{OBJECTIVE}_high", "val_macro_precision",
+                                     "val_macro_f2", "val_macro_ap", "val_macro_recall@0.5", "val_loss")):
             row[column] = _clean(best.get(column))
         for c in classes:
             row[f"val_recall/{c}"] = _clean(best.get(f"val_recall/{c}"))
+        for c in classes:  # recalled of positives, and the Wilson interval of that proportion
+            recalled, positives = _clean(best.get(f"val_recalled/{c}")), _clean(best.get(f"val_positives/{c}"))
+            row[f"val_recalled/{c}"], row[f"val_positives/{c}"] = recalled, positives
+            interval = wilson_interval(int(recalled), int(positives)) if recalled is not None and positives is not None else None
+            row[f"val_recall_low/{c}"], row[f"val_recall_high/{c}"] = interval or (None, None)
         for c in classes:  # the best epoch's learned thresholds, which `export` hands to production
             row[f"threshold/{c}"] = _clean(best.get(f"threshold/{c}"))
         row["checkpoint"] = _clean(best.get("checkpoint_path"))  # the best epoch's, which Train keeps

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 THRESHOLD_RULES = ("f1", "f2", "recall_at_precision")
@@ -19,6 +20,8 @@ THRESHOLD_METHODS = ("pr_curve", "grid")
 # learn_thresholds returns for a class it cannot threshold usefully (see there).
 PREDICT_NOTHING = float(np.nextafter(1.0, 2.0))
 GRID = np.round(np.arange(1, 20) * 0.05, 2)  # 0.05, 0.10, ..., 0.95
+CONFIDENCE = 0.95  # of every interval reported
+BOOTSTRAP_SAMPLES = 1000
 _BETA = {"f1": 1.0, "f2": 2.0}
 
 
@@ -56,6 +59,43 @@ def _mean(values: list) -> float | None:
     return float(sum(defined) / len(defined)) if defined else None
 
 
+def wilson_interval(successes: int, trials: int) -> list[float] | None:
+    """The Wilson score interval (CONFIDENCE) of a proportion, e.g. a class's recall 5/6 ->
+    [0.436, 0.970]; None when there are no trials. scipy's `binomtest(...).proportion_ci`."""
+    if trials <= 0:
+        return None
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def bootstrap_macro_recall(predicted: np.ndarray, truth: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
+                           seed: int = 0) -> list[float] | None:
+    """A percentile bootstrap interval (CONFIDENCE) of macro recall over images: images drawn
+    with replacement, each draw's macro recall over the classes with positives in it (as
+    `evaluate` averages). predicted, truth: (N, C) booleans. None when no class has positives.
+
+    A draw is a multinomial count per image, so each draw's TP and positives per class are one
+    matrix product; draws go in chunks to bound memory on large splits.
+    """
+    predicted, truth = np.asarray(predicted, dtype=bool), np.asarray(truth, dtype=bool)
+    n = truth.shape[0]
+    if n == 0 or not truth.any():
+        return None
+    rng = np.random.default_rng(seed)
+    hits, positives = (predicted & truth).astype(np.float64), truth.astype(np.float64)
+    values = []
+    for start in range(0, samples, 200):
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=min(200, samples - start)).astype(np.float64)
+        tp, pos = weights @ hits, weights @ positives
+        recall = np.divide(tp, pos, out=np.zeros_like(tp), where=pos > 0)
+        scored = (pos > 0).sum(axis=1)
+        defined = scored > 0  # a draw of only negative images has no macro recall; it is left out
+        values.append(recall[defined].sum(axis=1) / scored[defined])
+    values = np.concatenate(values)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
 def evaluate(
     probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds: np.ndarray | float = 0.5
 ) -> dict:
@@ -73,6 +113,11 @@ def evaluate(
     - average_precision and roc_auc are None for a class with no positives or no negatives;
       their macro means run over the classes where they are defined (None if there are none).
     - micro scores pool TP/FP/TN/FN over classes; micro recall is None if no positives at all.
+
+    Intervals (CONFIDENCE, [low, high]; None where the figure is undefined): per class,
+    `recall_interval` (Wilson, tp of support) and `precision_interval` (Wilson, tp of tp + fp;
+    None when the class is never predicted); macro `recall_interval` by bootstrap over images.
+    With 1-6 positives of a rare class, the interval, not the point value, is what to read.
     """
     probs, targets = _check(probs, targets)
     n, c = probs.shape
@@ -106,12 +151,15 @@ def evaluate(
             "roc_auc": float(roc_auc_score(targets[:, i], probs[:, i])) if both else None,
             "tp": int(tp[i]), "fp": int(fp[i]), "tn": int(tn[i]), "fn": int(fn[i]),
             "support": int(support[i]),
+            "recall_interval": wilson_interval(tp[i], support[i]),
+            "precision_interval": wilson_interval(tp[i], tp[i] + fp[i]),
         }
 
     scored = [row for row in per_class.values() if row["support"] > 0]
     macro = {key: _mean([row[key] for row in scored]) for key in ("precision", "recall", "f1", "f2")}
     for key in ("average_precision", "roc_auc"):
         macro[key] = _mean([row[key] for row in per_class.values()])
+    macro["recall_interval"] = bootstrap_macro_recall(pred, truth)
     TP, FP, TN, FN = (int(x.sum()) for x in (tp, fp, tn, fn))
     micro = {
         "precision": float(_ratio(TP, FP)),
@@ -210,10 +258,11 @@ def guarded_macro_recall(probs: np.ndarray, targets: np.ndarray, precision_floor
 def per_class_table(report: dict, title: str = "") -> str:
     """A fixed-width table of an `evaluate` report: one row per class, then MACRO and MICRO AVG.
 
-    Undefined values print as "-", a PREDICT_NOTHING threshold as "never".
+    Undefined values print as "-", a PREDICT_NOTHING threshold as "never", intervals as
+    "low-high" (95 %: Wilson per class, bootstrap for the macro recall).
     """
-    columns = [("Thresh", 8), ("Precision", 11), ("Recall", 9), ("F1", 8), ("F2", 8), ("AP", 8), ("AUC", 8),
-               ("Support", 9), ("TP", 7), ("FP", 7), ("TN", 7), ("FN", 7)]
+    columns = [("Thresh", 8), ("Precision", 11), ("95% CI", 11), ("Recall", 9), ("95% CI", 11), ("F1", 8), ("F2", 8),
+               ("AP", 8), ("AUC", 8), ("Support", 9), ("TP", 7), ("FP", 7), ("TN", 7), ("FN", 7)]
     name_width = max(len("MACRO AVG"), *(len(n) for n in report["per_class"])) + 2
 
     def cell(value) -> str:
@@ -223,21 +272,25 @@ def per_class_table(report: dict, title: str = "") -> str:
             return value
         if isinstance(value, int):
             return str(value)
+        if isinstance(value, list):
+            return f"{value[0]:.2f}-{value[1]:.2f}"
         return "never" if value > 1 else f"{value:.4f}"
 
     def row(name: str, values: list) -> str:
         return name.ljust(name_width) + "".join(cell(v).rjust(w) for v, (_, w) in zip(values, columns))
 
-    keys = ["threshold", "precision", "recall", "f1", "f2", "average_precision", "roc_auc",
-            "support", "tp", "fp", "tn", "fn"]
+    keys = ["threshold", "precision", "precision_interval", "recall", "recall_interval", "f1", "f2",
+            "average_precision", "roc_auc", "support", "tp", "fp", "tn", "fn"]
     macro, micro = report["macro"], report["micro"]
     width = name_width + sum(w for _, w in columns)
     lines = ["=" * width, title or "PER-CLASS METRICS", "=" * width,
              "Class".ljust(name_width) + "".join(h.rjust(w) for h, w in columns), "-" * width]
     lines += [row(name, [r[k] for k in keys]) for name, r in report["per_class"].items()]
     lines.append("-" * width)
-    lines.append(row("MACRO AVG", [""] + [macro[k] for k in keys[1:7]] + [""] * 5))
-    lines.append(row("MICRO AVG", [""] + [micro[k] for k in keys[1:5]] + ["", ""] + [micro[k] for k in keys[7:]]))
+    lines.append(row("MACRO AVG", ["", macro["precision"], "", macro["recall"], macro.get("recall_interval")]
+                     + [macro[k] for k in keys[5:9]] + [""] * 5))
+    lines.append(row("MICRO AVG", ["", micro["precision"], "", micro["recall"], "", micro["f1"], micro["f2"], "", ""]
+                     + [micro[k] for k in keys[9:]]))
     if report["classes_without_support"]:
         lines.append(f"no positives in this split (left out of MACRO AVG): {', '.join(report['classes_without_support'])}")
     lines.append("=" * width)

@@ -461,19 +461,43 @@ def pr_figure(probs: np.ndarray, targets: np.ndarray, classes: list[str], thresh
 
 # Sections -------------------------------------------------------------------------------------
 
+def tied_with_leader(board: pd.DataFrame, objective: str) -> pd.Series:
+    """Per trial: is its objective inside the leader's 95 % interval (`<objective>_low` ..
+    `_high`, bootstrap over validation images)? Then this split does not tell it from the leader.
+    False for the leader itself and wherever the interval or the objective is missing."""
+    low, high = f"{objective}_low", f"{objective}_high"
+    values = pd.to_numeric(board.get(objective), errors="coerce") if objective in board else None
+    if values is None or low not in board or not len(board) or pd.isna(values.iloc[0]):
+        return pd.Series(False, index=board.index)
+    lead_low, lead_high = _plain(board[low].iloc[0]), _plain(board[high].iloc[0])
+    if lead_low is None or lead_high is None:
+        return pd.Series(False, index=board.index)
+    tied = values.between(lead_low, lead_high)
+    tied.iloc[0] = False
+    return tied.fillna(False)
+
+
 def leaderboard_section(sweep: Sweep) -> Section:
     text = {"trial_id": _metric, "seed_point": _metric, "stop_reason": lambda v: STOPS.get(v, (v,))[0]}
     numbers = {"rank": _count, "epochs": _count, sweep.objective: _metric, "val_macro_precision": _metric}
     labels = {"rank": "#", "trial_id": "trial", "seed_point": "seed point", "stop_reason": "stopped by", "epochs": "epochs",
-              sweep.objective: "objective", "val_macro_precision": "macro precision"}
+              sweep.objective: "objective", "interval": "95% interval", "tied": "vs leader",
+              "val_macro_precision": "macro precision"}
+    tied = tied_with_leader(sweep.board, sweep.objective)
     head = "".join(f"<th>{html.escape(labels[column])}</th>" for column in labels)
     head += "".join(f"<th class='param'>{html.escape(name)}</th>" for name in sweep.params)
     rows = []
-    for _, row in sweep.board.iterrows():
+    for index, row in sweep.board.iterrows():
         cells = []
         for column in labels:
-            shown = (numbers.get(column) or text[column])(row.get(column))
-            cells.append(f"<td{' class=num' if column in numbers else ''}>{html.escape(str(shown))}</td>")
+            if column == "interval":
+                low, high = _plain(row.get(f"{sweep.objective}_low")), _plain(row.get(f"{sweep.objective}_high"))
+                shown = "–" if low is None or high is None else f"{low:.3f}–{high:.3f}"
+            elif column == "tied":
+                shown = "tied" if tied[index] else ""
+            else:
+                shown = (numbers.get(column) or text[column])(row.get(column))
+            cells.append(f"<td{' class=num' if column in numbers or column == 'interval' else ''}>{html.escape(str(shown))}</td>")
         for name in sweep.params:
             value = row.get(f"param/{name}")
             title = " title='not sampled on this branch'" if _plain(value) is None else ""
@@ -481,10 +505,18 @@ def leaderboard_section(sweep: Sweep) -> Section:
         best = " class='best'" if _plain(row.get("rank")) == 1 and _plain(row[sweep.objective]) is not None else ""
         rows.append(f"<tr{best}>{''.join(cells)}</tr>")
     body = f"<div class='scroll tall'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-    caption = (f"Every trial, best {sweep.objective} first (the value at each trial's best epoch). An ASHA-stopped trial's "
+    caption = (f"Every trial, best {sweep.objective} first (the value at each trial's best epoch), with its 95 % bootstrap "
+               "interval over the validation images. An ASHA-stopped trial's "
                "objective comes from fewer epochs than a full run's. Parameters shown as – were not sampled on that "
                "trial's branch of the search space.")
-    return Section("Leaderboard", caption, body=body)
+    section = Section("Leaderboard", caption, body=body)
+    if tied.any():
+        section.notes.append(
+            f"{int(tied.sum())} trial(s) marked tied score inside the leader's 95 % interval: on this validation split "
+            "they are not distinguishable from the winner. Prefer cross-validated figures (or more validation images) "
+            "before promoting one over another."
+        )
+    return section
 
 
 def history_section(sweep: Sweep, out: Path) -> Section:

@@ -243,6 +243,11 @@ def _write(out: Path, model, config: TrainConfig, info: dict, metrics: dict) -> 
     staging.rename(out)
 
 
+def _interval(report: dict) -> str:
+    interval = report["macro"].get("recall_interval")
+    return "" if not interval else f" (95 % interval {interval[0]:.3f}-{interval[1]:.3f}, bootstrap over the test images)"
+
+
 def model_card(info: dict, metrics: dict, table: str) -> str:
     training, data, export = info["training"], info["data"], info["export"]
     test = metrics["test"]
@@ -257,7 +262,10 @@ def model_card(info: dict, metrics: dict, table: str) -> str:
         if support == 0:
             limits.append(f"- `{c}`: no test images, so its test figures are undefined.")
         elif support < 5:
-            limits.append(f"- `{c}`: {support} test image(s), so its test recall is a coarse estimate.")
+            row = test["per_class"][c]
+            low, high = row["recall_interval"]
+            limits.append(f"- `{c}`: {support} test image(s), so its test recall ({row['tp']}/{support}) is a coarse estimate: "
+                          f"95 % interval {low:.2f}-{high:.2f}.")
     lines = [
         f"# Model card: {export['name']} trial {export['trial_id']}",
         "",
@@ -281,8 +289,8 @@ def model_card(info: dict, metrics: dict, table: str) -> str:
         "## Metric",
         f"The search objective is `{info['objective']['name']}`. {info['objective']['definition']}",
         "",
-        f"On the test split this model has macro recall {_fmt(metrics['test_macro_recall'])} at its thresholds "
-        f"and macro precision {_fmt(test['macro']['precision'])}. The guarded macro recall on test, with thresholds "
+        f"On the test split this model has macro recall {_fmt(metrics['test_macro_recall'])}{_interval(test)} at its "
+        f"thresholds and macro precision {_fmt(test['macro']['precision'])}. The guarded macro recall on test, with thresholds "
         f"chosen on test itself, is {_fmt(metrics['test_guarded_macro_recall'])}; compare it with the sweep's validation figure.",
         "",
         "```",

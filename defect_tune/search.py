@@ -323,7 +323,8 @@ def resolve_space(space: Path | str | None) -> Path:
 def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
     table = Table(title=f"leaderboard (top {min(top, len(board))} of {len(board)})")
     columns = {"rank": "#", "trial_id": "trial", "seed_point": "seed point", "stop_reason": "stopped by",
-               "epochs": "epochs", space.objective: "objective", "val_macro_precision": "macro precision"}
+               "epochs": "epochs", space.objective: "objective", "interval": "95% interval",
+               "val_macro_precision": "macro precision"}
     for label in columns.values():
         table.add_column(label, no_wrap=True)
     table.add_column("parameters")
@@ -331,6 +332,10 @@ def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
     for _, row in board.head(top).iterrows():
         cells = []
         for column in columns:
+            if column == "interval":  # the objective's bootstrap interval over validation images
+                low, high = plain(row.get(f"{space.objective}_low")), plain(row.get(f"{space.objective}_high"))
+                cells.append("-" if low is None or high is None else f"{low:.2f}-{high:.2f}")
+                continue
             value = plain(row.get(column))
             cells.append("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
         sampled = {c.removeprefix("param/"): plain(row[c]) for c in params if plain(row[c]) is not None}

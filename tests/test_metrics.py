@@ -13,10 +13,12 @@ from sklearn.metrics import (
 from defect_tune.metrics import (
     GRID,
     PREDICT_NOTHING,
+    bootstrap_macro_recall,
     evaluate,
     guarded_macro_recall,
     learn_thresholds,
     per_class_table,
+    wilson_interval,
 )
 
 CLASSES = ["crack", "finger", "rare"]
@@ -277,14 +279,16 @@ def test_per_class_table_lists_every_class_and_formats_numbers():
     table = per_class_table(report, title="VAL METRICS")
     lines = table.splitlines()
     assert "VAL METRICS" in lines[1] and lines[0] == lines[-1] == "=" * len(lines[0])
-    assert lines[3].split() == "Class Thresh Precision Recall F1 F2 AP AUC Support TP FP TN FN".split()
+    assert lines[3].split() == "Class Thresh Precision 95% CI Recall 95% CI F1 F2 AP AUC Support TP FP TN FN".split()
     rows = {line.split()[0]: line.split() for line in lines}
-    assert rows["crack"] == "crack 0.3500 0.5000 0.6667 0.5714 0.6250 0.8667 0.7778 3 2 2 1 1".split()
-    assert rows["rare"] == "rare 0.5000 0.0000 - - - - - 0 0 1 5 0".split()
+    # crack: precision 2/4, Wilson [0.150, 0.850]; recall 2/3, Wilson [0.208, 0.939] (see the Wilson test)
+    assert rows["crack"] == "crack 0.3500 0.5000 0.15-0.85 0.6667 0.21-0.94 0.5714 0.6250 0.8667 0.7778 3 2 2 1 1".split()
+    assert rows["rare"] == "rare 0.5000 0.0000 0.00-0.79 - - - - - - 0 0 1 5 0".split()
     assert rows["finger"][1:3] == ["0.2500", "0.7500"]
     macro = [line for line in lines if line.startswith("MACRO AVG")][0].split()
     micro = [line for line in lines if line.startswith("MICRO AVG")][0].split()
-    assert macro[2:] == ["0.6250", "0.8333", "0.7143", f"{25 / 32:.4f}", "0.8917", "0.8333"]
+    interval = "-".join(f"{v:.2f}" for v in evaluate(PROBS, TARGETS, CLASSES, THRESHOLDS)["macro"]["recall_interval"])
+    assert macro[2:] == ["0.6250", "0.8333", interval, "0.7143", f"{25 / 32:.4f}", "0.8917", "0.8333"]
     assert micro[2:] == ["0.5556", "0.8333", "0.6667", "0.7576", "6", "5", "4", "8", "1"]
     assert any("rare" in line and "MACRO" in line for line in lines[-3:])  # absent class is flagged
     assert all(len(line) == len(lines[0]) for line in lines[3:] if not line.startswith("no positives"))
@@ -295,3 +299,58 @@ def test_per_class_table_shows_never_for_a_class_that_predicts_nothing():
     row = [line for line in per_class_table(report).splitlines() if line.startswith("finger")][0]
     assert row.split()[1:3] == ["never", "0.0000"]
     assert "PER-CLASS METRICS" in per_class_table(report)
+
+
+def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> list[float]:
+    """The Wilson score interval from its closed form: (k + z²/2 ± z·sqrt(k(n-k)/n + z²/4)) / (n + z²)."""
+    centre, half = k + z * z / 2, z * np.sqrt(k * (n - k) / n + z * z / 4)
+    return [(centre - half) / (n + z * z), (centre + half) / (n + z * z)]
+
+
+@pytest.mark.parametrize("k, n", [(5, 6), (1, 1), (0, 3), (2, 4), (2, 3), (17, 40)])
+def test_wilson_intervals_match_the_closed_form(k, n):
+    assert wilson_interval(k, n) == pytest.approx(wilson_by_hand(k, n), abs=1e-12)
+
+
+def test_wilson_for_a_rare_class_is_wide_and_none_without_positives():
+    low, high = wilson_interval(5, 6)  # "recall 0.83" of a class with 6 validation images
+    assert (round(low, 3), round(high, 3)) == (0.436, 0.970)
+    assert wilson_interval(0, 0) is None
+
+
+def test_evaluate_gives_each_class_its_wilson_intervals():
+    report = evaluate(PROBS, TARGETS, CLASSES, THRESHOLDS)
+    crack = report["per_class"]["crack"]
+    assert crack["recall_interval"] == pytest.approx(wilson_by_hand(2, 3), abs=1e-12)
+    assert crack["precision_interval"] == pytest.approx(wilson_by_hand(2, 4), abs=1e-12)
+    rare = report["per_class"]["rare"]
+    assert rare["recall_interval"] is None  # no positives: no recall, no interval
+    assert rare["precision_interval"] == pytest.approx(wilson_by_hand(0, 1), abs=1e-12)
+    never = evaluate(PROBS, TARGETS, CLASSES, [0.35, PREDICT_NOTHING, 0.5])["per_class"]["finger"]
+    assert never["precision_interval"] is None  # never predicted: precision has no interval
+
+
+def test_bootstrap_macro_recall_on_counts_worked_out_by_hand():
+    # Two positive images of one class, one recalled. A draw of two images holds the recalled one
+    # twice (recall 1, p = 1/4), the missed one twice (0, p = 1/4), or one of each (0.5, p = 1/2):
+    # the 2.5th and 97.5th percentiles are 0 and 1.
+    predicted, truth = np.array([[True], [False]]), np.array([[True], [True]])
+    assert bootstrap_macro_recall(predicted, truth) == [0.0, 1.0]
+    # Everything recalled: every draw's macro recall is 1.
+    truth = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=bool)
+    assert bootstrap_macro_recall(truth, truth) == [1.0, 1.0]
+    assert bootstrap_macro_recall(np.zeros((3, 2), bool), np.zeros((3, 2), bool)) is None
+
+
+def test_bootstrap_interval_holds_the_point_value_and_narrows_with_more_images():
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (30, 3000):
+        truth = rng.random((n, 3)) < 0.3
+        predicted = truth & (rng.random((n, 3)) < 0.7)  # each positive recalled with p = 0.7
+        report = evaluate(predicted.astype(float), truth.astype(int), list("abc"), 0.5)
+        low, high = report["macro"]["recall_interval"]
+        assert low <= report["macro"]["recall"] <= high
+        assert bootstrap_macro_recall(predicted, truth) == [low, high]  # seeded: the same draws every time
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 5  # about 1/sqrt(100) as wide

@@ -256,6 +256,9 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
     assert set(metrics["test"]["per_class"]) == set(classes) and metrics["sweep_val_objective"] == 0.8
     card = (model / "MODEL_CARD.md").read_text()
     assert "demo-sweep" in card and "TEST (untouched" in card and OBJECTIVE in card
+    low, high = metrics["test"]["macro"]["recall_interval"]  # bootstrap over test images, stated in the card
+    assert low <= metrics["test"]["macro"]["recall"] <= high and f"95 % interval {low:.3f}-{high:.3f}" in card
+    assert "95% CI" in (model / "per_class.txt").read_text()
 
     # train+val: the sweep's best epoch, the exported thresholds, no validation figures.
     exported = read_export(best)

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from defect_tune.cli import app
 from defect_tune.metrics import learn_thresholds
-from defect_tune.report import ReportError, importances, load_sweep, rebuild_study, savings, trial_indices, write_report
+from defect_tune.report import (ReportError, importances, load_sweep, rebuild_study, savings, tied_with_leader, trial_indices,
+                                write_report)
 from defect_tune.trial import PREDICTIONS_FILE
 
 CLASSES = ["crack", "dark_area", "finger_interruption", "scratch"]
@@ -99,6 +100,9 @@ def make_results(root: Path, trials=TRIALS, space: str | None = SPACE, params=PA
             row.update(best_epoch=trial["epochs"], val_macro_precision=0.5, val_macro_f2=0.5, val_macro_ap=0.6,
                        val_loss=0.3, checkpoint=str(checkpoint), nodes="node1", wall_seconds=12.5)
             row["val_macro_recall@0.5"] = 0.4
+            # A bootstrap interval of +-0.1: the leader's (0.71) holds el_seed's 0.62, not 0.55.
+            row["val_guarded_macro_recall_low"] = trial["objective"] - 0.1
+            row["val_guarded_macro_recall_high"] = trial["objective"] + 0.1
             row.update({f"val_recall/{c}": (np.nan if c == "scratch" else trial["objective"] - 0.1 * k) for k, c in enumerate(CLASSES)})
             thresholds = learn_thresholds(probs, targets, "recall_at_precision", 0.5)  # as the trial exported them
             row.update({f"threshold/{c}": float(t) for c, t in zip(CLASSES, thresholds)})
@@ -156,6 +160,23 @@ def test_the_leaderboard_lists_every_trial_best_first(report):
     assert "el_seed" in table and "0.7100" in table and "stopped by ASHA" in table
     best_row = re.search(r"<tr class='best'>(.*?)</tr>", table).group(1)
     assert trial_id(TRIALS[2]) in best_row and "0.0005" in best_row
+
+
+def test_trials_inside_the_leaders_interval_are_marked_tied(report):
+    _, page = report
+    section = page.split("<h2>Leaderboard</h2>", 1)[1].split("<h2>", 1)[0]
+    rows = {trial: row for row in re.findall(r"<tr[^>]*>(.*?)</tr>", section) for trial in IDS if trial in row}
+    assert "0.610–0.810" in rows[trial_id(TRIALS[2])]  # the leader's own interval
+    assert [trial for trial, row in rows.items() if ">tied<" in row] == [trial_id(TRIALS[0])]  # 0.62, inside 0.61-0.81
+    assert "1 trial(s) marked tied" in section
+
+
+def test_without_intervals_nothing_is_tied():
+    board = pd.DataFrame({"val_guarded_macro_recall": [0.7, 0.69]})  # a leaderboard from before intervals
+    assert not tied_with_leader(board, "val_guarded_macro_recall").any()
+    board = pd.DataFrame({"val_guarded_macro_recall": [0.7, 0.69, 0.5, np.nan], "val_guarded_macro_recall_low": [0.6, 0.6, 0.4, np.nan],
+                          "val_guarded_macro_recall_high": [0.8, 0.8, 0.6, np.nan]})
+    assert tied_with_leader(board, "val_guarded_macro_recall").tolist() == [False, True, False, False]
 
 
 def test_pngs_are_written_next_to_the_page_at_a_readable_size(report):

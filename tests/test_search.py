@@ -90,6 +90,14 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert board.loc[board["seed_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
         assert board["val_guarded_macro_recall"].is_monotonic_decreasing
         assert board["checkpoint"].notna().all()
+        # Each objective with its bootstrap interval, each class's recall with its counts and Wilson interval.
+        objective = board["val_guarded_macro_recall"]
+        assert (board["val_guarded_macro_recall_low"] <= objective).all() and (objective <= board["val_guarded_macro_recall_high"]).all()
+        for c in json.loads((synthetic_data / "meta.json").read_text())["classes"]:
+            scored = board[board[f"val_positives/{c}"] > 0]
+            assert (scored[f"val_recall/{c}"] == scored[f"val_recalled/{c}"] / scored[f"val_positives/{c}"]).all()
+            assert (scored[f"val_recall_low/{c}"] <= scored[f"val_recall/{c}"]).all()
+            assert (scored[f"val_recall/{c}"] <= scored[f"val_recall_high/{c}"]).all()
         # Where each trial's start-up went, reported with its epochs (benchmarks/bench_sweep.py).
         assert (board["startup_seconds"] > 0).all() and (board["startup_seconds"] < board["wall_seconds"]).all()
         for progress in (out / "tune" / "leak").glob("run_trial_*/progress.csv"):

@@ -64,8 +64,12 @@ def fake_result(config, epochs, objective, error=None, early=False, checkpoint=N
         "training_iteration": list(range(1, epochs + 1)),
         "epoch": list(range(1, epochs + 1)),
         "val_guarded_macro_recall": objective,
+        "val_guarded_macro_recall_low": [value - 0.1 for value in objective],
+        "val_guarded_macro_recall_high": [value + 0.1 for value in objective],
         "val_macro_precision": [0.6] * epochs,
         "val_recall/a": [0.9] * epochs,
+        "val_recalled/a": list(range(1, epochs + 1)),
+        "val_positives/a": [6] * epochs,
         "checkpoint_path": [checkpoint] * epochs,
         "node_id": ["n1"] * epochs,
         "time_total_s": [10.0 * (i + 1) for i in range(epochs)],
@@ -93,6 +97,10 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     a = board.set_index("trial_id").loc["a"]
     assert a["val_guarded_macro_recall"] == 0.7 and a["best_epoch"] == 3 and a["epochs"] == 4
     assert a["seed_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
+    # The best epoch's interval and counts, and the Wilson interval of 3 recalled of 6 positives.
+    assert a["val_guarded_macro_recall_low"] == pytest.approx(0.6) and a["val_guarded_macro_recall_high"] == pytest.approx(0.8)
+    assert (a["val_recalled/a"], a["val_positives/a"]) == (3, 6)
+    assert [a["val_recall_low/a"], a["val_recall_high/a"]] == pytest.approx([0.1876, 0.8124], abs=1e-4)
     assert board.set_index("trial_id").loc["d", "error"] == "RuntimeError: boom"
     assert pd.isna(board.set_index("trial_id").loc["b", "param/class_weight_exponent"])
     # The start order, from the trial folder's name; unknown when the folder does not say.

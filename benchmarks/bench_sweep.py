@@ -1,0 +1,200 @@
+"""How much of a plain PyTorch loop's throughput a whole sweep delivers, and where trial start-up goes.
+
+    python benchmarks/bench_sweep.py [--data DIR] [--model el_cnn] [--trials 8] [--epochs 3]
+                                     [--gpu] [--trials-per-gpu 4] [--write results/benchmarks/sweep_efficiency.md]
+
+One invocation, on the same prepared data, model and batch size:
+
+1. Plain loop: the train split as one tensor in memory (on the GPU with --gpu), the model built
+   as trials build it, AdamW and BCE, no augmentation; images/s over the epochs after the first.
+   On a GPU: bf16 autocast and channels_last, as trials train there.
+2. Sweep: a real `defect-tune search` of `--trials` trials (ASHA, grace 1) with the same model,
+   batch size and no augmentation; each trial a TorchTrainer fed by Ray Data. Its images/s is
+   every trained image (epochs x train images, over all trials) divided by the wall time from the
+   first trial's start to the last report.
+3. Start-up per trial, from the timestamps trials report (`startup/*`): trial start to the
+   worker loop (TorchTrainer's controller, placement group, worker process), worker loop to the
+   model ready (training imports, model, DDP), model ready to the first batch (Ray Data), and
+   the first epoch's training.
+4. With --gpu, the GPU's busy fraction over the sweep, sampled through NVML every 0.2 s.
+
+Default data: the embedded synthetic set at 64 px (generated into a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from common import emit, machine
+
+BATCH = 64
+STARTUP = {
+    "startup/trainer_s": "trial start → worker loop (controller, placement group, worker process)",
+    "startup/model_s": "worker loop → model ready (training imports, model, DDP)",
+    "startup/first_batch_s": "model ready → first batch (Ray Data)",
+}
+
+
+def plain_loop(data: Path, model: str, epochs: int, device: str) -> float:
+    """Images/s of a plain loop over the train split held in memory (after a warm-up epoch)."""
+    import torch
+
+    from defect_tune.config import load_config
+    from defect_tune.data import load_split, read_meta, to_tensor
+    from defect_tune.models import build_model
+
+    meta = read_meta(data)
+    images, labels, _ = load_split(data, "train", meta)
+    x, y = to_tensor(images).to(device), torch.from_numpy(labels).to(device)
+    config = load_config(None, {"model": model, "batch_size": BATCH})
+    net = build_model(config, len(meta["classes"])).to(device)
+    gpu = device == "cuda"
+    if gpu:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    seconds = []
+    for _ in range(epochs + 1):
+        order = torch.randperm(len(x), device=device)
+        started = time.perf_counter()
+        for start in range(0, len(x) - BATCH + 1, BATCH):
+            index = order[start:start + BATCH]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                loss = loss_fn(net(x[index]).float(), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    trained = (len(x) // BATCH) * BATCH
+    return trained / statistics.median(seconds[1:])
+
+
+class GpuBusy:
+    """The GPU's utilisation, sampled through NVML in a thread while the sweep runs."""
+
+    def __init__(self):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml, self.handle, self.samples = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0), []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self.stop.wait(0.2):
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def fraction(self) -> float:
+        return statistics.fmean(self.samples) / 100 if self.samples else float("nan")
+
+
+def run_sweep(data: Path, model: str, trials: int, epochs: int, scratch: Path, extra: list[str]) -> dict:
+    space = scratch / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": 1, "reduction_factor": 2},
+        "fixed": {"model": model, "batch_size": BATCH, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
+        "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
+    }, sort_keys=False))
+    out = scratch / "sweep"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
+                    "--name", "efficiency", "--out", str(out), *extra], check=True, capture_output=True, text=True)
+    command_wall = time.perf_counter() - started
+    rows = pd.concat([pd.read_csv(p) for p in (out / "tune" / "efficiency").glob("run_trial_*/progress.csv")])
+    return {"rows": rows, "command_wall": command_wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="a `prepare` output (default: synthetic, 64 px)")
+    parser.add_argument("--model", default="el_cnn")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU (plain loop and trials)")
+    parser.add_argument("--trials-per-gpu", type=int, default=4, help="with --gpu: trials sharing the GPU")
+    parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
+    args = parser.parse_args()
+
+    extra = ["--cpus-per-worker", "1"]
+    if args.gpu:
+        extra = ["--gpus-per-worker", f"{1 / args.trials_per_gpu:g}", "--max-concurrent", str(args.trials_per_gpu)]
+    with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
+        scratch = Path(tmp)
+        data = args.data
+        if data is None:
+            from defect_tune.prepare import PrepareOptions, prepare
+
+            data = scratch / "data"
+            prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=data, image_size=64, workers=1))
+        from defect_tune.data import read_meta
+
+        meta = read_meta(data)
+        train_images = meta["splits"]["train"]["images"]
+        plain = plain_loop(data, args.model, max(args.epochs, 2), "cuda" if args.gpu else "cpu")
+        if args.gpu:
+            with GpuBusy() as busy:
+                sweep = run_sweep(data, args.model, args.trials, args.epochs, scratch, extra)
+            busy_text = f"{busy.fraction:.0%}"
+        else:
+            sweep = run_sweep(data, args.model, args.trials, args.epochs, scratch, extra)
+            busy_text = "n/a (no GPU)"
+
+    rows = sweep["rows"]
+    span = rows["timestamp_s"].max() - rows["trial_started_s"].min()
+    trained = len(rows) * (train_images // BATCH) * BATCH
+    rate = trained / span
+    first = rows.sort_values("epoch").groupby("trial_id").first()
+    later = rows[rows["epoch"] > 1]
+    lines = [
+        "# Sweep efficiency: a whole sweep's images/s against a plain loop's",
+        "",
+        machine(),
+        f"Command: `{' '.join(['python', 'benchmarks/bench_sweep.py', *sys.argv[1:]])}`",
+        f"Data: {args.data or 'synthetic, 64 px'} ({train_images} train images); model {args.model}, batch {BATCH}, "
+        f"no augmentation; {args.trials} trials, up to {args.epochs} epochs, ASHA grace 1; search options {' '.join(extra)}.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| plain loop, data in memory | {plain:,.0f} images/s |",
+        f"| sweep, first trial's start to last report ({span:.0f} s, {len(rows)} trial-epochs) | {rate:,.0f} images/s |",
+        f"| sweep / plain | {rate / plain:.3f} |",
+        f"| GPU busy over the sweep | {busy_text} |",
+        f"| `defect-tune search` command wall (with Ray's start and stop) | {sweep['command_wall']:.0f} s |",
+        "",
+        "Per trial (median over trials):",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+    ]
+    for key, label in STARTUP.items():
+        lines.append(f"| {label} | {first[key].median():.1f} |")
+    lines.append(f"| first epoch's training and validation | {first['epoch_s'].median():.1f} |")
+    if len(later):
+        lines.append(f"| a later epoch | {later['epoch_s'].median():.1f} |")
+    emit(lines, args.write)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from common import emit, machine
+from common import data_or_synthetic, emit, machine
 
 from defect_tune.config import OBJECTIVE
 from defect_tune.search import resolve_space
@@ -84,12 +84,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
         scratch = Path(tmp)
-        data = args.data
-        if data is None:
-            from defect_tune.prepare import PrepareOptions, prepare
-
-            data = scratch / "data"
-            prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=data, image_size=64, workers=1))
+        data = data_or_synthetic(args.data, scratch)
         fifo = sweep(data, write_space(scratch / "fifo.yaml", args.trials, args.epochs, args.epochs, None),
                      "fifo", scratch, args.seed)
         by_id = fifo["board"].set_index("trial_id")

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from common import emit, machine
+from common import data_or_synthetic, emit, machine
 
 BATCH = 64
 STARTUP = {
@@ -142,12 +142,7 @@ def main() -> None:
         extra = ["--gpus-per-worker", f"{1 / args.trials_per_gpu:g}", "--max-concurrent", str(args.trials_per_gpu)]
     with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
         scratch = Path(tmp)
-        data = args.data
-        if data is None:
-            from defect_tune.prepare import PrepareOptions, prepare
-
-            data = scratch / "data"
-            prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=data, image_size=64, workers=1))
+        data = data_or_synthetic(args.data, scratch)
         from defect_tune.data import read_meta
 
         meta = read_meta(data)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import emit, machine
+from common import data_or_synthetic, emit, machine
 
 CONFIG = {"model": "el_cnn", "batch_size": 64, "augment": "light", "warmup_epochs": 0, "early_stopping_patience": 0,
           "lr": 1e-3}
@@ -64,12 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
         scratch = Path(tmp)
-        data = args.data
-        if data is None:
-            from defect_tune.prepare import PrepareOptions, prepare
-
-            data = scratch / "data"
-            prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=data, image_size=64, workers=1))
+        data = data_or_synthetic(args.data, scratch)
         images = json.loads((data / "meta.json").read_text())["splits"]["train"]["images"]
         local = in_process(data, args.epochs, scratch / "train")
         trial = as_trial(data, args.epochs, scratch)

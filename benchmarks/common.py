@@ -19,3 +19,13 @@ def emit(lines: list[str], write: Path | None) -> None:
     if write:
         write.parent.mkdir(parents=True, exist_ok=True)
         write.write_text(text)
+
+
+def data_or_synthetic(data: Path | None, scratch: Path) -> Path:
+    """`data` (a `prepare` output) when given; else the embedded synthetic set at 64 px, prepared into `scratch`."""
+    if data is not None:
+        return data
+    from defect_tune.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=scratch / "data", image_size=64, workers=1))
+    return scratch / "data"

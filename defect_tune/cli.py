@@ -199,6 +199,7 @@ def search(
     seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
     max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (from its last checkpoint)")] = 0,
     wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
+    cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
 ) -> None:
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
     import datetime as dt
@@ -221,7 +222,7 @@ def search(
             data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
             workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
             max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
-            max_failures=max_failures, wandb_project=wandb,
+            max_failures=max_failures, wandb_project=wandb, cv=_cv_option(cv),
         )
         summary = run_search(options, console=console)
     except (SearchError, SpaceError, DataError, TrackingError) as error:
@@ -239,6 +240,16 @@ def search(
     else:
         console.print(f"no trial finished; see {results}/leaderboard.csv", style="red", markup=False)
         raise typer.Exit(1)
+
+
+def _cv_option(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        console.print(f"error: --cv takes a number of folds or auto, got {text!r}", style="red", markup=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -272,8 +283,9 @@ def retrain(
     export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="A `defect-tune export` file")],
     data: Annotated[str, typer.Option(help="A `prepare` output with the export's classes: a path, or a URI (s3://, gs://)")],
     out: Annotated[Path, typer.Option(help="The model directory to write")],
-    holdout: Annotated[str, typer.Option(help="val: train on train, best epoch and thresholds from val (default). "
-                                              "none: train+val for the sweep's best epoch, exported thresholds")] = "val",
+    holdout: Annotated[str | None, typer.Option(help="val: train on train, best epoch and thresholds from val (default). "
+                                                     "none: train+val for the sweep's best epoch, exported thresholds "
+                                                     "(default after a --cv sweep)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     workers: Annotated[int, typer.Option(help="TorchTrainer workers")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker")] = 1.0,

@@ -80,6 +80,9 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
             "precision_floor": config["precision_floor"], "definition": OBJECTIVE_DEFINITION,
         },
         "best_epoch": int(row["best_epoch"]),
+        # A cross-validated sweep (--cv): the objective, best epoch and thresholds are fold-means,
+        # each fold's thresholds learned on its own held-out part; retrain uses all of train+val.
+        "cv": sweep.get("cv"),
         # Learned on validation at the best epoch by the config's threshold_rule: a probability at
         # or above a class's threshold means "defect present". Above 1 means "never predicted":
         # no threshold reached the precision floor on validation.

@@ -26,10 +26,15 @@ def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarra
 class _Prepare:
     """map_batches body: stored bytes to uint8 images (augmented for training) and labels."""
 
-    def __init__(self, height: int, width: int, augment: str | None):
-        self.height, self.width, self.augment = height, width, augment
+    def __init__(self, height: int, width: int, augment: str | None, ids: np.ndarray | None = None,
+                 keep_ids: bool = True):
+        # ids: a cross-validation fold's held-out ids; its val keeps them, its train drops them.
+        self.height, self.width, self.augment, self.ids, self.keep_ids = height, width, augment, ids, keep_ids
 
     def __call__(self, batch: dict) -> dict:
+        if self.ids is not None:
+            chosen = np.isin(batch["id"], self.ids) == self.keep_ids
+            batch = {key: value[chosen] for key, value in batch.items()}
         images, labels = _decode(batch, self.height, self.width)
         if self.augment:
             # A fresh random stream per batch and epoch: Ray Data runs batches in any order on any
@@ -74,12 +79,17 @@ def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits:
     parts = [("train", train_splits, None if reproducible else config.augment)]
     if validate:
         parts.append(("val", ("val",), None))
+    fold = meta.get("fold")  # a cross-validation fold (folds.py): both splits read train+val's shards
+    held_out = None if fold is None else np.array(fold["val_ids"])
     for name, splits, augment in parts:
-        files = [data_file(location, shard["file"]) for split in splits for shard in meta["splits"][split]["shards"]]
-        ds = ray.data.read_parquet(files, columns=["pixels", "labels"], num_cpus=0, concurrency=tasks_at_once)
+        files = list(dict.fromkeys(data_file(location, shard["file"])
+                                   for split in splits for shard in meta["splits"][split]["shards"]))
+        columns = ["pixels", "labels"] + (["id"] if fold is not None else [])
+        ds = ray.data.read_parquet(files, columns=columns, num_cpus=0, concurrency=tasks_at_once)
         if name == "train":
             # A new shard order every epoch; a fixed one when the run must be reproducible.
             ds = ds.randomize_block_order(seed=config.seed if reproducible else None)
-        datasets[name] = ds.map_batches(_Prepare(height, width, augment), batch_format="numpy", batch_size=256,
+        prepare = _Prepare(height, width, augment, ids=held_out, keep_ids=name == "val")
+        datasets[name] = ds.map_batches(prepare, batch_format="numpy", batch_size=256,
                                         num_cpus=0, concurrency=tasks_at_once)
     return datasets

@@ -659,13 +659,19 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
     if checkpoint is None:
         section.notes.append(f"No precision-recall curves: the best trial {best['trial_id']} recorded no checkpoint.")
         return section
-    path, problem = _predictions_path(sweep, checkpoint)
-    if problem:
-        section.notes.append(problem)
-        return section
-    with np.load(path, allow_pickle=False) as data:
-        probs, targets = np.asarray(data["probs"], dtype=float), np.asarray(data["targets"])
-        classes = [str(c) for c in data["classes"]] if "classes" in data else list(sweep.classes)
+    # A cross-validated trial: every fold's held-out predictions at that epoch, so each train+val image once.
+    folds = _plain(best.get("fold_checkpoints"))
+    checkpoints = json.loads(folds) if folds else [checkpoint]
+    parts = []
+    for fold_checkpoint in checkpoints:
+        path, problem = _predictions_path(sweep, fold_checkpoint)
+        if problem:
+            section.notes.append(problem)
+            return section
+        with np.load(path, allow_pickle=False) as data:
+            parts.append((np.asarray(data["probs"], dtype=float), np.asarray(data["targets"])))
+            classes = [str(c) for c in data["classes"]] if "classes" in data else list(sweep.classes)
+    probs, targets = np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts])
     if probs.ndim != 2 or probs.shape != targets.shape or probs.shape[1] != len(classes):
         section.notes.append(f"No precision-recall curves: {path} holds probs {probs.shape} and targets {targets.shape} "
                              f"for {len(classes)} classes, which do not match.")
@@ -676,7 +682,8 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
         section.notes.append(f"No curve for {', '.join(empty)}: no positives among the {len(targets)} validation images.")
     if all(t is None for t in thresholds):
         section.notes.append("The leaderboard has no exported thresholds (threshold/<class> columns), so no operating points are marked.")
-    title = f"Trial {best['trial_id']} (rank {_count(best.get('rank'))}), epoch {_count(best.get('best_epoch'))}: {len(targets)} validation images"
+    held_out = f"held-out images of {len(checkpoints)} folds" if folds else "validation images"
+    title = f"Trial {best['trial_id']} (rank {_count(best.get('rank'))}), epoch {_count(best.get('best_epoch'))}: {len(targets)} {held_out}"
     section.figure = pr_figure(probs, targets, classes, thresholds, _precision_floor(sweep), title, out / "precision_recall.png")
     return section
 

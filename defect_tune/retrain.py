@@ -7,7 +7,9 @@ Two ways, the user's choice (`holdout`):
   sweep's) do not fit a retrained one; calibrated thresholds are worth more on small defect sets
   than the extra 15% of images.
 - `none`: train on train+val for the epoch at which the sweep's trial scored best (on the same
-  learning-rate schedule), and use the thresholds exported from the sweep.
+  learning-rate schedule), and use the thresholds exported from the sweep. The default after a
+  cross-validated sweep (`search --cv`): its best epoch is the one the folds agreed on (best
+  fold-mean) and its thresholds the fold-averaged ones, so validation has nothing left to add.
 Either way the test split is untouched until the end, and its metrics go into the model card.
 """
 
@@ -17,7 +19,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class RetrainOptions:
     export: Path
     data: Path | str  # a path, or a URI (s3://, gs://, file://)
     out: Path
-    holdout: str = "val"
+    holdout: str | None = None  # default: "none" after a cross-validated sweep, else "val"
     address: str | None = None  # None: a local Ray cluster
     workers: int = 1
     cpus_per_worker: float = 1.0
@@ -123,6 +125,8 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     started = time.perf_counter()
     export = read_export(options.export)
     meta = read_meta(options.data)
+    if options.holdout is None:
+        options = replace(options, holdout="none" if export.get("cv") else "val")
     _check(options, export, meta)
     check_shards(options.data, meta)
     values = dict(export["config"])
@@ -136,7 +140,8 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         console.print(f"note: {options.data} is not the data the sweep ran on (fingerprints differ); retraining on it anyway",
                       highlight=False, markup=False)
     plan = (f"train on train for up to {stop_after} epochs, best epoch and thresholds from val" if validate else
-            f"train on train+val for {stop_after} epochs (the sweep's best epoch), the sweep's thresholds")
+            f"train on train+val for {stop_after} epochs (the sweep's best epoch"
+            f"{', where the folds agreed' if export.get('cv') else ''}), the sweep's thresholds")
     console.print(f"retrain {export['sweep']['name']} trial {export['sweep']['trial_id']}: {plan}; seed {config.seed}",
                   highlight=False, markup=False)
 
@@ -165,6 +170,9 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     else:
         thresholds = np.array([export["thresholds"][c] for c in classes], dtype=np.float64)
         best_epoch, source = stop_after, f"exported from sweep {export['sweep']['name']}"
+        if export.get("cv"):
+            source = (f"the mean of {export['cv']['folds']} folds' thresholds (each learned on its fold's held-out part) "
+                      f"in sweep {export['sweep']['name']}")
 
     # The untouched test split, scored on this machine with the weights that will ship.
     parts = build_parts(config.model_copy(update={"pretrained": False, "pretrained_path": None}), meta, 1, pick_device())

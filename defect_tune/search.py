@@ -21,6 +21,7 @@ from rich.table import Table
 
 from defect_tune.data import check_shards, data_location, read_meta
 from defect_tune.export import package_versions
+from defect_tune.folds import make_folds
 from defect_tune.leaderboard import build_leaderboard, plain
 from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.tracking import wandb_callbacks
@@ -53,6 +54,7 @@ class SearchOptions:
     seed: int = 0
     max_failures: int = 0
     wandb_project: str | None = None  # log every trial as a W&B run (offline without a key)
+    cv: int | str | None = None  # folds per trial, 0 for none, or "auto"; None: the space's `cv`
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -124,7 +126,31 @@ def _short(config: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
-def trials_at_once(resources: dict, options: SearchOptions) -> int:
+def resolve_cv(requested: int | str, meta: dict) -> tuple[int, str | None]:
+    """Folds per trial for `--cv` (0: prepare's split) and what to tell the user about it.
+
+    "auto" cross-validates with 5 folds when some class has fewer than `folds.FEW_POSITIVES`
+    validation positives; without --cv such data gets a warning that recommends it.
+    """
+    from defect_tune.folds import FEW_POSITIVES, rare_classes
+
+    rare = rare_classes(meta)
+    listed = ", ".join(f"{c} {n}" for c, n in sorted(rare.items(), key=lambda item: item[1]))
+    if requested == "auto":
+        folds = 5 if rare else 0
+        if rare:
+            return folds, f"--cv auto: 5 folds, since these classes have fewer than {FEW_POSITIVES} validation positives: {listed}"
+        return 0, f"--cv auto: no cross-validation; every class has {FEW_POSITIVES}+ validation positives"
+    folds = int(requested)
+    if folds == 1 or folds < 0:
+        raise SearchError(f"--cv must be 0 (no cross-validation), 2 or more folds, or auto; got {requested}")
+    if folds == 0 and rare:
+        return 0, (f"warning: few validation positives ({listed}): one image moves such a class's recall by 1/n, so "
+                   "the search may chase noise; --cv 5 trains every trial on 5 folds of train+val (5x the compute)")
+    return folds, None
+
+
+def trials_at_once(resources: dict, options: SearchOptions, folds: int = 0) -> int:
     """How many trials run side by side with cores to spare for Ray Data.
 
     Each trial's workers take `workers * cpus_per_worker` CPUs (and GPUs); the trial function
@@ -136,12 +162,15 @@ def trials_at_once(resources: dict, options: SearchOptions) -> int:
         return options.max_concurrent
     cpus = resources.get("CPU", 0)
     free_for_data = max(1.0, cpus / 4)
-    per_trial = options.workers_per_trial * options.cpus_per_worker
+    per_trial = options.workers_per_trial * options.cpus_per_worker * max(folds, 1)  # a trial's folds run side by side
     by_cpu = math.floor((cpus - free_for_data) / per_trial) if per_trial else 1_000_000
     by_gpu = 1_000_000
     if options.gpus_per_worker > 0:
-        by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * options.gpus_per_worker))
+        by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * options.gpus_per_worker * max(folds, 1)))
     count = min(by_cpu, by_gpu)
+    if count < 1 and folds and cpus >= options.workers_per_trial * options.cpus_per_worker and (
+            options.gpus_per_worker == 0 or resources.get("GPU", 0) >= options.workers_per_trial * options.gpus_per_worker):
+        count = 1  # the trial's folds take turns; its fold-mean follows the slowest fold
     if count < 1 and by_gpu >= 1 and cpus >= per_trial:
         count = 1  # no spare core: Data shares the workers'
     if count < 1:
@@ -210,17 +239,21 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     # trial finished would otherwise lose it. Measured: a 2 s period lost finished trials to a
     # SIGKILL in the resume test; every step costs the 2-core quick sweep about a quarter of its time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    cv, advice = resolve_cv(space.cv if options.cv is None else options.cv, meta)
+    if advice:
+        console.print(advice, style="yellow" if advice.startswith("warning") else None, highlight=False, markup=False)
+    folds = make_folds(options.data, meta, cv, options.seed) if cv else []
     refuse_second_local_cluster(options.address)
     started = time.perf_counter()
     ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     try:
         resources = ray.cluster_resources()
-        concurrent = trials_at_once(resources, options)
+        concurrent = trials_at_once(resources, options, cv)
         setup = TrialSetup(
             data_dir=data_location(options.data), meta=meta, space=space, storage_path=storage,
             sweep_name=options.name, workers_per_trial=options.workers_per_trial,
             cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
-            max_failures=options.max_failures,
+            max_failures=options.max_failures, folds=tuple(folds),
         )
         # The trial function only waits on its TorchTrainer: it takes no CPU, so that every core
         # not given to workers is left to Ray Data (Tune refuses an all-zero request, so the
@@ -254,8 +287,9 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                     failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 ),
             )
+        per_trial = f", each on {cv} folds of train+val" if cv else ""
         console.print(
-            f"sweep {options.name}: {space.num_samples} trials of {Path(space.path).name}, {concurrent} at a time on "
+            f"sweep {options.name}: {space.num_samples} trials of {Path(space.path).name}{per_trial}, {concurrent} at a time on "
             f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs; Tune experiment {experiment}",
             highlight=False,
         )
@@ -264,11 +298,11 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         free = wait_for_release(resources)
     finally:
         ray.shutdown()
-    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources)
+    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv)
 
 
 def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
-                  seconds: float, free: dict, total: dict) -> dict:
+                  seconds: float, free: dict, total: dict, cv: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
@@ -277,6 +311,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
         "objective": space.objective, "mode": space.mode, "num_samples": space.num_samples,
         "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
+        "cv": {"folds": cv, "seed": options.seed} if cv else None,
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
         "resources_total": total, "resources_free_at_end": free, "versions": package_versions(),
     }

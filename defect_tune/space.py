@@ -5,6 +5,7 @@
     num_samples: 12                          # trial budget
     max_epochs: 6                            # every trial's epoch budget (ASHA's max_t)
     asha: {grace_period: 1, reduction_factor: 2}
+    cv: 0                                    # K folds per trial over train+val, or auto (`search --cv`)
     fixed: {batch_size: 64, augment: light}  # any TrainConfig key
     params:                                  # sampled in this order
       model: {choice: [el_cnn, resnet18]}
@@ -30,7 +31,8 @@ import yaml
 from defect_tune.config import ConfigError, TrainConfig, load_config
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
-TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "fixed", "params", "points_to_evaluate", "description"}
+TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "cv", "fixed", "params", "points_to_evaluate",
+             "description"}
 
 
 class SpaceError(ValueError):
@@ -60,6 +62,7 @@ class SearchSpace:
     fixed: dict[str, Any]
     params: tuple[Param, ...]
     points: tuple[tuple[str, dict], ...]  # (name, params) for points_to_evaluate
+    cv: int | str = 0  # folds per trial (0: prepare's split), or "auto" (search.resolve_cv)
 
     def sample(self, trial) -> dict:
         """The define-by-run body: suggest each active parameter on an Optuna trial."""
@@ -181,6 +184,9 @@ def load_space(path: Path) -> SearchSpace:
         raise _fail(path, "asha.grace_period", f"must be an integer in [1, max_epochs], got {grace!r}")
     if not (isinstance(factor, int | float) and factor > 1):
         raise _fail(path, "asha.reduction_factor", f"must be > 1, got {factor!r}")
+    cv = raw.get("cv", 0)
+    if not (cv == "auto" or (isinstance(cv, int) and not isinstance(cv, bool) and (cv == 0 or cv >= 2))):
+        raise _fail(path, "cv", f"must be 0 (no cross-validation), an integer >= 2 (folds) or auto, got {cv!r}")
     fixed = raw.get("fixed") or {}
     try:
         load_config(None, fixed)
@@ -196,7 +202,7 @@ def load_space(path: Path) -> SearchSpace:
     space = SearchSpace(
         path=str(path), objective=raw.get("objective", "val_guarded_macro_recall"), mode=mode,
         num_samples=raw["num_samples"], max_epochs=raw["max_epochs"], grace_period=grace,
-        reduction_factor=float(factor), fixed=fixed, params=tuple(params.values()), points=(),
+        reduction_factor=float(factor), fixed=fixed, params=tuple(params.values()), points=(), cv=cv,
     )
     points = []
     for index, point in enumerate(raw.get("points_to_evaluate") or []):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -41,6 +42,7 @@ class TrialSetup:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 0
+    folds: tuple[dict, ...] = ()  # --cv: each fold's meta (folds.make_folds); empty: prepare's split
 
 
 def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None, pipeline=None,
@@ -184,29 +186,90 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
 
 
-def run_trial(sampled: dict, setup: TrialSetup) -> None:
-    """The Tune trial: this trial's Datasets and one TorchTrainer run for its configuration."""
-    started = time.time()
-    config = setup.space.config_for(sampled)
-    trial_id = ray.tune.get_context().get_trial_id()
+def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list) -> TorchTrainer:
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(), "meta": setup.meta, "trial_started_s": started},
+        train_loop_config={"config": config.model_dump(), "meta": meta, "trial_started_s": started},
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(setup.data_dir, setup.meta, config,
+        datasets=build_datasets(setup.data_dir, meta, config,
                                 tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
         # One worker reads its Datasets itself; splitting would start a coordinator actor per
         # Dataset to hand everything to that one worker (seconds of every trial's start-up).
         dataset_config=DataConfig(datasets_to_split=["train"] if setup.workers_per_trial > 1 else []),
         run_config=RunConfig(
             # Named by trial id, never a timestamp: a restored trial finds its Train run again.
-            name=f"{setup.sweep_name}-{trial_id}",
+            name=name,
             storage_path=setup.storage_path.rstrip("/") + "/train",
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=setup.max_failures),
         ),
     )
-    trainer.fit()
+
+
+def run_trial(sampled: dict, setup: TrialSetup) -> None:
+    """The Tune trial: this trial's Datasets and one TorchTrainer run for its configuration, or
+    one per fold under `--cv` (`run_folds`)."""
+    started = time.time()
+    config = setup.space.config_for(sampled)
+    name = f"{setup.sweep_name}-{ray.tune.get_context().get_trial_id()}"
+    if setup.folds:
+        run_folds(config, setup, name, started)
+    else:
+        _trainer(config, setup, setup.meta, name, started, [TuneReportCallback()]).fit()
+
+
+class FoldReportCallback(UserCallback):
+    """Runs in a fold's Train controller: hands rank 0's report (and its checkpoint's path) to the
+    trial through a Ray queue, as TuneReportCallback hands a single run's to Tune."""
+
+    def __init__(self, fold: int, queue):
+        self.fold, self.queue = fold, queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        row = dict(metrics[0])
+        if checkpoint is not None:
+            row["checkpoint_path"] = checkpoint.path
+        if row:  # ranks other than 0 report nothing; so does rank 0 of a run without validation
+            self.queue.put((self.fold, row))
+
+
+def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float) -> None:
+    """One TorchTrainer per fold, side by side (each waits for its workers like any trial's), and
+    one report to Tune per epoch: the fold-mean (`folds.FoldMean`), once every fold reached it.
+    A fold that fails (after its own `--max-failures` retries) fails the trial."""
+    from ray.util.queue import Empty, Queue
+
+    from defect_tune.folds import FoldMean
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    errors: dict[int, BaseException] = {}
+
+    def fit(fold: int, meta: dict) -> None:
+        try:
+            _trainer(config, setup, meta, f"{name}-fold{fold}", started, [FoldReportCallback(fold, queue)]).fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
+            errors[fold] = error
+
+    threads = [threading.Thread(target=fit, args=(fold, meta), name=f"fold{fold}", daemon=True)
+               for fold, meta in enumerate(setup.folds)]
+    for thread in threads:
+        thread.start()
+    mean = FoldMean(len(threads), setup.space.objective)
+    while not mean.done:
+        ended = [fold for fold, thread in enumerate(threads) if not thread.is_alive() and fold not in mean.finished]
+        block = not ended  # a fold's reports are all queued before its fit() returns: drain, then mark it ended
+        try:
+            while True:
+                mean.add(*queue.get(block=block, timeout=1.0 if block else None))
+                block = False
+        except Empty:
+            pass
+        for fold in ended:
+            if fold in errors:
+                raise RuntimeError(f"fold {fold} of {len(threads)} failed: {errors[fold]}") from errors[fold]
+            mean.finish(fold)
+        for row in mean.ready():
+            ray.tune.report(row)

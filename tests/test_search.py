@@ -115,13 +115,15 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
         assert_key_written_nowhere(result, out, ray_tmp, tmp_path)
 
+        # Two more sweeps; the second cross-validates (two TorchTrainers per trial, side by side).
         (tmp_path / "again").mkdir()
         space = write_space(tmp_path / "again", 2, 2)
-        for run in (1, 2):
+        for run, options in ((1, ["--max-concurrent", 2, "--cpus-per-worker", 1]),
+                             (2, ["--max-concurrent", 1, "--cpus-per-worker", 0.5, "--cv", 2])):
             before = _pids()
             again = subprocess.run(
                 search_command("--data", synthetic_data, "--space", space, "--name", f"again-{run}",
-                               "--out", tmp_path / f"again-{run}", "--max-concurrent", 2, "--cpus-per-worker", 1),
+                               "--out", tmp_path / f"again-{run}", *options),
                 capture_output=True, text=True, timeout=600, env=offline_env(tmp_path, ray_tmp),
             )
             assert again.returncode == 0, again.stderr[-3000:]
@@ -130,8 +132,50 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
             assert len(board) == 2 and set(board["stop_reason"]) <= {"asha", "completed"}
             summary = json.loads((tmp_path / f"again-{run}" / "sweep.json").read_text())
             assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
+        assert "each on 2 folds of train+val" in again.stderr
+        assert_tune_received_the_fold_mean(tmp_path / "again-2", "again-2", synthetic_data, folds=2)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: int) -> None:
+    """Every epoch Tune saw is the mean of the folds' objectives, and the last one equals the
+    objective recomputed from each fold's own held-out predictions (its Train checkpoint)."""
+    import numpy as np
+
+    from defect_tune.config import OBJECTIVE, TrainConfig
+    from defect_tune.train import score_epoch
+
+    meta = json.loads((data / "meta.json").read_text())
+    assert json.loads((out / "sweep.json").read_text())["cv"] == {"folds": folds, "seed": 0}
+    configs = json.loads((out / "trial_configs.json").read_text())
+    progresses = sorted((out / "tune" / name).glob("run_trial_*/progress.csv"))
+    assert len(progresses) == 2
+    for progress in progresses:
+        history = pd.read_csv(progress)
+        assert (history["folds"] == folds).all()
+        per_fold = history[[f"{OBJECTIVE}/fold{f}" for f in range(folds)]]
+        assert np.allclose(history[OBJECTIVE], per_fold.mean(axis=1))
+        assert (history[f"{OBJECTIVE}_low"] <= history[OBJECTIVE]).all()
+        last = history.iloc[-1]
+        trial_id = str(last["trial_id"])
+        config = TrainConfig.model_validate(configs[trial_id])
+        recomputed, held_out = [], 0
+        for fold, checkpoint in enumerate(json.loads(last["fold_checkpoints"])):
+            assert f"{name}-{trial_id}-fold{fold}" in checkpoint  # each fold its own TorchTrainer run
+            saved = np.load(Path(checkpoint) / "val_predictions.npz")
+            recomputed.append(score_epoch(saved["probs"], saved["targets"], config, meta["classes"])[OBJECTIVE])
+            held_out += len(saved["targets"])
+        assert last[OBJECTIVE] == pytest.approx(np.mean(recomputed))
+        assert held_out == meta["splits"]["train"]["images"] + meta["splits"]["val"]["images"]
+    # The export says the thresholds are fold-means (retrain then uses all of train+val), and the
+    # report's precision-recall curves come from every fold's held-out predictions.
+    from defect_tune.export import build_export
+    from defect_tune.report import write_report
+
+    assert build_export(out)["cv"] == {"folds": folds, "seed": 0}
+    html = write_report(out)
+    assert (html.parent / "precision_recall.png").is_file() and "No precision-recall curves" not in html.read_text()
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

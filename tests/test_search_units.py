@@ -14,7 +14,7 @@ import pytest
 
 from defect_tune.leaderboard import build_leaderboard, error_reason
 from defect_tune.search import (AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces, refuse_second_local_cluster,
-                                resolve_space, trials_at_once)
+                                resolve_cv, resolve_space, trials_at_once)
 from defect_tune.space import DefineByRun, SpaceError, load_space
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
@@ -36,6 +36,35 @@ def test_trials_at_once_leaves_cpus_unreserved_for_ray_data():
         trials_at_once({"CPU": 1}, options(workers_per_trial=2, cpus_per_worker=1))
     with pytest.raises(SearchError, match="cannot run one trial"):
         trials_at_once({"CPU": 8}, options(gpus_per_worker=1))
+
+
+def test_a_cross_validated_trial_reserves_its_folds_or_lets_them_take_turns():
+    assert trials_at_once({"CPU": 16}, options(cpus_per_worker=1), folds=5) == 2  # 5 CPUs a trial, 4 left for Data
+    assert trials_at_once({"CPU": 16, "GPU": 2}, options(gpus_per_worker=0.25), folds=4) == 2  # a GPU per trial
+    assert trials_at_once({"CPU": 2}, options(cpus_per_worker=1), folds=5) == 1  # one fold at a time
+    with pytest.raises(SearchError, match="cannot run one trial"):
+        trials_at_once({"CPU": 8}, options(gpus_per_worker=1), folds=2)
+
+
+def meta_with_val(**positives):
+    classes = list(positives)
+    return {"classes": classes, "splits": {
+        "train": {"positives": {c: 10 * n + 1 for c, n in positives.items()}},
+        "val": {"positives": positives}, "test": {"positives": positives}}}
+
+
+def test_cv_is_recommended_when_a_class_has_few_validation_positives_and_auto_turns_it_on():
+    rare = meta_with_val(crack=40, finger=2, corrosion=4)
+    folds, advice = resolve_cv(0, rare)
+    assert folds == 0 and advice.startswith("warning") and "finger 2, corrosion 4" in advice and "--cv 5" in advice
+    assert "crack" not in advice
+    assert resolve_cv("auto", rare)[0] == 5
+    common = meta_with_val(crack=40, finger=5)
+    assert resolve_cv(0, common) == (0, None)
+    assert resolve_cv("auto", common)[0] == 0
+    assert resolve_cv(3, common) == (3, None)
+    with pytest.raises(SearchError, match="--cv must be"):
+        resolve_cv(1, common)
 
 
 def test_asha_stopped_trials_reach_optuna_as_pruned():

@@ -78,6 +78,8 @@ BASE = "num_samples: 4\nmax_epochs: 3\n"
         ("fixed: {batch: 3}\nparams: {lr: {uniform: [0.1, 0.2]}}", "fixed: "),
         ("asha: {grace_period: 9}\nparams: {lr: {uniform: [0.1, 0.2]}}", "asha.grace_period"),
         ("sampler: tpe\nparams: {lr: {uniform: [0.1, 0.2]}}", "sampler: unknown key"),
+        ("cv: 1\nparams: {lr: {uniform: [0.1, 0.2]}}", "cv: must be 0 .*, an integer >= 2 .* or auto, got 1"),
+        ("cv: five\nparams: {lr: {uniform: [0.1, 0.2]}}", "cv: must be 0"),
         ("params: {}", "params: needs at least one"),
         ("params: {loss: {choice: [bce, focal]}, focal_gamma: {uniform: [1, 2], when: {loss: focal}}}\n"
          "points_to_evaluate: [{name: p, params: {loss: bce, focal_gamma: 2}}]",

@@ -97,7 +97,8 @@ def bootstrap_macro_recall(predicted: np.ndarray, truth: np.ndarray, samples: in
 
 
 def evaluate(
-    probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds: np.ndarray | float = 0.5
+    probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds: np.ndarray | float = 0.5,
+    intervals: bool = True,
 ) -> dict:
     """Per-class, macro and micro scores of `probs >= thresholds` against `targets`.
 
@@ -118,6 +119,7 @@ def evaluate(
     `recall_interval` (Wilson, tp of support) and `precision_interval` (Wilson, tp of tp + fp;
     None when the class is never predicted); macro `recall_interval` by bootstrap over images.
     With 1-6 positives of a rare class, the interval, not the point value, is what to read.
+    `intervals=False` skips the bootstrap (macro `recall_interval` None) where nobody reads it.
     """
     probs, targets = _check(probs, targets)
     n, c = probs.shape
@@ -159,7 +161,7 @@ def evaluate(
     macro = {key: _mean([row[key] for row in scored]) for key in ("precision", "recall", "f1", "f2")}
     for key in ("average_precision", "roc_auc"):
         macro[key] = _mean([row[key] for row in per_class.values()])
-    macro["recall_interval"] = bootstrap_macro_recall(pred, truth)
+    macro["recall_interval"] = bootstrap_macro_recall(pred, truth) if intervals else None
     TP, FP, TN, FN = (int(x.sum()) for x in (tp, fp, tn, fn))
     micro = {
         "precision": float(_ratio(TP, FP)),
@@ -249,7 +251,7 @@ def guarded_macro_recall(probs: np.ndarray, targets: np.ndarray, precision_floor
     probs, targets = _check(probs, targets)
     classes = [str(i) for i in range(probs.shape[1])]
     thresholds = learn_thresholds(probs, targets, "recall_at_precision", precision_floor, "pr_curve")
-    recall = evaluate(probs, targets, classes, thresholds)["macro"]["recall"]
+    recall = evaluate(probs, targets, classes, thresholds, intervals=False)["macro"]["recall"]
     if recall is None:
         raise ValueError("no class has positives in these targets: macro recall is undefined")
     return recall

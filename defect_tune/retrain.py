@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 from safetensors import SafetensorError
@@ -42,7 +42,7 @@ from defect_tune.search import SearchError, refuse_second_local_cluster
 from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
 from defect_tune.ingest import build_datasets, data_tasks_at_once
 from defect_tune.leaderboard import error_reason
-from defect_tune.trial import CHECKPOINT_FILE, train_loop_per_worker
+from defect_tune.trial import CHECKPOINT_FILE, dataset_config, train_loop_per_worker
 
 HOLDOUTS = ("val", "none")
 WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
@@ -100,7 +100,7 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True,
                                 tasks_at_once=data_tasks_at_once(options.workers, options.cpus_per_worker)),
-        dataset_config=DataConfig(datasets_to_split=["train"] if options.workers > 1 else []),  # as in trial.py
+        dataset_config=dataset_config(options.workers),
         run_config=RunConfig(
             name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max")

@@ -186,6 +186,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
 
 
+def dataset_config(workers: int) -> DataConfig:
+    """Train split across workers. One worker reads its Datasets itself: splitting would start a
+    coordinator actor per Dataset to hand everything to that one worker (seconds of start-up)."""
+    return DataConfig(datasets_to_split=["train"] if workers > 1 else [])
+
+
 def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list) -> TorchTrainer:
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
@@ -195,9 +201,7 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(setup.data_dir, meta, config,
                                 tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
-        # One worker reads its Datasets itself; splitting would start a coordinator actor per
-        # Dataset to hand everything to that one worker (seconds of every trial's start-up).
-        dataset_config=DataConfig(datasets_to_split=["train"] if setup.workers_per_trial > 1 else []),
+        dataset_config=dataset_config(setup.workers_per_trial),
         run_config=RunConfig(
             # Named by trial id, never a timestamp: a restored trial finds its Train run again.
             name=name,

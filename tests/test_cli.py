@@ -35,3 +35,10 @@ def test_prepare_errors_exit_2_with_the_reason(small_voc, tmp_path):
 
     result = defect_tune("prepare", small_voc, "--out", tmp_path / "out3", "--split", "0.7/0.3")
     assert result.returncode == 2 and "three fractions" in result.stderr
+
+
+def test_search_refuses_a_cv_that_is_not_a_fold_count_before_starting_ray(synthetic_data, tmp_path):
+    for value, message in (("five", "--cv takes a number of folds or auto, got 'five'"), ("1", "--cv must be 0")):
+        result = defect_tune("search", "--data", synthetic_data, "--cv", value, "--out", tmp_path / value)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / value).exists()

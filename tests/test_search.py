@@ -62,11 +62,12 @@ def _pids() -> set[int]:
     return set(psutil.pids())
 
 
-@pytest.mark.timeout(1500)  # 6 + 2 + 2 trials with W&B: ~9 minutes alone on 2 cores
+@pytest.mark.timeout(1500)  # 6 trials with W&B, then 2 trials x 2 folds: ~9 minutes alone on 2 cores
 def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb(synthetic_data, tmp_path):
     """Six trials, so ASHA must stop some: the stopped trials' CPUs come back (a leak hangs the
     sweep), and every trial, stopped or finished, is one offline W&B run; the key is written nowhere.
-    Then two more sweeps in a row: each completes, and none leaves a process behind.
+    Then a cross-validated sweep right after: it completes, leaves no process behind, and Tune
+    receives the fold-mean.
 
     Two trials at once with 1-CPU workers on 2 CPUs: the trials' workers hold every CPU, as after
     losing a node. Ray Data's tasks must still run (when they asked for a CPU, this hung forever)."""
@@ -115,25 +116,22 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
         assert_key_written_nowhere(result, out, ray_tmp, tmp_path)
 
-        # Two more sweeps; the second cross-validates (two TorchTrainers per trial, side by side).
+        # Another sweep right after, cross-validated: two TorchTrainers per trial, side by side.
         (tmp_path / "again").mkdir()
-        space = write_space(tmp_path / "again", 2, 2)
-        for run, options in ((1, ["--max-concurrent", 2, "--cpus-per-worker", 1]),
-                             (2, ["--max-concurrent", 1, "--cpus-per-worker", 0.5, "--cv", 2])):
-            before = _pids()
-            again = subprocess.run(
-                search_command("--data", synthetic_data, "--space", space, "--name", f"again-{run}",
-                               "--out", tmp_path / f"again-{run}", *options),
-                capture_output=True, text=True, timeout=600, env=offline_env(tmp_path, ray_tmp),
-            )
-            assert again.returncode == 0, again.stderr[-3000:]
-            assert not _left_behind(before)
-            board = pd.read_csv(tmp_path / f"again-{run}" / "leaderboard.csv")
-            assert len(board) == 2 and set(board["stop_reason"]) <= {"asha", "completed"}
-            summary = json.loads((tmp_path / f"again-{run}" / "sweep.json").read_text())
-            assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
+        before = _pids()
+        again = subprocess.run(
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path / "again", 2, 2), "--name", "again",
+                           "--out", tmp_path / "again", "--max-concurrent", 1, "--cpus-per-worker", 0.5, "--cv", 2),
+            capture_output=True, text=True, timeout=600, env=offline_env(tmp_path, ray_tmp),
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert not _left_behind(before)
+        board = pd.read_csv(tmp_path / "again" / "leaderboard.csv")
+        assert len(board) == 2 and set(board["stop_reason"]) <= {"asha", "completed"}
+        summary = json.loads((tmp_path / "again" / "sweep.json").read_text())
+        assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
         assert "each on 2 folds of train+val" in again.stderr
-        assert_tune_received_the_fold_mean(tmp_path / "again-2", "again-2", synthetic_data, folds=2)
+        assert_tune_received_the_fold_mean(tmp_path / "again", "again", synthetic_data, folds=2)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

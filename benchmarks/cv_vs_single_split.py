@@ -63,10 +63,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--scratch", type=Path, default=None)
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="build the table from the JSON lines an earlier (possibly interrupted) run printed")
     args = parser.parse_args()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="dt-cv-"))
     rows = []
-    for seed in args.seeds:
+    if args.rows is not None:
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.startswith("{")]
+        args.seeds = sorted({row["seed"] for row in rows})
+    for seed in args.seeds if args.rows is None else []:
         data = scratch / f"data-{seed}"
         if not (data / "meta.json").is_file():
             run("prepare", str(args.source), "--format", "voc", "--out", str(data), "--image-size", str(args.image_size),
@@ -95,6 +100,8 @@ def main() -> None:
     lines += ["", "| search | mean test macro recall | mean test guarded macro recall | mean sweep wall |", "|---|---:|---:|---:|"]
     for cv in (0, args.folds):
         picked = [r for r in rows if r["cv"] == cv]
+        if not picked:
+            continue
         lines.append(f"| {'--cv ' + str(cv) if cv else 'single split'} | {statistics.mean(r['test_recall'] for r in picked):.3f} | "
                      f"{statistics.mean(r['test_guarded'] for r in picked):.3f} | "
                      f"{statistics.mean(r['wall'] for r in picked) / 60:.1f} min |")

@@ -181,6 +181,20 @@ def trials_at_once(resources: dict, options: SearchOptions, folds: int = 0) -> i
     return count
 
 
+def folds_side_by_side(resources: dict, options: SearchOptions, folds: int) -> str | None:
+    """A note when one trial's folds cannot all train at once on this cluster, with the
+    --cpus-per-worker at which they would; None when they can."""
+    cpus = resources.get("CPU", 0)
+    usable = cpus - max(1.0, cpus / 4)  # what trials_at_once leaves to workers
+    need = options.workers_per_trial * options.cpus_per_worker * folds
+    if need <= max(usable, 0) or usable <= 0:
+        return None
+    fits = math.floor(usable / (options.workers_per_trial * folds) * 10) / 10
+    advice = f"; --cpus-per-worker {fits:g} runs them side by side" if fits > 0 else ""
+    return (f"note: a trial's {folds} folds need {need:g} CPUs, more than the {usable:g} left for workers: folds take turns, so "
+            f"ASHA sees a trial's first fold-mean only when its last fold has trained an epoch{advice}")
+
+
 def wait_for_release(total: dict, timeout: float = 60.0) -> dict:
     """Free resources once the sweep's trials have let go of theirs (Train's placement groups
     are removed asynchronously after a trial ends), or what is still taken after `timeout`."""
@@ -287,6 +301,10 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                     failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 ),
             )
+        if cv:
+            fold_note = folds_side_by_side(resources, options, cv)
+            if fold_note:
+                console.print(fold_note, highlight=False, markup=False)
         per_trial = f", each on {cv} folds of train+val" if cv else ""
         console.print(
             f"sweep {options.name}: {space.num_samples} trials of {Path(space.path).name}{per_trial}, {concurrent} at a time on "

@@ -14,7 +14,7 @@ import pytest
 
 from defect_tune.leaderboard import build_leaderboard, error_reason
 from defect_tune.search import (AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces, refuse_second_local_cluster,
-                                resolve_cv, resolve_space, trials_at_once)
+                                folds_side_by_side, resolve_cv, resolve_space, trials_at_once)
 from defect_tune.space import DefineByRun, SpaceError, load_space
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
@@ -44,6 +44,9 @@ def test_a_cross_validated_trial_reserves_its_folds_or_lets_them_take_turns():
     assert trials_at_once({"CPU": 2}, options(cpus_per_worker=1), folds=5) == 1  # one fold at a time
     with pytest.raises(SearchError, match="cannot run one trial"):
         trials_at_once({"CPU": 8}, options(gpus_per_worker=1), folds=2)
+    note = folds_side_by_side({"CPU": 2}, options(cpus_per_worker=0.5), 5)
+    assert "5 folds need 2.5 CPUs, more than the 1 left for workers" in note and "--cpus-per-worker 0.2 runs them side by side" in note
+    assert folds_side_by_side({"CPU": 16}, options(cpus_per_worker=1), 5) is None
 
 
 def meta_with_val(**positives):

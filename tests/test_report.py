@@ -284,6 +284,26 @@ def test_a_class_without_validation_positives_is_said_not_drawn(report):
     assert "<img" in section
 
 
+def test_a_cross_validated_trials_curves_use_every_folds_held_out_predictions(tmp_path):
+    results = make_results(tmp_path)
+    board = pd.read_parquet(results / "leaderboard.parquet")
+    folds = []
+    for fold, n in enumerate((50, 40, 20)):
+        checkpoint = tmp_path / "tune" / "train" / f"sweep-{board.loc[0, 'trial_id']}-fold{fold}" / "checkpoint_000002"
+        checkpoint.mkdir(parents=True)
+        probs, targets = predictions(10 + fold, n)
+        np.savez_compressed(checkpoint / PREDICTIONS_FILE, probs=probs, targets=targets, classes=np.array(CLASSES))
+        folds.append(str(checkpoint))
+    board["fold_checkpoints"] = None
+    board.loc[0, "fold_checkpoints"] = json.dumps(folds)
+    board.to_parquet(results / "leaderboard.parquet", index=False)
+    page = write_report(results).read_text()
+    assert "No curve for scratch: no positives among the 110 validation images." in page  # 50 + 40 + 20, not the 120 of the checkpoint column
+    Path(folds[1], PREDICTIONS_FILE).unlink()  # one fold's checkpoint gone: said, not drawn from the others
+    page = write_report(results, tmp_path / "again").read_text()
+    assert html.escape(f"{Path(folds[1], PREDICTIONS_FILE)} not found") in page
+
+
 def test_without_the_search_space_distributions_are_inferred(tmp_path):
     results = make_results(tmp_path, space=None)
     page = write_report(results).read_text()

@@ -150,6 +150,26 @@ def resolve_cv(requested: int | str, meta: dict) -> tuple[int, str | None]:
     return folds, None
 
 
+CV_RECORD = "cv.json"  # in the results folder: the folds a sweep started with, for --resume
+
+
+def folds_for_sweep(options: SearchOptions, space: SearchSpace, meta: dict, out: Path) -> tuple[int, int, str | None]:
+    """Folds per trial, their seed, and what to tell the user. A new sweep records them; a resumed
+    one uses what it started with, since its trials' Train runs are per fold: resuming a 5-fold
+    sweep on prepare's split (or with other folds) would mix two kinds of trial in one leaderboard."""
+    record = out / CV_RECORD
+    if options.resume:
+        started = json.loads(record.read_text()) if record.is_file() else {"folds": 0, "seed": options.seed}
+        if options.cv is not None and resolve_cv(options.cv, meta)[0] != started["folds"]:
+            raise SearchError(f"--resume: sweep {options.name!r} started with --cv {started['folds']} ({record}); "
+                              f"it cannot continue with --cv {options.cv}")
+        return started["folds"], started["seed"], None
+    cv, advice = resolve_cv(space.cv if options.cv is None else options.cv, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"folds": cv, "seed": options.seed}) + "\n")
+    return cv, options.seed, advice
+
+
 def trials_at_once(resources: dict, options: SearchOptions, folds: int = 0) -> int:
     """How many trials run side by side with cores to spare for Ray Data.
 
@@ -253,10 +273,10 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     # trial finished would otherwise lose it. Measured: a 2 s period lost finished trials to a
     # SIGKILL in the resume test; every step costs the 2-core quick sweep about a quarter of its time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    cv, advice = resolve_cv(space.cv if options.cv is None else options.cv, meta)
+    cv, fold_seed, advice = folds_for_sweep(options, space, meta, out)
     if advice:
         console.print(advice, style="yellow" if advice.startswith("warning") else None, highlight=False, markup=False)
-    folds = make_folds(options.data, meta, cv, options.seed) if cv else []
+    folds = make_folds(options.data, meta, cv, fold_seed) if cv else []
     refuse_second_local_cluster(options.address)
     started = time.perf_counter()
     ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
@@ -316,11 +336,12 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         free = wait_for_release(resources)
     finally:
         ray.shutdown()
-    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv)
+    cv_record = {"folds": cv, "seed": fold_seed} if cv else None
+    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv_record)
 
 
 def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
-                  seconds: float, free: dict, total: dict, cv: int = 0) -> dict:
+                  seconds: float, free: dict, total: dict, cv: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
@@ -329,7 +350,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
         "objective": space.objective, "mode": space.mode, "num_samples": space.num_samples,
         "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
-        "cv": {"folds": cv, "seed": options.seed} if cv else None,
+        "cv": cv,  # {"folds", "seed"} of a cross-validated sweep
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
         "resources_total": total, "resources_free_at_end": free, "versions": package_versions(),
     }

@@ -199,3 +199,19 @@ def test_a_failed_trials_reason_is_its_root_cause_not_rays_wrapper():
     assert error_reason(RuntimeError("boom")) == "RuntimeError: boom"
     assert error_reason(ValueError("first line\nsecond")) == "ValueError: first line"
     assert len(error_reason(RuntimeError("x" * 2000))) == 500
+
+
+def test_a_resumed_sweep_keeps_the_folds_it_started_with(tmp_path):
+    from defect_tune.search import folds_for_sweep
+
+    space = load_space(QUICK)
+    rare = meta_with_val(crack=40, finger=2)
+    out = tmp_path / "out"
+    assert folds_for_sweep(options(cv=5, seed=3), space, rare, out)[:2] == (5, 3)
+    # Resumed without --cv, or with another --seed: the same 5 folds, drawn with seed 3.
+    assert folds_for_sweep(options(resume=True, seed=0), space, rare, out) == (5, 3, None)
+    assert folds_for_sweep(options(resume=True, cv="auto"), space, rare, out)[:2] == (5, 3)
+    with pytest.raises(SearchError, match="started with --cv 5 .* cannot continue with --cv 0"):
+        folds_for_sweep(options(resume=True, cv=0), space, rare, out)
+    # A sweep from before folds were recorded ran on prepare's split.
+    assert folds_for_sweep(options(resume=True), space, rare, tmp_path / "older") == (0, 0, None)

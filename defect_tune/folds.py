@@ -153,7 +153,7 @@ def fold_mean(rows: list[dict], epoch: int, objective: str) -> dict:
     out: dict = {"epoch": epoch, "folds": k}
     for key in dict.fromkeys(key for row in rows for key in row):
         present = [row[key] for row in rows if row.get(key) is not None]
-        if key in ("epoch", "checkpoint_path", "best_epoch") or key.endswith(("_low", "_high")) or not present:
+        if key in ("epoch", "checkpoint_path", "predictions_path", "best_epoch") or key.endswith(("_low", "_high")) or not present:
             continue  # intervals are the folds' own, recomputed below
         if key.startswith(("val_recalled/", "val_positives/")):
             out[key] = int(sum(present))
@@ -182,6 +182,7 @@ def fold_mean(rows: list[dict], epoch: int, objective: str) -> dict:
         out.update({key: centre, f"{key}_low": low, f"{key}_high": high, f"{key}_fold_sd": spread})
         out.update({f"{key}/fold{f}": float(v) for f, v in enumerate(values)})
     out["fold_checkpoints"] = json.dumps([row.get("checkpoint_path") for row in rows])
+    out["fold_predictions"] = json.dumps([row.get("predictions_path") for row in rows])  # kept for every epoch
     out["fold_epochs"] = json.dumps([int(row["epoch"]) for row in rows])
     if rows[0].get("checkpoint_path"):
         out["checkpoint_path"] = rows[0]["checkpoint_path"]

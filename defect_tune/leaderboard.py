@@ -92,9 +92,9 @@ def trial_row(result, space, classes: list[str]) -> dict:
         for c in classes:  # the best epoch's learned thresholds, which `export` hands to production
             row[f"threshold/{c}"] = _clean(best.get(f"threshold/{c}"))
         row["checkpoint"] = _clean(best.get("checkpoint_path"))  # the best epoch's, which Train keeps
-        if "folds" in best:  # --cv: each fold's checkpoint at that epoch, and the folds' spread
+        if "folds" in best:  # --cv: each fold's held-out predictions at that epoch, and the folds' spread
             row["folds"] = int(best["folds"])
-            row["fold_checkpoints"] = _clean(best.get("fold_checkpoints"))
+            row["fold_predictions"] = _clean(best.get("fold_predictions"))
             row[f"{key}_fold_sd"] = _clean(best.get(f"{key}_fold_sd"))
         row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
         row["wall_seconds"] = float(history["time_total_s"].max())

@@ -628,15 +628,16 @@ def savings_section(sweep: Sweep, out: Path) -> Section:
     return section
 
 
-def _predictions_path(sweep: Sweep, checkpoint) -> tuple[Path | None, str | None]:
-    text = str(checkpoint)
+def _predictions_path(sweep: Sweep, file: str) -> tuple[Path | None, str | None]:
+    """A local path to a predictions file (`<checkpoint>/val_predictions.npz`), or why there is none."""
+    text = str(file)
     if text.startswith("file://"):
         text = text.removeprefix("file://")
     elif "://" in text:
-        return None, (f"No precision-recall curves: the best trial's checkpoint is on remote storage ({checkpoint}), and the "
-                      f"report reads local files only. Copy {text.rstrip('/')}/{PREDICTIONS_FILE} next to the results and "
-                      "point the leaderboard's checkpoint column at it, or run the report where the storage is mounted.")
-    path = Path(text) / PREDICTIONS_FILE
+        return None, (f"No precision-recall curves: the best trial's predictions are on remote storage ({text}), and the "
+                      "report reads local files only. Copy them next to the results and point the leaderboard's "
+                      "checkpoint (or fold_predictions) column at the copy, or run the report where the storage is mounted.")
+    path = Path(text)
     if path.is_file():
         return path, None
     experiment = str(sweep.summary.get("experiment", ""))
@@ -660,11 +661,11 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
         section.notes.append(f"No precision-recall curves: the best trial {best['trial_id']} recorded no checkpoint.")
         return section
     # A cross-validated trial: every fold's held-out predictions at that epoch, so each train+val image once.
-    folds = _plain(best.get("fold_checkpoints"))
-    checkpoints = json.loads(folds) if folds else [checkpoint]
+    folds = _plain(best.get("fold_predictions"))
+    files = json.loads(folds) if folds else [f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"]
     parts = []
-    for fold_checkpoint in checkpoints:
-        path, problem = _predictions_path(sweep, fold_checkpoint)
+    for file in files:
+        path, problem = _predictions_path(sweep, file)
         if problem:
             section.notes.append(problem)
             return section
@@ -682,7 +683,7 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
         section.notes.append(f"No curve for {', '.join(empty)}: no positives among the {len(targets)} validation images.")
     if all(t is None for t in thresholds):
         section.notes.append("The leaderboard has no exported thresholds (threshold/<class> columns), so no operating points are marked.")
-    held_out = f"held-out images of {len(checkpoints)} folds" if folds else "validation images"
+    held_out = f"held-out images of {len(files)} folds" if folds else "validation images"
     title = f"Trial {best['trial_id']} (rank {_count(best.get('rank'))}), epoch {_count(best.get('best_epoch'))}: {len(targets)} {held_out}"
     section.figure = pr_figure(probs, targets, classes, thresholds, _precision_floor(sweep), title, out / "precision_recall.png")
     return section

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
@@ -227,17 +228,36 @@ def run_trial(sampled: dict, setup: TrialSetup) -> None:
 
 class FoldReportCallback(UserCallback):
     """Runs in a fold's Train controller: hands rank 0's report (and its checkpoint's path) to the
-    trial through a Ray queue, as TuneReportCallback hands a single run's to Tune."""
+    trial through a Ray queue, as TuneReportCallback hands a single run's to Tune.
 
-    def __init__(self, fold: int, queue):
-        self.fold, self.queue = fold, queue
+    It also copies the epoch's held-out predictions to `<predictions>/epoch_<e>/fold<k>.npz`
+    (`predictions`: a path or URI on the sweep's storage): Train keeps only each fold's best and
+    latest checkpoints, and the epoch the fold-mean picks may be neither."""
+
+    def __init__(self, fold: int, queue, predictions: str):
+        self.fold, self.queue, self.predictions = fold, queue, predictions
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         row = dict(metrics[0])
+        if not row:  # ranks other than 0 report nothing
+            return
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path
-        if row:  # ranks other than 0 report nothing; so does rank 0 of a run without validation
-            self.queue.put((self.fold, row))
+            folder = f"{self.predictions}/epoch_{int(row['epoch']):03d}"
+            target, filesystem = f"{folder}/fold{self.fold}.npz", _filesystem_of(folder)
+            filesystem.create_dir(_without_scheme(folder), recursive=True)
+            pafs.copy_files(f"{checkpoint.path}/{PREDICTIONS_FILE}", _without_scheme(target),
+                            source_filesystem=checkpoint.filesystem, destination_filesystem=filesystem)
+            row["predictions_path"] = target
+        self.queue.put((self.fold, row))
+
+
+def _filesystem_of(location: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(location)[0] if "://" in location else pafs.LocalFileSystem()
+
+
+def _without_scheme(location: str) -> str:
+    return pafs.FileSystem.from_uri(location)[1] if "://" in location else location
 
 
 def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float) -> None:
@@ -253,7 +273,8 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
 
     def fit(fold: int, meta: dict) -> None:
         try:
-            _trainer(config, setup, meta, f"{name}-fold{fold}", started, [FoldReportCallback(fold, queue)]).fit()
+            callback = FoldReportCallback(fold, queue, f"{setup.storage_path.rstrip('/')}/train/{name}-folds")
+            _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
         except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors[fold] = error
 

@@ -88,7 +88,8 @@ def _report(epoch, value, recalled, positives, threshold, checkpoint="ck"):
     return {"epoch": epoch, OBJECTIVE: value, f"{OBJECTIVE}_low": 0.0, f"{OBJECTIVE}_high": 1.0,
             "val_recall/a": recalled / positives, "val_recalled/a": recalled, "val_positives/a": positives,
             "threshold/a": threshold, "val_loss": value * 2, "node_id": "n1", "early_stopped": False,
-            "startup/trainer_s": 10.0 + epoch, "checkpoint_path": f"{checkpoint}{epoch}"}
+            "startup/trainer_s": 10.0 + epoch, "checkpoint_path": f"{checkpoint}{epoch}",
+            "predictions_path": f"{checkpoint}{epoch}.npz"}
 
 
 def test_fold_mean_is_the_mean_over_folds_with_pooled_counts_and_a_t_interval():
@@ -107,6 +108,8 @@ def test_fold_mean_is_the_mean_over_folds_with_pooled_counts_and_a_t_interval():
     assert row["val_loss"] == pytest.approx(1.6)
     assert row["startup/trainer_s"] == 12.0 and row["node_id"] == "n1" and row["early_stopped"] is False
     assert json.loads(row["fold_checkpoints"]) == ["f0-2", "f1-2", "f2-2"]
+    assert json.loads(row["fold_predictions"]) == ["f0-2.npz", "f1-2.npz", "f2-2.npz"]
+    assert "predictions_path" not in row
     assert row["checkpoint_path"] == "f0-2"
 
 

@@ -274,7 +274,7 @@ def test_a_remote_checkpoint_is_named_not_fetched(tmp_path):
     board.loc[0, "checkpoint"] = "s3://bucket/sweeps/sweep/train/sweep-f0b2e913/checkpoint_000003"
     board.to_parquet(results / "leaderboard.parquet", index=False)
     page = write_report(results).read_text()
-    assert "remote storage (s3://bucket/sweeps/sweep/train/sweep-f0b2e913/checkpoint_000003)" in page
+    assert "remote storage (s3://bucket/sweeps/sweep/train/sweep-f0b2e913/checkpoint_000003/val_predictions.npz)" in page
 
 
 def test_a_class_without_validation_positives_is_said_not_drawn(report):
@@ -289,19 +289,19 @@ def test_a_cross_validated_trials_curves_use_every_folds_held_out_predictions(tm
     board = pd.read_parquet(results / "leaderboard.parquet")
     folds = []
     for fold, n in enumerate((50, 40, 20)):
-        checkpoint = tmp_path / "tune" / "train" / f"sweep-{board.loc[0, 'trial_id']}-fold{fold}" / "checkpoint_000002"
-        checkpoint.mkdir(parents=True)
+        file = tmp_path / "tune" / "train" / f"sweep-{board.loc[0, 'trial_id']}-folds" / "epoch_004" / f"fold{fold}.npz"
+        file.parent.mkdir(parents=True, exist_ok=True)
         probs, targets = predictions(10 + fold, n)
-        np.savez_compressed(checkpoint / PREDICTIONS_FILE, probs=probs, targets=targets, classes=np.array(CLASSES))
-        folds.append(str(checkpoint))
-    board["fold_checkpoints"] = None
-    board.loc[0, "fold_checkpoints"] = json.dumps(folds)
+        np.savez_compressed(file, probs=probs, targets=targets, classes=np.array(CLASSES))
+        folds.append(str(file))
+    board["fold_predictions"] = None
+    board.loc[0, "fold_predictions"] = json.dumps(folds)
     board.to_parquet(results / "leaderboard.parquet", index=False)
     page = write_report(results).read_text()
     assert "No curve for scratch: no positives among the 110 validation images." in page  # 50 + 40 + 20, not the 120 of the checkpoint column
-    Path(folds[1], PREDICTIONS_FILE).unlink()  # one fold's checkpoint gone: said, not drawn from the others
+    Path(folds[1]).unlink()  # one fold's predictions gone: said, not drawn from the others
     page = write_report(results, tmp_path / "again").read_text()
-    assert html.escape(f"{Path(folds[1], PREDICTIONS_FILE)} not found") in page
+    assert html.escape(f"{folds[1]} not found") in page
 
 
 def test_without_the_search_space_distributions_are_inferred(tmp_path):

@@ -155,17 +155,19 @@ def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: 
         per_fold = history[[f"{OBJECTIVE}/fold{f}" for f in range(folds)]]
         assert np.allclose(history[OBJECTIVE], per_fold.mean(axis=1))
         assert (history[f"{OBJECTIVE}_low"] <= history[OBJECTIVE]).all()
-        last = history.iloc[-1]
-        trial_id = str(last["trial_id"])
+        trial_id = str(history["trial_id"].iloc[-1])
         config = TrainConfig.model_validate(configs[trial_id])
-        recomputed, held_out = [], 0
-        for fold, checkpoint in enumerate(json.loads(last["fold_checkpoints"])):
-            assert f"{name}-{trial_id}-fold{fold}" in checkpoint  # each fold its own TorchTrainer run
-            saved = np.load(Path(checkpoint) / "val_predictions.npz")
-            recomputed.append(score_epoch(saved["probs"], saved["targets"], config, meta["classes"])[OBJECTIVE])
-            held_out += len(saved["targets"])
-        assert last[OBJECTIVE] == pytest.approx(np.mean(recomputed))
-        assert held_out == meta["splits"]["train"]["images"] + meta["splits"]["val"]["images"]
+        assert all(f"{name}-{trial_id}-fold{fold}" in checkpoint  # each fold its own TorchTrainer run
+                   for fold, checkpoint in enumerate(json.loads(history["fold_checkpoints"].iloc[-1])))
+        for _, row in history.iterrows():  # every epoch's held-out predictions are kept, whatever Train deletes
+            recomputed, held_out = [], 0
+            for fold, file in enumerate(json.loads(row["fold_predictions"])):
+                assert file.endswith(f"epoch_{int(row['epoch']):03d}/fold{fold}.npz")
+                saved = np.load(file)
+                recomputed.append(score_epoch(saved["probs"], saved["targets"], config, meta["classes"])[OBJECTIVE])
+                held_out += len(saved["targets"])
+            assert row[OBJECTIVE] == pytest.approx(np.mean(recomputed))
+            assert held_out == meta["splits"]["train"]["images"] + meta["splits"]["val"]["images"]
     # The export says the thresholds are fold-means (retrain then uses all of train+val), and the
     # report's precision-recall curves come from every fold's held-out predictions.
     from defect_tune.export import build_export

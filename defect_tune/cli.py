@@ -204,6 +204,8 @@ def search(
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
     import datetime as dt
 
+    folds = _cv_option(cv)  # before importing Ray and torch: a typo fails at once
+
     from defect_tune.data import DataError
     from defect_tune.search import SearchError, SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
     from defect_tune.space import SpaceError, load_space
@@ -222,7 +224,7 @@ def search(
             data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
             workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
             max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
-            max_failures=max_failures, wandb_project=wandb, cv=_cv_option(cv),
+            max_failures=max_failures, wandb_project=wandb, cv=folds,
         )
         summary = run_search(options, console=console)
     except (SearchError, SpaceError, DataError, TrackingError) as error:

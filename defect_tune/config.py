@@ -29,6 +29,9 @@ OBJECTIVE_DEFINITION = (
     "is), averaged over those classes. Predicting every defect everywhere scores 0 on every class "
     "rarer than the floor."
 )
+# Beside each checkpoint: the epoch's validation probabilities and targets, for reports. Here for
+# the same reason: the report reads them without importing Ray Train.
+PREDICTIONS_FILE = "val_predictions.npz"
 
 
 class TrainConfig(BaseModel):

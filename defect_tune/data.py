@@ -41,7 +41,7 @@ def data_file(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}" if "://" in location else str(Path(location) / name)
 
 
-def _filesystem(location: str) -> tuple[pafs.FileSystem | None, str]:
+def filesystem_for(location: str) -> tuple[pafs.FileSystem | None, str]:
     """pyarrow's filesystem for a URI and the path within it; (None, path) for a local path."""
     if "://" not in location:
         return None, location
@@ -55,7 +55,7 @@ def _filesystem(location: str) -> tuple[pafs.FileSystem | None, str]:
 def read_meta(data_dir: str | os.PathLike) -> dict:
     location = data_location(data_dir)
     path = data_file(location, "meta.json")
-    filesystem, root = _filesystem(location)
+    filesystem, root = filesystem_for(location)
     try:
         if filesystem is None:
             text = Path(path).read_text()
@@ -83,7 +83,7 @@ def check_shards(data_dir: str | os.PathLike, meta: dict, splits: tuple[str, ...
     training reads and the row count meta.json says. Run before any trial starts: a bad shard
     found by a Ray Data task mid-sweep fails trials one by one with a worse message."""
     location = data_location(data_dir)
-    filesystem, root = _filesystem(location)
+    filesystem, root = filesystem_for(location)
     meta_file = data_file(location, "meta.json")
     for split in splits:
         entry = meta["splits"].get(split)
@@ -124,7 +124,7 @@ def check_shards(data_dir: str | os.PathLike, meta: dict, splits: tuple[str, ...
 def load_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All images of a split as (N, H, W) uint8, labels (N, C) float32, and ids."""
     location = data_location(data_dir)
-    filesystem, root = _filesystem(location)
+    filesystem, root = filesystem_for(location)
     files = [shard["file"] for shard in meta["splits"][split]["shards"]]
     shards = [f"{root}/{name}" for name in files]
     height, width, classes = meta["image"]["height"], meta["image"]["width"], len(meta["classes"])

@@ -16,10 +16,9 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from defect_tune.config import OBJECTIVE
-from defect_tune.data import DataError, _filesystem, data_location
+from defect_tune.data import DataError, data_location, filesystem_for
 
 POOLED = ("train", "val")  # what folds are drawn from
 FEW_POSITIVES = 5  # fewer validation positives than this in a class: one image moves its recall by 20 %+
@@ -28,7 +27,7 @@ FEW_POSITIVES = 5  # fewer validation positives than this in a class: one image 
 def _pooled_rows(data_dir: str | os.PathLike, meta: dict) -> tuple[list[str], list[str], np.ndarray]:
     """ids, groups and labels (N, C) of every train and val image, read from the shards."""
     location = data_location(data_dir)
-    filesystem, root = _filesystem(location)
+    filesystem, root = filesystem_for(location)
     shards = [f"{root}/{shard['file']}" for split in POOLED for shard in meta["splits"][split]["shards"]]
     try:
         table = pq.read_table(shards, columns=["id", "group", "labels"], filesystem=filesystem)
@@ -43,6 +42,8 @@ def make_folds(data_dir: str | os.PathLike, meta: dict, k: int, seed: int = 0) -
 
     Raises DataError when train+val has fewer groups than folds.
     """
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # here: it imports scikit-learn, which trials need not
+
     if k < 2:
         raise ValueError(f"--cv needs at least 2 folds, got {k}")
     ids, groups, labels = _pooled_rows(data_dir, meta)

@@ -35,8 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from defect_tune.space import SpaceError, load_space
-from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
-from defect_tune.trial import PREDICTIONS_FILE
+from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, PREDICTIONS_FILE
 
 TOP_CONFIGS = 10  # rows of the per-class recall heatmap
 PARALLEL_PARAMS = 8  # axes of the parallel-coordinate plot; more are unreadable
@@ -636,7 +635,8 @@ def _predictions_path(sweep: Sweep, file: str) -> tuple[Path | None, str | None]
     elif "://" in text:
         return None, (f"No precision-recall curves: the best trial's predictions are on remote storage ({text}), and the "
                       "report reads local files only. Copy them next to the results and point the leaderboard's "
-                      "checkpoint (or fold_predictions) column at the copy, or run the report where the storage is mounted.")
+                      f"checkpoint column (the folder that holds {PREDICTIONS_FILE}) or, after --cv, its fold_predictions "
+                      "column (the files) at the copy, or run the report where the storage is mounted.")
     path = Path(text)
     if path.is_file():
         return path, None

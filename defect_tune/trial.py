@@ -23,11 +23,11 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from defect_tune.config import OBJECTIVE, TrainConfig
+from defect_tune.config import OBJECTIVE, PREDICTIONS_FILE, TrainConfig
+from defect_tune.data import filesystem_for
 from defect_tune.ingest import build_datasets, data_tasks_at_once
 
 CHECKPOINT_FILE = "model.pt"
-PREDICTIONS_FILE = "val_predictions.npz"  # the epoch's validation probabilities, for reports
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
         run_config=RunConfig(
             # Named by trial id, never a timestamp: a restored trial finds its Train run again.
             name=name,
-            storage_path=setup.storage_path.rstrip("/") + "/train",
+            storage_path=_train_storage(setup),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=setup.max_failures),
@@ -244,20 +244,18 @@ class FoldReportCallback(UserCallback):
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path
             folder = f"{self.predictions}/epoch_{int(row['epoch']):03d}"
-            target, filesystem = f"{folder}/fold{self.fold}.npz", _filesystem_of(folder)
-            filesystem.create_dir(_without_scheme(folder), recursive=True)
-            pafs.copy_files(f"{checkpoint.path}/{PREDICTIONS_FILE}", _without_scheme(target),
+            filesystem, path = filesystem_for(folder)
+            filesystem = filesystem or pafs.LocalFileSystem()
+            filesystem.create_dir(path, recursive=True)
+            pafs.copy_files(f"{checkpoint.path}/{PREDICTIONS_FILE}", f"{path}/fold{self.fold}.npz",
                             source_filesystem=checkpoint.filesystem, destination_filesystem=filesystem)
-            row["predictions_path"] = target
+            row["predictions_path"] = f"{folder}/fold{self.fold}.npz"
         self.queue.put((self.fold, row))
 
 
-def _filesystem_of(location: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(location)[0] if "://" in location else pafs.LocalFileSystem()
-
-
-def _without_scheme(location: str) -> str:
-    return pafs.FileSystem.from_uri(location)[1] if "://" in location else location
+def _train_storage(setup: TrialSetup) -> str:
+    """Where Train keeps a trial's runs (checkpoints) and, under --cv, the folds' kept predictions."""
+    return setup.storage_path.rstrip("/") + "/train"
 
 
 def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float) -> None:
@@ -273,7 +271,7 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
 
     def fit(fold: int, meta: dict) -> None:
         try:
-            callback = FoldReportCallback(fold, queue, f"{setup.storage_path.rstrip('/')}/train/{name}-folds")
+            callback = FoldReportCallback(fold, queue, f"{_train_storage(setup)}/{name}-folds")
             _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
         except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors[fold] = error

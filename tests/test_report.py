@@ -18,10 +18,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from defect_tune.cli import app
+from defect_tune.config import PREDICTIONS_FILE
 from defect_tune.metrics import learn_thresholds
 from defect_tune.report import (ReportError, importances, load_sweep, rebuild_study, savings, tied_with_leader, trial_indices,
                                 write_report)
-from defect_tune.trial import PREDICTIONS_FILE
 
 CLASSES = ["crack", "dark_area", "finger_interruption", "scratch"]
 MAX_EPOCHS = 4

@@ -10,6 +10,7 @@ and every one that unpickles a config would otherwise pay their import (about 6 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +57,10 @@ def parse_augment(spec: str) -> tuple[str, ...]:
 
 
 def build_augmentation(spec: str, shape: tuple[int, int], seed: int) -> A.Compose | None:
+    # albumentations asks pypi.org for a newer version when first imported, unless told not to:
+    # a request out of every Ray Data and training process, up to a 2 s timeout each where a
+    # factory network drops it. A user's own setting wins.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import albumentations as A
 
     names = parse_augment(spec)

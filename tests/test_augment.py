@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +53,28 @@ def test_mixup_soft_and_union_targets():
     assert torch.allclose(soft, lam * y + (1 - lam) * y[order])
     _, union = mixup(x, y, 0.4, "union", np.random.default_rng(0))
     assert torch.equal(union, torch.maximum(y, y[order]))
+
+
+def test_building_an_augmentation_asks_no_server_for_updates():
+    """albumentations checks pypi.org for a newer version on import unless NO_ALBUMENTATIONS_UPDATE
+    is set; every Ray Data and training process imports it, on clusters without internet."""
+    probe = (
+        "import os, urllib.request\n"
+        "asked = []\n"
+        "def refuse(opener, url, *args, **kwargs):\n"
+        "    asked.append(getattr(url, 'full_url', url))\n"
+        "    raise OSError('offline')\n"
+        "urllib.request.OpenerDirector.open = refuse\n"
+        "{build}\n"
+        "print(asked, os.environ.get('NO_ALBUMENTATIONS_UPDATE'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run([sys.executable, "-c", probe.format(build="from defect_tune.augment import build_augmentation; "
+                                                                     "build_augmentation('light', (32, 32), seed=0)")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "1"]
+    # The probe sees the request when albumentations is imported plainly.
+    plain = subprocess.run([sys.executable, "-c", probe.format(build="import albumentations")], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert "pypi.org" in plain.stdout, plain.stdout + plain.stderr

@@ -38,7 +38,7 @@ from defect_tune.data import MEAN, STD, check_shards, data_location, load_split,
 from defect_tune.export import package_versions, read_export
 from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
 from defect_tune.models import build_model
-from defect_tune.search import SearchError, refuse_second_local_cluster
+from defect_tune.search import SearchError, start_ray
 from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
 from defect_tune.ingest import build_datasets, data_tasks_at_once
 from defect_tune.leaderboard import error_reason
@@ -154,10 +154,9 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         connected = ray.is_initialized()  # a caller's Ray session is used as it is, and left running
         if not connected:
             try:
-                refuse_second_local_cluster(options.address)
+                start_ray(options.address, configure_logging=False)
             except SearchError as error:
                 raise RetrainError(str(error)) from None
-            ray.init(address=options.address, configure_logging=False)
         try:
             state, metrics, run_path, epochs_run = _fit(options, config, meta, stop_after, validate, storage)
         finally:

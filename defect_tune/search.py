@@ -244,6 +244,28 @@ def refuse_second_local_cluster(address: str | None) -> None:
         )
 
 
+# What the Ray processes of a local cluster that `search` or `retrain` starts itself are given,
+# unless the user set it. Train starts a preemption watcher actor per run (one more process per
+# trial, with its own Ray start-up) to notice nodes that an autoscaler drains. One machine, started
+# here, has no autoscaler and no node to drain.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def start_ray(address: str | None, **init) -> None:
+    """`ray.init`, after refusing a second local cluster on this machine. A local cluster started
+    here gets LOCAL_CLUSTER_ENV: its processes inherit this process's environment at start, which
+    is then restored, so nothing else in this process sees it."""
+    refuse_second_local_cluster(address)
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    added = {key: value for key, value in LOCAL_CLUSTER_ENV.items() if local and key not in os.environ}
+    os.environ.update(added)
+    try:
+        ray.init(address=address, **init)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def _storage(options: SearchOptions, out: Path) -> str:
     if options.storage is None:
         return str((out / "tune").absolute())
@@ -277,9 +299,8 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     if advice:
         console.print(advice, style="yellow" if advice.startswith("warning") else None, highlight=False, markup=False)
     folds = make_folds(options.data, meta, cv, fold_seed) if cv else []
-    refuse_second_local_cluster(options.address)
     started = time.perf_counter()
-    ray.init(address=options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    start_ray(options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     try:
         resources = ray.cluster_resources()
         concurrent = trials_at_once(resources, options, cv)

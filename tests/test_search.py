@@ -115,6 +115,11 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert f"runs go to {out / 'wandb'}" in result.stderr and "wandb sync" in result.stderr
         assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
         assert_key_written_nowhere(result, out, ray_tmp, tmp_path)
+        # The local cluster search started got search.LOCAL_CLUSTER_ENV: no preemption watcher per
+        # trial. (Ray writes each actor's class into its worker's log: the controllers are there.)
+        actors = [line for log in ray_tmp.glob("ray/session_2*/logs/worker-*.out")
+                  for line in log.read_text(errors="replace").splitlines() if line.startswith(":actor_name:")]
+        assert ":actor_name:TrainController" in actors and ":actor_name:PreemptionWatcher" not in actors
 
         # Another sweep right after, cross-validated: two TorchTrainers per trial, side by side.
         (tmp_path / "again").mkdir()

@@ -1,6 +1,7 @@
 """The search driver's own logic, without a sweep: concurrency, Optuna bookkeeping, leaderboard, and
 the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import pandas as pd
 import pytest
 
 from defect_tune.leaderboard import build_leaderboard, error_reason
-from defect_tune.search import (AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces, refuse_second_local_cluster,
-                                folds_side_by_side, resolve_cv, resolve_space, trials_at_once)
+from defect_tune.search import (LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces,
+                                folds_side_by_side, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once)
 from defect_tune.space import DefineByRun, SpaceError, load_space
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
@@ -154,6 +155,36 @@ def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch)
         refuse_second_local_cluster(None)
     finally:
         ray.shutdown()
+
+
+def test_a_local_cluster_started_here_gets_its_settings_and_this_process_keeps_none(monkeypatch):
+    """start_ray hands LOCAL_CLUSTER_ENV to the processes of a local cluster it starts (they inherit
+    the environment at ray.init), never to a cluster it connects to, and never overrides the user."""
+    import defect_tune.search as search
+
+    seen = []
+
+    def init(address, **_):  # what the cluster's processes would inherit
+        seen.append((address, {key: os.environ.get(key) for key in LOCAL_CLUSTER_ENV}))
+
+    monkeypatch.setattr(search.ray, "init", init)
+    monkeypatch.setattr(search, "refuse_second_local_cluster", lambda address: None)
+    for key in LOCAL_CLUSTER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    start_ray(None, configure_logging=False)
+    assert seen[-1] == (None, LOCAL_CLUSTER_ENV) == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})
+    assert not any(key in os.environ for key in LOCAL_CLUSTER_ENV)  # restored
+    start_ray("10.0.0.1:6379")
+    assert seen[-1] == ("10.0.0.1:6379", {key: None for key in LOCAL_CLUSTER_ENV})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a Ray job's driver
+    start_ray(None)
+    assert seen[-1] == (None, {key: None for key in LOCAL_CLUSTER_ENV})
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's own setting
+    start_ray(None)
+    assert seen[-1] == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"})
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
 # ---------------------------------------------------------------- the bundled search spaces

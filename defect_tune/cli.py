@@ -204,16 +204,16 @@ def search(
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
     import datetime as dt
 
-    folds = _cv_option(cv)  # before importing Ray and torch: a typo fails at once
+    # Before importing Ray and torch: a mistyped option fails at once.
+    folds = _cv_option(cv)
+    if resume and not name:
+        console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
+        raise typer.Exit(2)
 
     from defect_tune.data import DataError
     from defect_tune.search import SearchError, SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
     from defect_tune.space import SpaceError, load_space
     from defect_tune.tracking import TrackingError
-
-    if resume and not name:
-        console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
-        raise typer.Exit(2)
     try:
         space = resolve_space(space)
     except SpaceError as error:

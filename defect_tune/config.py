@@ -143,6 +143,11 @@ def load_config(path: Path | None = None, overrides: list[str] | dict | None = N
     if overrides:
         values.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
         where += " + overrides"
+    return validate_config(values, where)
+
+
+def validate_config(values: dict, where: str) -> TrainConfig:
+    """A TrainConfig from `values`, or a ConfigError naming `where` and each bad key."""
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:

@@ -31,13 +31,33 @@ def package_versions() -> dict:
     return versions
 
 
+SWEEP_KEYS = ("name", "objective", "mode", "classes", "data", "experiment", "space")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportError(f"{path}: not readable JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
     files = {name: results / name for name in ("sweep.json", "leaderboard.parquet", "trial_configs.json")}
     for path in files.values():
         if not path.is_file():
             raise ExportError(f"{path}: not found; is {results} the results folder of a `defect-tune search`?")
-    sweep = json.loads(files["sweep.json"].read_text())
-    return sweep, pd.read_parquet(files["leaderboard.parquet"]), json.loads(files["trial_configs.json"].read_text())
+    sweep = _read_json(files["sweep.json"])
+    missing = [key for key in SWEEP_KEYS if key not in sweep]
+    if missing:
+        raise ExportError(f"{files['sweep.json']}: missing {missing}; not a sweep.json written by `defect-tune search`")
+    try:
+        board = pd.read_parquet(files["leaderboard.parquet"])
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ExportError(f"{files['leaderboard.parquet']}: not a readable Parquet file: {error}") from None
+    return sweep, board, _read_json(files["trial_configs.json"])
 
 
 def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) -> pd.Series:

@@ -111,7 +111,10 @@ def _parse_box(obj: ET.Element) -> tuple[int, int, int, int] | None:
         text = box.findtext(key)
         if text is None:
             raise ValueError(f"<bndbox> has no <{key}>")
-        values.append(int(round(float(text))))
+        try:
+            values.append(int(round(float(text))))
+        except (ValueError, OverflowError):  # 'abc', 'nan', 'inf'
+            raise ValueError(f"<bndbox> <{key}> {text.strip()!r} is not a finite number") from None
     xmin, ymin, xmax, ymax = values
     if xmax < xmin or ymax < ymin:
         raise ValueError(f"<bndbox> is inverted: {values}")
@@ -142,6 +145,9 @@ def read_voc(root: Path) -> Catalog:
         if image_path in claimed:
             catalog.skip(xml_path, f"image {image_path.name} is already annotated by {claimed[image_path]}")
             continue
+        # Claimed before its objects are read: an image whose XML is rejected is listed once, under
+        # the XML with the reason, not a second time as an image without annotation.
+        claimed[image_path] = xml_path
         labels: list[str] = []
         regions: list[Region] = []
         try:
@@ -155,7 +161,6 @@ def read_voc(root: Path) -> Catalog:
         except ValueError as error:
             catalog.skip(xml_path, f"bad <object>: {error}")
             continue
-        claimed[image_path] = xml_path
         relative = image_path.relative_to(images)
         catalog.items.append(
             Item(

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defect_tune.class_stats import ClassCounts
-from defect_tune.config import TrainConfig
+from defect_tune.config import TrainConfig, validate_config
 from defect_tune.data import MEAN, STD, check_shards, data_location, load_split, read_meta
 from defect_tune.export import package_versions, read_export
 from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
@@ -132,7 +132,7 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     values = dict(export["config"])
     if options.seed is not None:
         values["seed"] = options.seed
-    config = TrainConfig.model_validate(values)
+    config = validate_config(values, f"{options.export}: config")  # a hand-edited export names itself
     classes = meta["classes"]
     validate = options.holdout == "val"
     stop_after = config.epochs if validate else int(export["best_epoch"])

@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,26 +57,37 @@ def test_mixup_soft_and_union_targets():
     assert torch.equal(union, torch.maximum(y, y[order]))
 
 
-def test_building_an_augmentation_asks_no_server_for_updates():
+def test_a_ray_data_process_augments_without_asking_for_updates_or_importing_torch():
     """albumentations checks pypi.org for a newer version on import unless NO_ALBUMENTATIONS_UPDATE
-    is set; every Ray Data and training process imports it, on clusters without internet."""
+    is set, and imports torch for its ToTensorV2 when torch is installed; a Ray Data process that
+    only augments (no torch yet) needs neither. The images come out as in a process with torch."""
     probe = (
-        "import os, urllib.request\n"
+        "import os, sys, urllib.request\n"
+        "import numpy as np\n"
         "asked = []\n"
         "def refuse(opener, url, *args, **kwargs):\n"
         "    asked.append(getattr(url, 'full_url', url))\n"
         "    raise OSError('offline')\n"
         "urllib.request.OpenerDirector.open = refuse\n"
         "{build}\n"
-        "print(asked, os.environ.get('NO_ALBUMENTATIONS_UPDATE'))\n"
+        "print(asked, os.environ.get('NO_ALBUMENTATIONS_UPDATE'), 'torch' in sys.modules)\n"
     )
+    build = ("from defect_tune.augment import augment_batch, build_augmentation\n"
+             "images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)\n"
+             "out = augment_batch(build_augmentation('heavy', (32, 32), seed=3), images)\n"
+             "np.save(sys.argv[1], out)\n"
+             "torch_free = 'torch' not in sys.modules\n"
+             "from albumentations.pytorch import ToTensorV2  # still importable afterwards\n"
+             "print('torch-free:', torch_free)")
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
-    result = subprocess.run([sys.executable, "-c", probe.format(build="from defect_tune.augment import build_augmentation; "
-                                                                     "build_augmentation('light', (32, 32), seed=0)")],
-                            capture_output=True, text=True, env=env, timeout=300)
+    saved = Path(tempfile.mkdtemp()) / "augmented.npy"
+    result = subprocess.run([sys.executable, "-c", probe.format(build=build), str(saved)], capture_output=True, text=True,
+                            env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["[]", "1"]
-    # The probe sees the request when albumentations is imported plainly.
+    assert result.stdout.split() == ["torch-free:", "True", "[]", "1", "True"]
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    assert np.array_equal(np.load(saved), augment_batch(build_augmentation("heavy", (32, 32), seed=3), images))
+    # The probe sees the request, and torch, when albumentations is imported plainly.
     plain = subprocess.run([sys.executable, "-c", probe.format(build="import albumentations")], capture_output=True, text=True,
                            env=env, timeout=300)
-    assert "pypi.org" in plain.stdout, plain.stdout + plain.stderr
+    assert "pypi.org" in plain.stdout and plain.stdout.split()[-1] == "True", plain.stdout + plain.stderr

@@ -42,3 +42,24 @@ def test_search_refuses_a_cv_that_is_not_a_fold_count_before_starting_ray(synthe
         result = defect_tune("search", "--data", synthetic_data, "--cv", value, "--out", tmp_path / value)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / value).exists()
+
+
+def test_search_checks_the_sweep_name_before_starting_ray(synthetic_data, tmp_path):
+    out = tmp_path / "out"
+    results = [defect_tune("search", "--data", synthetic_data, "--resume", "--out", out)]
+    assert results[-1].returncode == 2, results[-1].stderr
+    assert "--resume needs the --name of the sweep to continue" in results[-1].stderr
+
+    results.append(defect_tune("search", "--data", synthetic_data, "--name", "demo", "--resume", "--out", out))
+    assert results[-1].returncode == 2, results[-1].stderr
+    assert f"--resume: no sweep 'demo' to resume at {out}/tune/demo" in results[-1].stderr
+    assert not out.exists()
+
+    (out / "tune" / "demo").mkdir(parents=True)
+    (out / "tune" / "demo" / "tuner.pkl").write_bytes(b"")  # the file Tune's Tuner.can_restore looks for
+    results.append(defect_tune("search", "--data", synthetic_data, "--name", "demo", "--out", out))
+    assert results[-1].returncode == 2, results[-1].stderr
+    assert f"sweep 'demo' already exists at {out}/tune/demo; --resume continues it" in results[-1].stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["tune", "tune/demo", "tune/demo/tuner.pkl"]
+    for result in results:
+        assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr

@@ -1,12 +1,13 @@
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import NEU_DET, balanced_labels, make_voc, needs_neu_det, write_image
+from conftest import NEU_DET, balanced_labels, make_voc, needs_neu_det, voc_xml, write_image
 from defect_tune.prepare import PrepareError, PrepareOptions, prepare
 
 SPLITS = ("train", "val", "test")
@@ -108,6 +109,45 @@ def test_strict_fails_naming_the_file(small_voc, tmp_path):
     assert list(tmp_path.glob(".out.tmp-*")) == []  # nothing half-written left behind
 
 
+def test_a_bad_box_skips_its_image_and_strict_refuses_it(small_voc, tmp_path):
+    annotations = small_voc / "Annotations"
+    (annotations / "crack_005.xml").write_text(voc_xml("crack_005.jpg", [("crack", (20, 2, 5, 22))]))
+    (annotations / "scratch_006.xml").write_text(
+        "<annotation><filename>scratch_006.jpg</filename><object><name>scratch</name>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><ymax>5</ymax></bndbox></object></annotation>"
+    )
+    out = tmp_path / "out"
+    meta = run(small_voc, out)
+    assert bad_inputs(out) == {  # listed once, under the XML; the image is not also "without annotation"
+        "crack_005.xml": "bad <object>: <bndbox> is inverted: [20, 2, 5, 22]",
+        "scratch_006.xml": "bad <object>: <bndbox> has no <xmax>",
+    }
+    assert meta["bad_inputs"] == 2 and meta["images"] == 42 - 2
+    ids = {r["id"] for s in SPLITS for r in read_split(out, s)}
+    assert not {"crack_005", "scratch_006"} & ids
+    with pytest.raises(PrepareError, match=re.escape("crack_005.xml: bad <object>: <bndbox> is inverted: [20, 2, 5, 22]")):
+        run(small_voc, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists() and list(tmp_path.glob(".strict.tmp-*")) == []
+
+
+def test_mixed_shapes_under_fit_keep_are_skipped_and_strict_refuses_them(tmp_path):
+    root = make_voc(tmp_path / "voc", balanced_labels(["a", "b"], per_class=6), size=(16, 32))
+    for k in range(2):  # square among 1:2 frames: under --fit keep they cannot share one shape
+        write_image(root / "JPEGImages" / f"square_{k}.jpg", 100 + k, size=(16, 16))
+        (root / "Annotations" / f"square_{k}.xml").write_text(voc_xml(f"square_{k}.jpg", [("a", (2, 2, 14, 14))], (16, 16)))
+    out = tmp_path / "out"
+    meta = run(root, out, fit="keep", image_size=8)
+    assert (meta["image"]["height"], meta["image"]["width"], meta["image"]["fit"]) == (8, 16, "keep")
+    reason = "stored shape (8, 8) differs from the dataset's (8, 16) under --fit keep; use --fit pad or tile"
+    assert bad_inputs(out) == {"square_0.jpg": reason, "square_1.jpg": reason}
+    assert meta["bad_inputs"] == 2 and meta["images"] == 12
+    rows = [r for s in SPLITS for r in read_split(out, s)]
+    assert len(rows) == 12 and {(r["height"], r["width"]) for r in rows} == {(8, 16)}
+    with pytest.raises(PrepareError, match=re.escape("square_0.jpg: " + reason)):
+        run(root, tmp_path / "strict", fit="keep", image_size=8, strict=True)
+    assert not (tmp_path / "strict").exists() and list(tmp_path.glob(".strict.tmp-*")) == []
+
+
 def test_unknown_class_under_classes_is_skipped_not_relabelled(small_voc, tmp_path):
     out = tmp_path / "out"
     meta = run(small_voc, out, classes=("scratch", "crack"))
@@ -150,6 +190,11 @@ def test_option_errors(small_voc, tmp_path):
         run(small_voc, tmp_path / "o", classes=("a", "a"))
     with pytest.raises(PrepareError, match="stratify-by"):
         run(small_voc, tmp_path / "o", stratify_by=("cell_type",))
+    with pytest.raises(PrepareError, match="--image-size must be at least 8 pixels, got 7"):
+        run(small_voc, tmp_path / "o", image_size=7)
+    with pytest.raises(PrepareError, match="--shard-rows must be at least 1, got 0"):
+        run(small_voc, tmp_path / "o", shard_rows=0)
+    assert not (tmp_path / "o").exists()
 
 
 def test_severstal_keeps_aspect_ratio_and_tiles_get_their_own_labels(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,55 @@ def test_export_cli_and_errors_name_the_file(tmp_path, synthetic_data):
         read_export(tmp_path / "bad.yaml")
 
 
+def test_a_corrupt_results_file_is_one_line_naming_it(tmp_path, synthetic_data):
+    good = make_results(tmp_path, synthetic_data)
+    runner = CliRunner()
+    cases = [
+        ("sweep.json", "{oops", "not readable JSON: Expecting property name"),
+        ("sweep.json", "[]", "expected a JSON object, got list"),
+        ("sweep.json", '{"name": "demo-sweep"}', "missing ['objective', 'mode', 'classes', 'data', 'experiment', 'space']"),
+        ("trial_configs.json", '{"t_00001": ', "not readable JSON: Expecting value"),
+        ("leaderboard.parquet", "PAR1 not really", "not a readable Parquet file"),
+    ]
+    for k, (name, text, problem) in enumerate(cases):
+        results = tmp_path / f"results{k}"
+        shutil.copytree(good, results)
+        (results / name).write_text(text)
+        message = f"{results / name}: {problem}"
+        with pytest.raises(ExportError, match=re.escape(message)):
+            build_export(results)
+        out = tmp_path / f"best{k}.yaml"
+        result = runner.invoke(app, ["export", str(results), "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_retrain_refuses_a_bad_holdout_other_classes_or_a_bad_config_before_ray_starts(tmp_path, synthetic_data, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("retrain started Ray before checking its inputs"))
+    classes = read_meta(synthetic_data)["classes"]
+    exported = build_export(make_results(tmp_path, synthetic_data))
+    write_export(exported, tmp_path / "best.yaml")
+    reordered = [*classes[1:], classes[0]]  # the same names in another order: another head, other thresholds
+    exported["data"]["classes"] = reordered
+    write_export(exported, tmp_path / "reordered.yaml")
+    exported["data"]["classes"] = classes
+    exported["config"]["lr"] = -1  # hand-edited
+    write_export(exported, tmp_path / "edited.yaml")
+    model = tmp_path / "model"
+    cases = [
+        ("best.yaml", ["--holdout", "both"], "--holdout 'both': choose one of val, none"),
+        ("reordered.yaml", [], f"{synthetic_data}/meta.json: classes {classes} differ from the export's {reordered}"),
+        ("edited.yaml", [], f"{tmp_path / 'edited.yaml'}: config: lr"),
+    ]
+    for export, options, message in cases:
+        result = CliRunner().invoke(app, ["retrain", str(tmp_path / export), "--data", str(synthetic_data),
+                                          "--out", str(model), *options])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not model.exists()
+
+
 def write_model_dir(tmp_path: Path, data: Path, thresholds: list[float]) -> Path:
     """A model directory as `retrain` writes it, around an untrained network (no Ray needed)."""
     from defect_tune.retrain import _write
@@ -197,8 +248,6 @@ def test_predict_cli_csv_and_clear_errors(tmp_path, synthetic_data):
 
 
 def test_a_broken_model_directory_is_one_line_naming_the_file(tmp_path, synthetic_data):
-    import shutil
-
     classes = read_meta(synthetic_data)["classes"]
     good = write_model_dir(tmp_path / "good", synthetic_data, [0.5] * len(classes))
     folder = source_images(synthetic_data)[0].parent

@@ -53,6 +53,27 @@ def test_voc_bad_inputs_are_listed_with_file_and_reason(tmp_path):
     assert [item.id for item in catalog.items] == ["good"]
 
 
+def test_voc_bad_boxes_are_listed_once_under_their_xml(tmp_path):
+    root = make_voc(tmp_path, {"good": ["crack"], "inverted": [], "no_xmax": [], "word": [], "infinite": []})
+    annotations = root / "Annotations"
+    (annotations / "inverted.xml").write_text(voc_xml("inverted.jpg", [("crack", (20, 2, 5, 22))]))
+    (annotations / "no_xmax.xml").write_text(
+        "<annotation><filename>no_xmax.jpg</filename><object><name>crack</name>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><ymax>5</ymax></bndbox></object></annotation>"
+    )
+    (annotations / "word.xml").write_text(voc_xml("word.jpg", [("crack", (1, 1, "abc", 5))]))
+    (annotations / "infinite.xml").write_text(voc_xml("infinite.jpg", [("crack", (1, 1, "inf", 5))]))
+    catalog = read_voc(root)
+    found = {Path(b.file).name: b.reason for b in catalog.bad}
+    assert found == {
+        "inverted.xml": "bad <object>: <bndbox> is inverted: [20, 2, 5, 22]",
+        "no_xmax.xml": "bad <object>: <bndbox> has no <xmax>",
+        "word.xml": "bad <object>: <bndbox> <xmax> 'abc' is not a finite number",
+        "infinite.xml": "bad <object>: <bndbox> <xmax> 'inf' is not a finite number",
+    }  # their images are not listed again as having no annotation XML
+    assert [item.id for item in catalog.items] == ["good"]
+
+
 def test_voc_missing_folders_is_an_error_naming_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="JPEGImages"):
         read_voc(tmp_path)
@@ -188,6 +209,9 @@ def test_elpv_threshold_and_metadata(tmp_path):
         "images/cell3.png  0.0  mono\n"
         "images/cell4.png  nope  mono\n"
         "../cell5.png  1.0  mono\n"
+        "images/cell6.png  1.0\n"
+        "images/cell7.png  1.5  mono\n"
+        "images/cell8.png  nan  mono\n"
     )
     catalog = read_elpv(tmp_path, threshold=0.5)
     assert [(i.id, i.labels, dict(i.meta)["cell_type"]) for i in catalog.items] == [
@@ -196,5 +220,13 @@ def test_elpv_threshold_and_metadata(tmp_path):
         ("images/cell2", ("defective",), "poly"),
         ("images/cell3", (), "mono"),
     ]
-    assert len(catalog.bad) == 2
+    found = {b.file.rsplit(":", 1)[1]: b.reason for b in catalog.bad}
+    assert found == {
+        "5": "probability 'nope' is not a number",
+        "6": f"path '../cell5.png' points outside {tmp_path}",
+        "7": "expected 'path probability type', got 2 fields",
+        "8": "probability 1.5 is outside [0, 1]",
+        "9": "probability nan is outside [0, 1]",
+    }
+    assert all(b.file.startswith(f"{tmp_path / 'labels.csv'}:") for b in catalog.bad)
     assert read_elpv(tmp_path, threshold=1 / 3).items[1].labels == ("defective",)

@@ -8,6 +8,7 @@ https://github.com/ray-project/ray/issues/54305 for the placement-group side).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -123,6 +124,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             parts.scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"]
         stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
+        if (start >= stop_after or stopper.should_stop) and "metrics_json" in state:
+            # Its last epoch was checkpointed, but the driver died before Tune recorded it: report
+            # that epoch again (with its checkpoint), or the resumed trial would end with no result.
+            ray.train.report(json.loads(state["metrics_json"]) if rank == 0 else {},
+                             checkpoint=checkpoint if rank == 0 else None)
+            return
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val") if validate else None
     val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled
@@ -175,7 +182,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                          "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
                          "epoch": epoch + 1, "best": stopper.best, "best_epoch": stopper.best_epoch,
-                         "waited": stopper.waited}
+                         "waited": stopper.waited,
+                         # The reported row, as text (weights_only loading takes no numpy scalars).
+                         "metrics_json": json.dumps(metrics, default=lambda value: value.item())}
                 torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
                 if validate:
                     np.savez_compressed(os.path.join(directory, PREDICTIONS_FILE), probs=probs, targets=targets,

@@ -228,6 +228,36 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
         assert (experiment / name / "progress.csv").read_bytes() == before
 
 
+def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request):
+    """A resumed trial whose Train run had checkpointed its last epoch before the driver died (Tune
+    never recorded it; seen in CI) reports that epoch again instead of ending without a result."""
+    import ray
+
+    from defect_tune.config import OBJECTIVE, TrainConfig
+    from defect_tune.data import read_meta
+    from ray.util.queue import Queue
+
+    from defect_tune.trial import FoldReportCallback, TrialSetup, _trainer
+
+    config = TrainConfig(model="el_cnn", epochs=1, batch_size=64, augment="none", warmup_epochs=0, pretrained=False)
+    setup = TrialSetup(data_dir=str(synthetic_data), meta=read_meta(synthetic_data), space=None,
+                       storage_path=str(tmp_path / "tune"), sweep_name="again", cpus_per_worker=1)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    request.addfinalizer(ray.shutdown)
+
+    def fit() -> list[dict]:
+        """One fit of the trial's Train run, and what it reported (as a trial would hand it on)."""
+        reports = Queue(actor_options={"num_cpus": 0})
+        callback = FoldReportCallback(0, reports, str(tmp_path / "predictions"))
+        _trainer(config, setup, setup.meta, "again-t1", time.time(), [callback]).fit()
+        return [row for _, row in (reports.get() for _ in range(reports.qsize()))]
+
+    (first,) = fit()
+    resumed = fit()  # the same Train run again: it restores from its checkpoint after epoch 1 of 1
+    assert len(resumed) == 1 and resumed[0]["epoch"] == first["epoch"] == 1
+    assert resumed[0][OBJECTIVE] == first[OBJECTIVE] and resumed[0]["checkpoint_path"] != first["checkpoint_path"]
+
+
 def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synthetic_data, tmp_path):
     """A sweep on a head and a worker node; the worker node is stopped while a trial trains on it.
     With --max-failures, that trial starts again from its last checkpoint on the surviving node."""

@@ -1,7 +1,9 @@
 """How much of a plain PyTorch loop's throughput a whole sweep delivers, and where trial start-up goes.
 
-    python benchmarks/bench_sweep.py [--data DIR] [--model el_cnn] [--trials 8] [--epochs 3]
+    python benchmarks/bench_sweep.py [--data DIR] [--model el_cnn] [--trials 8] [--epochs 3] [--batch 64]
                                      [--gpu] [--trials-per-gpu 4] [--write results/benchmarks/sweep_efficiency.md]
+
+On the lent GPU machine, `benchmarks/device_sweep.sh` runs it (see there).
 
 One invocation, on the same prepared data, model and batch size:
 
@@ -24,6 +26,7 @@ Default data: the embedded synthetic set at 64 px (generated into a temporary fo
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +40,6 @@ import yaml
 
 from common import data_or_synthetic, emit, machine
 
-BATCH = 64
 STARTUP = {
     "startup/trainer_s": "trial start → worker loop (controller, placement group, worker process)",
     "startup/model_s": "worker loop → model ready (training imports, model, DDP)",
@@ -45,7 +47,7 @@ STARTUP = {
 }
 
 
-def plain_loop(data: Path, model: str, epochs: int, device: str) -> float:
+def plain_loop(data: Path, model: str, epochs: int, device: str, batch: int) -> float:
     """Images/s of a plain loop over the train split held in memory (after a warm-up epoch)."""
     import torch
 
@@ -56,7 +58,7 @@ def plain_loop(data: Path, model: str, epochs: int, device: str) -> float:
     meta = read_meta(data)
     images, labels, _ = load_split(data, "train", meta)
     x, y = to_tensor(images).to(device), torch.from_numpy(labels).to(device)
-    config = load_config(None, {"model": model, "batch_size": BATCH})
+    config = load_config(None, {"model": model, "batch_size": batch})
     net = build_model(config, len(meta["classes"])).to(device)
     gpu = device == "cuda"
     if gpu:
@@ -68,8 +70,8 @@ def plain_loop(data: Path, model: str, epochs: int, device: str) -> float:
     for _ in range(epochs + 1):
         order = torch.randperm(len(x), device=device)
         started = time.perf_counter()
-        for start in range(0, len(x) - BATCH + 1, BATCH):
-            index = order[start:start + BATCH]
+        for start in range(0, len(x) - batch + 1, batch):
+            index = order[start:start + batch]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
                 loss = loss_fn(net(x[index]).float(), y[index])
             optimizer.zero_grad(set_to_none=True)
@@ -78,7 +80,7 @@ def plain_loop(data: Path, model: str, epochs: int, device: str) -> float:
         if gpu:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
-    trained = (len(x) // BATCH) * BATCH
+    trained = (len(x) // batch) * batch
     return trained / statistics.median(seconds[1:])
 
 
@@ -110,20 +112,37 @@ class GpuBusy:
         return statistics.fmean(self.samples) / 100 if self.samples else float("nan")
 
 
-def run_sweep(data: Path, model: str, trials: int, epochs: int, scratch: Path, extra: list[str]) -> dict:
+def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scratch: Path, extra: list[str],
+              timeout: float | None = None) -> dict:
+    """The sweep's reported rows; with `timeout`, the search is interrupted then (as by Ctrl-C)
+    and the rows its trials reported so far are kept (`cut`)."""
     space = scratch / "space.yaml"
     space.write_text(yaml.safe_dump({
         "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": 1, "reduction_factor": 2},
-        "fixed": {"model": model, "batch_size": BATCH, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
+        "fixed": {"model": model, "batch_size": batch, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
         "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
     }, sort_keys=False))
     out = scratch / "sweep"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
-                    "--name", "efficiency", "--out", str(out), *extra], check=True, capture_output=True, text=True)
+    command = [sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
+               "--name", "efficiency", "--out", str(out), *extra]
+    log = scratch / "search.log"
+    with open(log, "w") as output:
+        search = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+        try:
+            search.wait(timeout=timeout)
+            cut = False
+        except subprocess.TimeoutExpired:  # as Ctrl-C: Tune stops the trials and the search stops its Ray
+            search.send_signal(signal.SIGINT)
+            search.wait(timeout=120)
+            cut = True
+    if search.returncode and not cut:
+        sys.exit(f"the sweep failed (exit {search.returncode}):\n{log.read_text()[-8000:]}")
     command_wall = time.perf_counter() - started
-    rows = pd.concat([pd.read_csv(p) for p in (out / "tune" / "efficiency").glob("run_trial_*/progress.csv")])
-    return {"rows": rows, "command_wall": command_wall}
+    tables = [pd.read_csv(p) for p in (out / "tune" / "efficiency").glob("run_trial_*/progress.csv") if p.stat().st_size]
+    if not tables:
+        sys.exit(f"the sweep reported nothing in {command_wall:.0f} s")
+    return {"rows": pd.concat(tables), "command_wall": command_wall, "cut": cut}
 
 
 def main() -> None:
@@ -132,8 +151,11 @@ def main() -> None:
     parser.add_argument("--model", default="el_cnn")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the plain loop and of every trial")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (plain loop and trials)")
     parser.add_argument("--trials-per-gpu", type=int, default=4, help="with --gpu: trials sharing the GPU")
+    parser.add_argument("--sweep-timeout", type=float, default=None,
+                        help="stop the sweep after this many seconds and report what its trials had reported")
     parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
     args = parser.parse_args()
 
@@ -147,18 +169,19 @@ def main() -> None:
 
         meta = read_meta(data)
         train_images = meta["splits"]["train"]["images"]
-        plain = plain_loop(data, args.model, max(args.epochs, 2), "cuda" if args.gpu else "cpu")
+        plain = plain_loop(data, args.model, max(args.epochs, 2), "cuda" if args.gpu else "cpu", args.batch)
+        print(f"plain loop: {plain:,.0f} images/s", flush=True)
         if args.gpu:
             with GpuBusy() as busy:
-                sweep = run_sweep(data, args.model, args.trials, args.epochs, scratch, extra)
+                sweep = run_sweep(data, args.model, args.trials, args.epochs, args.batch, scratch, extra, args.sweep_timeout)
             busy_text = f"{busy.fraction:.0%}"
         else:
-            sweep = run_sweep(data, args.model, args.trials, args.epochs, scratch, extra)
+            sweep = run_sweep(data, args.model, args.trials, args.epochs, args.batch, scratch, extra, args.sweep_timeout)
             busy_text = "n/a (no GPU)"
 
     rows = sweep["rows"]
     span = rows["timestamp_s"].max() - rows["trial_started_s"].min()
-    trained = len(rows) * (train_images // BATCH) * BATCH
+    trained = len(rows) * (train_images // args.batch) * args.batch
     rate = trained / span
     first = rows.sort_values("epoch").groupby("trial_id").first()
     later = rows[rows["epoch"] > 1]
@@ -167,13 +190,14 @@ def main() -> None:
         "",
         machine(),
         f"Command: `{' '.join(['python', 'benchmarks/bench_sweep.py', *sys.argv[1:]])}`",
-        f"Data: {args.data or 'synthetic, 64 px'} ({train_images} train images); model {args.model}, batch {BATCH}, "
+        f"Data: {args.data or 'synthetic, 64 px'} ({train_images} train images); model {args.model}, batch {args.batch}, "
         f"no augmentation; {args.trials} trials, up to {args.epochs} epochs, ASHA grace 1; search options {' '.join(extra)}.",
         "",
         "| figure | value |",
         "|---|---|",
         f"| plain loop, data in memory | {plain:,.0f} images/s |",
-        f"| sweep, first trial's start to last report ({span:.0f} s, {len(rows)} trial-epochs) | {rate:,.0f} images/s |",
+        f"| sweep, first trial's start to last report ({span:.0f} s, {len(rows)} trial-epochs"
+        f"{', cut at --sweep-timeout' if sweep['cut'] else ''}) | {rate:,.0f} images/s |",
         f"| sweep / plain | {rate / plain:.3f} |",
         f"| GPU busy over the sweep | {busy_text} |",
         f"| `defect-tune search` command wall (with Ray's start and stop) | {sweep['command_wall']:.0f} s |",

@@ -31,6 +31,8 @@ def package_versions() -> dict:
     return versions
 
 
+# The sweep.json keys read below. search.write_results writes them; test_production exports
+# what write_results wrote, so a key dropped there fails that test rather than a user's export.
 SWEEP_KEYS = ("name", "objective", "mode", "classes", "data", "experiment", "space")
 
 

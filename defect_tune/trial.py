@@ -118,10 +118,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:  # a retried or resumed trial continues after its last epoch
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        if parts.scheduler is not None:
-            parts.scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"]
         stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
         if (start >= stop_after or stopper.should_stop) and "metrics_json" in state:
@@ -130,6 +126,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(json.loads(state["metrics_json"]) if rank == 0 else {},
                              checkpoint=checkpoint if rank == 0 else None)
             return
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        if parts.scheduler is not None:
+            parts.scheduler.load_state_dict(state["scheduler"])
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val") if validate else None
     val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled

@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch size of the plain loop and of every trial")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (plain loop and trials)")
     parser.add_argument("--trials-per-gpu", type=int, default=4, help="with --gpu: trials sharing the GPU")
+    parser.add_argument("--keep-train-gb", type=float, default=None,
+                        help="search's --keep-train-gb (0: every epoch streams the train shard from Ray Data, the baseline)")
     parser.add_argument("--sweep-timeout", type=float, default=None,
                         help="stop the sweep after this many seconds and report what its trials had reported")
     parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
@@ -162,6 +164,8 @@ def main() -> None:
     extra = ["--cpus-per-worker", "1"]
     if args.gpu:
         extra = ["--gpus-per-worker", f"{1 / args.trials_per_gpu:g}", "--max-concurrent", str(args.trials_per_gpu)]
+    if args.keep_train_gb is not None:
+        extra += ["--keep-train-gb", f"{args.keep_train_gb:g}"]
     with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
         scratch = Path(tmp)
         data = data_or_synthetic(args.data, scratch)

@@ -199,6 +199,7 @@ def search(
     seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
     max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (from its last checkpoint)")] = 0,
     wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
+    keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = 2.0,
     cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
 ) -> None:
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
@@ -224,7 +225,7 @@ def search(
             data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
             workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
             max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
-            max_failures=max_failures, wandb_project=wandb, cv=folds,
+            max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb,
         )
         summary = run_search(options, console=console)
     except (SearchError, SpaceError, DataError, TrackingError) as error:

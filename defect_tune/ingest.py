@@ -54,10 +54,12 @@ def data_tasks_at_once(workers: int, cpus_per_worker: float) -> int:
 
 
 def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits: tuple[str, ...] = ("train",),
-                   validate: bool = True, reproducible: bool = False, tasks_at_once: int = 2) -> dict:
+                   validate: bool = True, reproducible: bool = False, tasks_at_once: int = 2,
+                   worker_augments: bool = False) -> dict:
     """The run's Datasets: train (split across workers) and val (every worker whole).
 
-    Sweeps augment in Ray Data, spread over the cluster. `reproducible` (production retraining)
+    Sweeps augment in Ray Data, spread over the cluster, unless `worker_augments` (a worker that
+    keeps its shard in memory augments what it kept). `reproducible` (production retraining)
     fixes the shard order and leaves augmentation to the worker, seeded per epoch: Ray Data runs
     batches on any node in any order, so a seed there cannot make two runs equal.
 
@@ -76,7 +78,7 @@ def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits:
     # milliseconds. The classic reader does just that. (Each Dataset keeps the context it was made in.)
     ray.data.DataContext.get_current().use_datasource_v2 = False
     datasets = {}
-    parts = [("train", train_splits, None if reproducible else config.augment)]
+    parts = [("train", train_splits, None if reproducible or worker_augments else config.augment)]
     if validate:
         parts.append(("val", ("val",), None))
     fold = meta.get("fold")  # a cross-validation fold (folds.py): both splits read train+val's shards

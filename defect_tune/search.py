@@ -55,6 +55,9 @@ class SearchOptions:
     max_failures: int = 0
     wandb_project: str | None = None  # log every trial as a W&B run (offline without a key)
     cv: int | str | None = None  # folds per trial, 0 for none, or "auto"; None: the space's `cv`
+    # A worker keeps its train shard in memory (and augments it itself) when the shard's images
+    # take at most this much; 0: every epoch streams it from Ray Data, augmented there.
+    keep_train_gb: float = 2.0
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -308,7 +311,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
             data_dir=data_location(options.data), meta=meta, space=space, storage_path=storage,
             sweep_name=options.name, workers_per_trial=options.workers_per_trial,
             cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
-            max_failures=options.max_failures, folds=tuple(folds),
+            max_failures=options.max_failures, folds=tuple(folds), keep_train_bytes=options.keep_train_gb * 2**30,
         )
         # The trial function only waits on its TorchTrainer: it takes no CPU, so that every core
         # not given to workers is left to Ray Data (Tune refuses an all-zero request, so the

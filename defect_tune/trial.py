@@ -9,6 +9,7 @@ https://github.com/ray-project/ray/issues/54305 for the placement-group side).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -45,23 +46,52 @@ class TrialSetup:
     gpus_per_worker: float = 0.0
     max_failures: int = 0
     folds: tuple[dict, ...] = ()  # --cv: each fold's meta (folds.make_folds); empty: prepare's split
+    keep_train_bytes: float = 0  # a worker's train shard up to this size is kept in memory; 0: streamed every epoch
 
 
 def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None, pipeline=None,
-             as_uint8: bool = False):
+             as_uint8: bool = False, keep: list | None = None):
     """(images, labels) batches from a Dataset shard: normalised tensors, or the stored uint8
-    images and float labels as numpy (`as_uint8`, 4x smaller to keep)."""
+    images and float labels as numpy (`as_uint8`, 4x smaller to keep). With `keep`, every
+    batch's uint8 images and labels, before augmentation, are appended to it."""
     import torch
 
     from defect_tune.augment import augment_batch
     from defect_tune.data import to_tensor
 
     buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
-    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
                                        local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if shuffle else None):
-        images = batch["image"] if pipeline is None else augment_batch(pipeline, batch["image"])
         labels = np.ascontiguousarray(batch["labels"])
+        if keep is not None:
+            keep.append((batch["image"], labels))
+        if drop_last and len(labels) < batch_size:
+            continue  # read (and kept) all the same: a kept shard is the whole shard
+        images = batch["image"] if pipeline is None else augment_batch(pipeline, batch["image"])
         yield (images, labels) if as_uint8 else (to_tensor(images), torch.from_numpy(labels))
+
+
+def _kept_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, drop_last: bool, rng: np.random.Generator,
+                  pipeline=None):
+    """Batches of a shard kept in memory, in a new random order: what `_batches` gives, without
+    Ray Data running the shard's read and decode again."""
+    import torch
+
+    from defect_tune.augment import augment_batch
+    from defect_tune.data import to_tensor
+
+    order = rng.permutation(len(labels))
+    for start in range(0, len(order) - batch_size + 1 if drop_last else len(order), batch_size):
+        index = order[start:start + batch_size]
+        yield to_tensor(augment_batch(pipeline, images[index])), torch.from_numpy(labels[index])
+
+
+def keeps_train(meta: dict, workers: int, limit_bytes: float, train_splits: tuple[str, ...] = ("train",)) -> bool:
+    """Whether each worker's train shard (stored uint8 images) fits `limit_bytes`."""
+    image = meta["image"]
+    images = sum(meta["splits"][split]["images"] for split in train_splits)
+    per_worker = math.ceil(images / workers) * image["height"] * image["width"]
+    return per_worker <= limit_bytes
 
 
 def _noting_first(batches, times: list[float]):
@@ -79,7 +109,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
     objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank);
     for sweeps `trial_started_s`, the trial function's start (Unix time), from which rank 0
-    reports where the trial's start-up went (`startup/*`, seconds) with every epoch.
+    reports where the trial's start-up went (`startup/*`, seconds) with every epoch, and
+    `keep_train`: keep this worker's train shard in memory after its first epoch and augment
+    here (each epoch otherwise runs the shard's Ray Data read and decode again: seconds before
+    its first batch, measured in results/benchmarks/sweep_efficiency_h200.md).
 
     The training core is imported here, in the worker, not at the top of this module: the trial's
     other processes (Tune's trial actor, Train's controller) unpickle this function too, and
@@ -142,16 +175,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "startup/trainer_s": loop_started - loop_config["trial_started_s"],
                   "startup/model_s": model_ready - loop_started}
     first_batch: list[float] = []
+    keep_train = loop_config.get("keep_train", False)
+    kept: list | None = [] if keep_train else None  # this worker's shard, filled by its first epoch here
+    shard: tuple[np.ndarray, np.ndarray] | None = None  # ... and after it, as (images, labels)
     for epoch in range(start, stop_after):
         epoch_started = time.time()
         pipeline = None
         if reproducible:
             pipeline = build_augmentation(config.augment, shape, config.seed + 1000 * epoch + rank)
-        batches = _batches(train_shard, config.batch_size, drop_last, shuffle=True,
-                           seed=config.seed + rank if reproducible else None, pipeline=pipeline)
+        elif keep_train:
+            pipeline = build_augmentation(config.augment, shape, int(rng.integers(2**32)))
+        if shard is not None:
+            batches = _kept_batches(*shard, config.batch_size, drop_last, rng, pipeline)
+        else:
+            batches = _batches(train_shard, config.batch_size, drop_last, shuffle=True,
+                               seed=config.seed + rank if reproducible else None, pipeline=pipeline, keep=kept)
         if timing and not first_batch:
             batches = _noting_first(batches, first_batch)
         row = {"epoch": epoch + 1, **train_one_epoch(parts, config, batches, epoch, rng)}
+        if kept:
+            shard, kept = (np.concatenate([i for i, _ in kept]), np.concatenate([y for _, y in kept])), None
         metrics, stop = {}, False
         if rank == 0 and timing:
             if "startup/first_batch_s" not in timing:
@@ -205,11 +248,12 @@ def dataset_config(workers: int) -> DataConfig:
 def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list) -> TorchTrainer:
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
+    keep = keeps_train(meta, setup.workers_per_trial, setup.keep_train_bytes)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(), "meta": meta, "trial_started_s": started},
+        train_loop_config={"config": config.model_dump(), "meta": meta, "trial_started_s": started, "keep_train": keep},
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(setup.data_dir, meta, config,
+        datasets=build_datasets(setup.data_dir, meta, config, worker_augments=keep,
                                 tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
         dataset_config=dataset_config(setup.workers_per_trial),
         run_config=RunConfig(

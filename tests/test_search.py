@@ -230,19 +230,22 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
 
 def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request):
     """A resumed trial whose Train run had checkpointed its last epoch before the driver died (Tune
-    never recorded it; seen in CI) reports that epoch again instead of ending without a result."""
+    never recorded it; seen in CI) reports that epoch again instead of ending without a result.
+
+    The run keeps its train shard in memory: Ray Data reads every shard once in its 3 epochs (a
+    streamed run reads the train shards every epoch), and the resumed run reads nothing."""
     import ray
+    from ray.util.queue import Queue
+    from ray.util.state import list_tasks
 
     from defect_tune.config import OBJECTIVE, TrainConfig
     from defect_tune.data import read_meta
-    from ray.util.queue import Queue
-
     from defect_tune.trial import FoldReportCallback, TrialSetup, _trainer
 
-    config = TrainConfig(model="el_cnn", epochs=1, batch_size=64, augment="none", warmup_epochs=0, pretrained=False)
+    config = TrainConfig(model="el_cnn", epochs=3, batch_size=64, augment="light", warmup_epochs=0, pretrained=False)
     setup = TrialSetup(data_dir=str(synthetic_data), meta=read_meta(synthetic_data), space=None,
-                       storage_path=str(tmp_path / "tune"), sweep_name="again", cpus_per_worker=1)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+                       storage_path=str(tmp_path / "tune"), sweep_name="again", cpus_per_worker=1, keep_train_bytes=2**30)
+    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)  # the State API lists the tasks
     request.addfinalizer(ray.shutdown)
 
     def fit() -> list[dict]:
@@ -252,10 +255,17 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
         _trainer(config, setup, setup.meta, "again-t1", time.time(), [callback]).fit()
         return [row for _, row in (reports.get() for _ in range(reports.qsize()))]
 
-    (first,) = fit()
-    resumed = fit()  # the same Train run again: it restores from its checkpoint after epoch 1 of 1
-    assert len(resumed) == 1 and resumed[0]["epoch"] == first["epoch"] == 1
-    assert resumed[0][OBJECTIVE] == first[OBJECTIVE] and resumed[0]["checkpoint_path"] != first["checkpoint_path"]
+    def shard_reads() -> int:
+        return sum(task.name.startswith("ReadParquet") for task in list_tasks(limit=10_000, raise_on_missing_output=False))
+
+    first = fit()
+    assert [row["epoch"] for row in first] == [1, 2, 3] and all(0 <= row[OBJECTIVE] <= 1 for row in first)
+    shards = {shard["file"] for split in ("train", "val") for shard in setup.meta["splits"][split]["shards"]}
+    assert shard_reads() == len(shards)  # one read task per shard file; a streamed run reads train's 3 times
+    resumed = fit()  # the same Train run again: it restores from its checkpoint after epoch 3 of 3
+    assert len(resumed) == 1 and resumed[0]["epoch"] == first[-1]["epoch"] == 3
+    assert resumed[0][OBJECTIVE] == first[-1][OBJECTIVE] and resumed[0]["checkpoint_path"] != first[-1]["checkpoint_path"]
+    assert shard_reads() == len(shards)
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synthetic_data, tmp_path):

@@ -246,3 +246,49 @@ def test_a_resumed_sweep_keeps_the_folds_it_started_with(tmp_path):
         folds_for_sweep(options(resume=True, cv=0), space, rare, out)
     # A sweep from before folds were recorded ran on prepare's split.
     assert folds_for_sweep(options(resume=True), space, rare, tmp_path / "older") == (0, 0, None)
+
+
+def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_labels():
+    import numpy as np
+    import torch
+
+    from defect_tune.augment import build_augmentation
+    from defect_tune.data import to_tensor
+    from defect_tune.trial import _kept_batches
+
+    images = (np.arange(10, dtype=np.uint8) * 20).repeat(16).reshape(10, 4, 4)  # image k is all 20k
+    labels = np.stack([np.arange(10), np.zeros(10), np.ones(10)], axis=1).astype(np.float32)  # row k: [k, 0, 1]
+    rng = np.random.default_rng(0)
+    orders = []
+    for drop_last, sizes in ((True, [4, 4]), (False, [4, 4, 2])):
+        batches = list(_kept_batches(images, labels, 4, drop_last, rng))
+        assert [len(y) for _, y in batches] == sizes
+        order = []
+        for x, y in batches:
+            assert x.shape[1:] == (1, 4, 4) and x.dtype == torch.float32
+            for image, row in zip(x, y):
+                k = int(row[0])
+                assert torch.equal(row, torch.from_numpy(labels[k]))
+                assert torch.equal(image, to_tensor(images[k:k + 1])[0])  # each image keeps its own labels
+                order.append(k)
+        assert len(set(order)) == len(order)
+        orders.append(order)
+    assert sorted(orders[1]) == list(range(10))  # without drop_last: every image once
+    assert orders[0] != orders[1][:8]  # a new order each epoch
+
+    ramp = np.tile(np.arange(4, dtype=np.uint8) * 60, (4, 1))  # left to right: 0, 60, 120, 180
+    flip = build_augmentation("hflip", (4, 4), seed=1)
+    flip.transforms[0].p = 1.0
+    (x, _), = _kept_batches(ramp[None].repeat(2, 0), labels[:2], 2, False, rng, flip)
+    assert torch.equal(x[0, 0], to_tensor(ramp[:, ::-1].copy()[None])[0, 0])  # augmented here, in the worker
+
+
+def test_a_worker_keeps_its_train_shard_only_when_the_shard_fits_the_limit():
+    from defect_tune.trial import keeps_train
+
+    meta = {"image": {"height": 100, "width": 100}, "splits": {"train": {"images": 1000}, "val": {"images": 200}}}
+    assert keeps_train(meta, 1, 10_000_000)  # 1,000 images of 10,000 bytes
+    assert not keeps_train(meta, 1, 9_999_999)
+    assert keeps_train(meta, 2, 5_000_000)  # two workers, half each
+    assert not keeps_train(meta, 1, 10_000_000, ("train", "val"))
+    assert not keeps_train(meta, 1, 0)  # --keep-train-gb 0: always streamed

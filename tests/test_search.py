@@ -232,8 +232,9 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     """A resumed trial whose Train run had checkpointed its last epoch before the driver died (Tune
     never recorded it; seen in CI) reports that epoch again instead of ending without a result.
 
-    The run keeps its train shard in memory: Ray Data reads every shard once in its 3 epochs (a
-    streamed run reads the train shards every epoch), and the resumed run reads nothing."""
+    The run has two workers (DDP, the train split across them), and each keeps its part of the
+    train shard in memory: Ray Data reads every shard once in the 3 epochs (a streamed run reads
+    the train shards every epoch), and the resumed run reads nothing."""
     import ray
     from ray.util.queue import Queue
     from ray.util.state import list_tasks
@@ -244,7 +245,8 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
 
     config = TrainConfig(model="el_cnn", epochs=3, batch_size=64, augment="light", warmup_epochs=0, pretrained=False)
     setup = TrialSetup(data_dir=str(synthetic_data), meta=read_meta(synthetic_data), space=None,
-                       storage_path=str(tmp_path / "tune"), sweep_name="again", cpus_per_worker=1, keep_train_bytes=2**30)
+                       storage_path=str(tmp_path / "tune"), sweep_name="again", workers_per_trial=2,
+                       cpus_per_worker=0.5, keep_train_bytes=2**30)
     ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)  # the State API lists the tasks
     request.addfinalizer(ray.shutdown)
 

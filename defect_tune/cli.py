@@ -197,7 +197,7 @@ def search(
     storage: Annotated[str | None, typer.Option(help="Tune storage: local path, NFS path or s3:// / gs:// URI (shared for multi-node)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep; finished trials are kept, not rerun")] = False,
     seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
-    max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (from its last checkpoint)")] = 0,
+    max_failures: Annotated[int, typer.Option(help="Retries of a crashed trial (from its last checkpoint); a diverged one (NaN loss) is never retried")] = 0,
     wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
     keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = 2.0,
     cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,

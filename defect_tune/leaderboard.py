@@ -71,9 +71,13 @@ def trial_row(result, space, classes: list[str]) -> dict:
     row.update({f"param/{k}": v for k, v in sampled.items()})
     # Our epoch, not Tune's training_iteration, which restarts at 1 when a trial resumes.
     epochs = int(history["epoch"].max()) if history is not None and "epoch" in history and len(history) else 0
-    reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), result.error is not None)
-    row.update(status="error" if result.error is not None else "terminated", stop_reason=reason, epochs=epochs)
-    row["error"] = None if result.error is None else error_reason(result.error)
+    # A diverged trial (its training loss non-finite) ended itself with a report naming the loss,
+    # which is what it failed of: it counts as failed everywhere a failed trial does.
+    diverged = metrics.get("diverged") or None
+    failed = result.error is not None or diverged is not None
+    reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), failed)
+    row.update(status="error" if failed else "terminated", stop_reason=reason, epochs=epochs)
+    row["error"] = diverged if result.error is None else error_reason(result.error)
     key = space.objective
     if epochs and key in history:
         best = history.loc[history[key].idxmax() if space.mode == "max" else history[key].idxmin()]
@@ -111,6 +115,8 @@ def build_leaderboard(results, space, classes: list[str]) -> pd.DataFrame:
     if board.empty:
         return board
     ascending = space.mode == "min"
-    board = board.sort_values(space.objective, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+    board = board.sort_values(space.objective, ascending=ascending, na_position="last", kind="stable")
+    # A failed trial ranks after every other, whatever its best epoch before it failed.
+    board = board.sort_values("status", key=lambda status: status == "error", kind="stable").reset_index(drop=True)
     board.insert(0, "rank", range(1, len(board) + 1))
     return board

@@ -384,7 +384,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         sampled = {k.removeprefix("param/"): plain(v) for k, v in row.items() if k.startswith("param/") and plain(v) is not None}
         configs[row["trial_id"]] = space.config_for(sampled).model_dump()
     (out / "trial_configs.json").write_text(json.dumps(configs, indent=2) + "\n")
-    finished = board.dropna(subset=[space.objective]) if len(board) else board
+    finished = board[(board["status"] != "error") & board[space.objective].notna()] if len(board) else board
     if len(finished):
         best = finished.iloc[0]
         sampled = {k.removeprefix("param/"): plain(v) for k, v in best.items() if k.startswith("param/") and plain(v) is not None}

@@ -133,6 +133,9 @@ class SweepRuns(WandbLoggerCallback):
         if epoch is not None:
             seen["epochs"] = max(seen["epochs"], int(epoch))
             seen["early_stopped"] = bool(result.get("early_stopped"))
+        if result.get("diverged"):  # the trial ends itself with this report: it failed of it
+            seen["diverged"] = result["diverged"]
+            return
         if value is None:
             return
         best = seen["best"] and seen["best"][self.objective]
@@ -150,9 +153,11 @@ class SweepRuns(WandbLoggerCallback):
         seen = self.progress.get(trial_id, {"epochs": 0, "best": None, "early_stopped": False})
         best = seen["best"] or {}
         summary = {
-            "stop_reason": stop_reason(seen["epochs"], self.max_epochs, seen["early_stopped"], failed),
+            "stop_reason": stop_reason(seen["epochs"], self.max_epochs, seen["early_stopped"], failed or "diverged" in seen),
             "epochs": seen["epochs"], "best_epoch": best.get("epoch"),
         }
+        if "diverged" in seen:
+            summary["error"] = seen["diverged"]
         if best:  # ranks runs as the leaderboard does: by the best epoch, not the last
             summary[self.objective] = best[self.objective]
         columns = ["class", "train_positives", "val_positives", "val_recall", "threshold"]

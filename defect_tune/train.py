@@ -137,12 +137,17 @@ def _to_device(parts: Parts, x: torch.Tensor, y: torch.Tensor):
 
 
 def train_one_epoch(parts: Parts, config: TrainConfig, batches: Iterable, epoch: int, rng: np.random.Generator,
-                    on_batch: Callable[[], None] | None = None) -> dict:
-    """One pass over `batches` of (images, labels); `epoch` counts from 0."""
+                    on_batch: Callable[[], None] | None = None, finish_on_nonfinite: bool = False) -> dict:
+    """One pass over `batches` of (images, labels); `epoch` counts from 0.
+
+    A non-finite training loss raises `NonFiniteLoss` at once; with `finish_on_nonfinite` the
+    epoch runs to its end and the row's `nonfinite` names the first such batch instead. One of
+    several DDP workers must not leave an epoch early: the others would wait for it forever in
+    the next gradient all-reduce."""
     model = parts.model
     model.train()
     set_backbone_trainable(model, epoch >= config.freeze_epochs)
-    total, seen = 0.0, 0
+    total, seen, nonfinite = 0.0, 0, None
     for step, (x, y) in enumerate(batches):
         x, y = _to_device(parts, x, y)
         if config.mixup_alpha > 0:
@@ -150,8 +155,10 @@ def train_one_epoch(parts: Parts, config: TrainConfig, batches: Iterable, epoch:
         with torch.autocast(parts.device.type, dtype=parts.autocast_dtype, enabled=parts.autocast_dtype is not None):
             logits = parts.net(x)
         loss = parts.loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"epoch {epoch + 1}, batch {step + 1}: training loss is {loss.item()}")
+        if nonfinite is None and not torch.isfinite(loss):
+            nonfinite = f"epoch {epoch + 1}, batch {step + 1}: training loss is {loss.item()}"
+            if not finish_on_nonfinite:
+                raise NonFiniteLoss(nonfinite)
         parts.optimizer.zero_grad(set_to_none=True)
         if parts.scaler is not None:
             parts.scaler.scale(loss).backward()
@@ -171,7 +178,8 @@ def train_one_epoch(parts: Parts, config: TrainConfig, batches: Iterable, epoch:
         seen += len(x)
         if on_batch is not None:
             on_batch()
-    return {"train_loss": total / max(seen, 1), "lr": parts.optimizer.param_groups[-1]["lr"]}
+    row = {"train_loss": total / max(seen, 1), "lr": parts.optimizer.param_groups[-1]["lr"]}
+    return row if nonfinite is None else {**row, "nonfinite": nonfinite}
 
 
 @torch.no_grad()

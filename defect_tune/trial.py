@@ -31,6 +31,14 @@ from defect_tune.ingest import build_datasets, data_tasks_at_once
 
 CHECKPOINT_FILE = "model.pt"
 
+# How often a trial's Train controller polls its workers (Ray's default: 2 s). A worker's
+# `report` waits until the controller has taken the one before it, and the controller notices
+# the end of training only at its next poll. With 2 s, a worker loop of 3 reports 0.5 s apart
+# took 9 s to its Train run's end, and 2 s with 0.2 s; on a GPU, where an epoch of a small
+# dataset is well under a second, each report waited up to 2 s. Polling every 0.25 s added about
+# 0.015 of a core to a trial with two workers (both measured on the 2-core CI machine).
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
 
 @dataclass(frozen=True)
 class TrialSetup:
@@ -112,7 +120,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     reports where the trial's start-up went (`startup/*`, seconds) with every epoch, and
     `keep_train`: keep this worker's train shard in memory after its first epoch and augment
     here (each epoch otherwise runs the shard's Ray Data read and decode again: seconds before
-    its first batch, measured in results/benchmarks/sweep_efficiency_h200.md).
+    its first batch, measured in results/benchmarks/sweep_efficiency_h200.md), and `diverged`:
+    when the training loss turns non-finite on any worker, report this (the objective's worst
+    value, with the loss named under `diverged`) once and end, where retraining raises.
 
     The training core is imported here, in the worker, not at the top of this module: the trial's
     other processes (Tune's trial actor, Train's controller) unpickle this function too, and
@@ -124,13 +134,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from defect_tune.augment import build_augmentation
     from defect_tune.data import to_tensor
-    from defect_tune.train import EarlyStopping, build_parts, predict, score_epoch, seed_everything, train_one_epoch
+    from defect_tune.train import (EarlyStopping, NonFiniteLoss, build_parts, predict, score_epoch, seed_everything,
+                                   train_one_epoch)
 
     config = TrainConfig.model_validate(loop_config["config"])
     meta = loop_config["meta"]
     stop_after = loop_config.get("stop_after", config.epochs)
     validate = loop_config.get("validate", True)
     reproducible = loop_config.get("reproducible", False)
+    diverged = loop_config.get("diverged")  # sweeps: what a diverged trial reports; None: it raises
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config.seed)  # same initial weights on every worker; DDP keeps them in step
@@ -192,7 +204,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                seed=config.seed + rank if reproducible else None, pipeline=pipeline, keep=kept)
         if timing and not first_batch:
             batches = _noting_first(batches, first_batch)
-        row = {"epoch": epoch + 1, **train_one_epoch(parts, config, batches, epoch, rng)}
+        try:  # one of several workers finishes its epoch: the others wait for it in every all-reduce
+            row = {"epoch": epoch + 1, **train_one_epoch(parts, config, batches, epoch, rng, finish_on_nonfinite=world > 1)}
+            nonfinite = row.pop("nonfinite", None)
+        except NonFiniteLoss as error:
+            if diverged is None:
+                raise
+            row, nonfinite = {"epoch": epoch + 1}, str(error)
+        if world > 1:  # every rank learns whether any diverged, so that all of them end together
+            seen = [None] * world
+            torch.distributed.all_gather_object(seen, nonfinite)
+            nonfinite = next((message for message in seen if message is not None), None)
         if kept:
             shard, kept = (np.concatenate([i for i, _ in kept]), np.concatenate([y for _, y in kept])), None
         metrics, stop = {}, False
@@ -200,6 +222,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if "startup/first_batch_s" not in timing:
                 timing["startup/first_batch_s"] = first_batch[0] - model_ready
             row.update(timing)
+        if nonfinite is not None:
+            if diverged is None:
+                raise NonFiniteLoss(nonfinite)
+            # A diverged configuration is a result, not a crash: reported once with its objective's
+            # worst value (Optuna learns from it, ASHA ranks it last), never retried.
+            if rank == 0:
+                row.update(diverged, diverged=f"NonFiniteLoss: {nonfinite}", node_id=node,
+                           epoch_s=time.time() - epoch_started, timestamp_s=time.time())
+            ray.train.report(row if rank == 0 else {})
+            return
         if rank == 0 and not validate:
             row.update(node_id=node)
             metrics = row
@@ -239,6 +271,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
 
 
+def diverged_report(objective: str, mode: str) -> dict:
+    """The objective a diverged trial reports: its worst value. Every metric a sweep maximises
+    (recall, precision, F2, AP) is at least 0; one it minimises (a loss) is at most infinity."""
+    return {objective: 0.0 if mode == "max" else math.inf}
+
+
 def dataset_config(workers: int) -> DataConfig:
     """Train split across workers. One worker reads its Datasets itself: splitting would start a
     coordinator actor per Dataset to hand everything to that one worker (seconds of start-up)."""
@@ -249,9 +287,12 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
     keep = keeps_train(meta, setup.workers_per_trial, setup.keep_train_bytes)
+    loop_config = {"config": config.model_dump(), "meta": meta, "trial_started_s": started, "keep_train": keep}
+    if setup.space is not None:
+        loop_config["diverged"] = diverged_report(setup.space.objective, setup.space.mode)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(), "meta": meta, "trial_started_s": started, "keep_train": keep},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(setup.data_dir, meta, config, worker_augments=keep,
                                 tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
@@ -271,6 +312,8 @@ def run_trial(sampled: dict, setup: TrialSetup) -> None:
     """The Tune trial: this trial's Datasets and one TorchTrainer run for its configuration, or
     one per fold under `--cv` (`run_folds`)."""
     started = time.time()
+    # Train hands this process's value on to the controller it starts; a user's own value stays.
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     config = setup.space.config_for(sampled)
     name = f"{setup.sweep_name}-{ray.tune.get_context().get_trial_id()}"
     if setup.folds:
@@ -314,7 +357,8 @@ def _train_storage(setup: TrialSetup) -> str:
 def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float) -> None:
     """One TorchTrainer per fold, side by side (each waits for its workers like any trial's), and
     one report to Tune per epoch: the fold-mean (`folds.FoldMean`), once every fold reached it.
-    A fold that fails (after its own `--max-failures` retries) fails the trial."""
+    A fold that fails (after its own `--max-failures` retries) fails the trial; one that diverges
+    ends it with that fold's report (the other folds' Train runs end with the trial's process)."""
     from ray.util.queue import Empty, Queue
 
     from defect_tune.folds import FoldMean
@@ -339,7 +383,11 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
         block = not ended  # a fold's reports are all queued before its fit() returns: drain, then mark it ended
         try:
             while True:
-                mean.add(*queue.get(block=block, timeout=1.0 if block else None))
+                fold, row = queue.get(block=block, timeout=1.0 if block else None)
+                if "diverged" in row:  # the configuration diverged on this fold: so ends the trial
+                    ray.tune.report({**row, "diverged": f"fold {fold}: {row['diverged']}", "folds": len(threads)})
+                    return
+                mean.add(fold, row)
                 block = False
         except Empty:
             pass

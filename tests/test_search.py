@@ -62,7 +62,7 @@ def _pids() -> set[int]:
     return set(psutil.pids())
 
 
-@pytest.mark.timeout(1500)  # 6 trials with W&B, then 2 trials x 2 folds: ~9 minutes alone on 2 cores
+@pytest.mark.timeout(1500)  # 6 trials with W&B, then 1 trial x 2 folds: ~6 minutes alone on 2 cores
 def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb(synthetic_data, tmp_path):
     """Six trials, so ASHA must stop some: the stopped trials' CPUs come back (a leak hangs the
     sweep), and every trial, stopped or finished, is one offline W&B run; the key is written nowhere.
@@ -125,14 +125,14 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         (tmp_path / "again").mkdir()
         before = _pids()
         again = subprocess.run(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path / "again", 2, 2), "--name", "again",
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path / "again", 1, 2), "--name", "again",
                            "--out", tmp_path / "again", "--max-concurrent", 1, "--cpus-per-worker", 0.5, "--cv", 2),
             capture_output=True, text=True, timeout=600, env=offline_env(tmp_path, ray_tmp),
         )
         assert again.returncode == 0, again.stderr[-3000:]
         assert not _left_behind(before)
         board = pd.read_csv(tmp_path / "again" / "leaderboard.csv")
-        assert len(board) == 2 and set(board["stop_reason"]) <= {"asha", "completed"}
+        assert len(board) == 1 and board["stop_reason"].tolist() == ["completed"]
         summary = json.loads((tmp_path / "again" / "sweep.json").read_text())
         assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
         assert "each on 2 folds of train+val" in again.stderr
@@ -153,7 +153,7 @@ def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: 
     assert json.loads((out / "sweep.json").read_text())["cv"] == {"folds": folds, "seed": 0}
     configs = json.loads((out / "trial_configs.json").read_text())
     progresses = sorted((out / "tune" / name).glob("run_trial_*/progress.csv"))
-    assert len(progresses) == 2
+    assert progresses and len(progresses) == len(configs)  # every trial of the sweep
     for progress in progresses:
         history = pd.read_csv(progress)
         assert (history["folds"] == folds).all()
@@ -193,7 +193,9 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data, tmp_path):
     out = tmp_path / "out"
-    space = write_space(tmp_path, 3, 2, grace=2)  # grace = max: no ASHA stops, every trial finishes
+    # Two trials at once, grace = max: no ASHA stops. The driver is killed once one has finished,
+    # while the other is training; the resumed sweep keeps the first and completes the second.
+    space = write_space(tmp_path, 2, 2, grace=2)
     args = ("--data", synthetic_data, "--space", space, "--name", "resumable", "--out", out)
     driver = subprocess.Popen(search_command(*args), stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -223,7 +225,7 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     resumed = subprocess.run(search_command(*args, "--resume"), capture_output=True, text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     board = pd.read_csv(out / "leaderboard.csv")
-    assert len(board) == 3 and (board["epochs"] == 2).all()
+    assert len(board) == 2 and (board["epochs"] == 2).all()
     for name, before in finished.items():  # finished trials were kept, not rerun
         assert (experiment / name / "progress.csv").read_bytes() == before
 

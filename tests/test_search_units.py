@@ -1,6 +1,7 @@
 """The search driver's own logic, without a sweep: concurrency, Optuna bookkeeping, leaderboard, and
 the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
+import math
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from defect_tune.leaderboard import build_leaderboard, error_reason
 from defect_tune.search import (LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces,
                                 folds_side_by_side, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once)
 from defect_tune.space import DefineByRun, SpaceError, load_space
+from defect_tune.trial import diverged_report
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
 
@@ -139,6 +141,29 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     # The start order, from the trial folder's name; unknown when the folder does not say.
     indices = board.set_index("trial_id")["trial_index"]
     assert indices[["a", "b", "c"]].tolist() == [1, 3, 2] and pd.isna(indices["d"])
+
+
+def test_a_diverged_trial_is_a_failed_row_naming_its_loss_and_is_never_exported(tmp_path):
+    """A trial whose loss turned NaN ended itself with a report of the objective's worst value and
+    the loss: the leaderboard counts it failed, with that reason, even where its best epoch before
+    the divergence beats every other trial, and the export passes over it."""
+    from defect_tune.export import pick
+
+    space = load_space(QUICK)
+    diverged = fake_result({"id": "a", "model": "el_cnn", "lr": 0.003}, 2, [0.9, 0.0])
+    diverged.metrics["diverged"] = "NonFiniteLoss: epoch 2, batch 4: training loss is nan"
+    fine = fake_result({"id": "b", "model": "el_cnn", "lr": 0.001}, 3, [0.2, 0.3, 0.4])
+    board = build_leaderboard([diverged, fine], space, ["a"]).set_index("trial_id", drop=False)
+    assert board["trial_id"].tolist() == ["b", "a"] and board["rank"].tolist() == [1, 2]  # failed: ranked last
+    assert board.loc["a", "status"] == "error" and board.loc["a", "stop_reason"] == "error"
+    assert board.loc["a", "error"] == "NonFiniteLoss: epoch 2, batch 4: training loss is nan"
+    assert board.loc["b", "status"] == "terminated" and pd.isna(board.loc["b", "error"])
+    assert pick(board.reset_index(drop=True), space.objective, space.mode, 1, tmp_path)["trial_id"] == "b"
+
+
+def test_a_diverged_trial_reports_its_objectives_worst_value():
+    assert diverged_report("val_guarded_macro_recall", "max") == {"val_guarded_macro_recall": 0.0}
+    assert diverged_report("val_loss", "min") == {"val_loss": math.inf}
 
 
 def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch):

@@ -209,3 +209,64 @@ def test_search_refuses_corrupt_data_before_starting_ray(synthetic_data, tmp_pat
     assert result.returncode == 2
     assert f"{path}: content differs" in result.stderr
     assert "Started a local Ray instance" not in result.stderr and not (tmp_path / "out").exists()
+
+
+DDP_EPOCH = '''
+import json, os, sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from defect_tune.config import load_config
+from defect_tune.data import read_meta
+from defect_tune.train import build_parts, train_one_epoch
+
+
+def worker(rank, data, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    meta = read_meta(data)
+    parts = build_parts(load_config(None, ["batch_size=8", "warmup_epochs=0"]), meta, 5, torch.device("cpu"))
+    parts.net = torch.nn.parallel.DistributedDataParallel(parts.model)
+    loss, calls = parts.loss_fn, []
+
+    def poisoned(logits, y):  # only rank 1's loss turns NaN, at its second batch
+        calls.append(1)
+        return loss(logits, y) * (float("nan") if rank == 1 and len(calls) == 2 else 1.0)
+
+    parts.loss_fn = poisoned
+    rng = np.random.default_rng(rank)
+    size = meta["image"]["height"]
+    batches = [(torch.from_numpy(rng.random((8, 1, size, size), dtype=np.float32)),
+                torch.from_numpy((rng.random((8, len(meta["classes"]))) < 0.3).astype(np.float32))) for _ in range(5)]
+    steps = []
+    row = train_one_epoch(parts, load_config(None, ["batch_size=8"]), batches, 0, rng,
+                          on_batch=lambda: steps.append(1), finish_on_nonfinite=True)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"steps": len(steps), "nonfinite": row.get("nonfinite")}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+'''
+
+
+def test_a_ddp_worker_whose_loss_turns_nan_finishes_its_epoch_with_the_others(synthetic_data, tmp_path):
+    """With finish_on_nonfinite (a sweep's workers under DDP), a worker whose loss turns NaN does
+    not leave the epoch: the other worker would wait for it in the next all-reduce forever. Both
+    run every batch and name their first non-finite batch (rank 0's turns NaN one step later,
+    through the all-reduced gradient); the worker loop then ends the trial on every rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp_epoch.py"
+    script.write_text(DDP_EPOCH)
+    result = subprocess.run([sys.executable, str(script), str(synthetic_data), str(tmp_path), str(port)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["steps"] for r in ranks] == [5, 5]
+    assert ranks[1]["nonfinite"] == "epoch 1, batch 2: training loss is nan"
+    assert ranks[0]["nonfinite"] == "epoch 1, batch 3: training loss is nan"

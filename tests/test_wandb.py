@@ -153,6 +153,16 @@ class _Queue:
         return self.items.pop(0)
 
 
+def test_a_diverged_trial_run_ends_failed_with_its_reason_and_its_best_epoch_before(tmp_path):
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml")
+    callback = SweepRuns("proj", "sweep-1", space, META, str(tmp_path), "offline")
+    callback.note("t_00002", _epoch(1, 0.5))
+    callback.note("t_00002", {"epoch": 2, "val_guarded_macro_recall": 0.0, "diverged": "NonFiniteLoss: epoch 2, batch 1: training loss is nan"})
+    summary = callback.final("t_00002", failed=False)["summary"]  # Tune saw the trial end, not fail
+    assert summary == {"stop_reason": "error", "epochs": 2, "best_epoch": 1, "val_guarded_macro_recall": 0.5,
+                       "error": "NonFiniteLoss: epoch 2, batch 1: training loss is nan"}
+
+
 def test_a_trial_run_has_epoch_axis_best_summary_and_per_class_table(tmp_path, monkeypatch):
     """Ray's logging actor, run in this process (no Ray) on the items the callback queues."""
     from ray.air.integrations.wandb import _QueueItem

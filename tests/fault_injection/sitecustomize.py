@@ -3,7 +3,9 @@ cluster through PYTHONPATH (Ray's workers inherit the driver's environment).
 
 With DEFECT_TUNE_TEST_NAN_LR set, a trial whose `lr` equals it gets a training loss of NaN at its
 fourth batch: the real loss times NaN, so the real training loop's own check fails the trial,
-as a diverging configuration would. Nothing changes for any other trial or process.
+as a diverging configuration would. Nothing changes for any other trial or process. Each time
+that trial's loss is built (once per training run of it, retries included), a line is appended
+to the file DEFECT_TUNE_TEST_NAN_RUNS names.
 """
 
 import importlib.abc
@@ -31,7 +33,11 @@ def _poison(module) -> None:
 
     def build_loss(config, counts):
         loss = real_build_loss(config, counts)
-        return Poisoned(loss) if config.lr == float(NAN_LR) else loss
+        if config.lr != float(NAN_LR):
+            return loss
+        with open(os.environ["DEFECT_TUNE_TEST_NAN_RUNS"], "a") as runs:
+            runs.write(f"{os.getpid()}\n")
+        return Poisoned(loss)
 
     module.build_loss = build_loss
 

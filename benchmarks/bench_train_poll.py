@@ -33,9 +33,9 @@ def one_sweep(trials: int, reports: int, work: float, scratch: Path) -> dict:
     from ray import tune
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from defect_tune.search import start_ray
+    from defect_tune.trial import fit_and_report
 
     def loop(config: dict) -> None:
         import ray.train
@@ -50,9 +50,9 @@ def one_sweep(trials: int, reports: int, work: float, scratch: Path) -> dict:
 
     def trial(config: dict) -> None:
         started = time.time()
-        TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                     run_config=RunConfig(name=f"poll-{config['i']}", storage_path=str(scratch / "train"),
-                                          callbacks=[TuneReportCallback()])).fit()
+        fit_and_report(lambda callbacks: TorchTrainer(  # as a sweep's trial hands its reports to Tune
+            loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"poll-{config['i']}", storage_path=str(scratch / "train"), callbacks=callbacks)))
         tune.report({"report": -1, "trial_started": started, "fit_ended": time.time()})
 
     start_ray(None, num_cpus=2, include_dashboard=True, configure_logging=False)

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "bench_prepare.py": "prepare_throughput.md",
     "bench_asha.py": "asha_vs_fifo.md",
     "bench_sweep.py": "sweep_efficiency.md",
+    "bench_train_poll.py": "train_poll.md",
 }
 
 

@@ -8,6 +8,7 @@ import importlib.resources
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,43 @@ def start_ray(address: str | None, **init) -> None:
             os.environ.pop(key, None)
 
 
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def finish_interrupted_sync(experiment: str, name: str) -> str | None:
+    """Before `--resume`: Tune's newest experiment state in a local or mounted storage folder must
+    be whole. Tune saves it in the driver's staging folder (under Ray's temp dir) and then copies
+    that folder to the storage path; a driver killed during the copy leaves the state file cut
+    short (seen in the resume test: 0 bytes), and Tune would resume from nothing, dropping every
+    finished trial. The staging folder on this machine still holds the whole copy: it is copied
+    over again, and what was done is returned. Where it is gone, this refuses, naming the file.
+    Object stores (s3://, gs://) write whole objects, so a URI is left to Tune."""
+    if "://" in experiment:
+        return None
+    states = sorted(Path(experiment).glob("experiment_state-*.json"))
+    if not states or _whole_json(states[-1]):
+        return None
+    state = states[-1]
+    temp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    staged = sorted((p for p in temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{state.name}") if _whole_json(p)),
+                    key=lambda p: p.stat().st_mtime)
+    if not staged:
+        raise SearchError(
+            f"{state}: empty or not valid JSON: the sweep's driver was killed while Tune was copying its state there, "
+            f"and the driver's own copy is not under {temp} on this machine. The finished trials' results are in "
+            f"{experiment}/run_trial_*/ (progress.csv), but Tune cannot resume from this state; run --resume on the "
+            "machine the driver ran on, or start a new sweep"
+        )
+    shutil.copytree(staged[-1].parent, experiment, dirs_exist_ok=True)
+    return (f"{state} had been cut short (the driver was killed while Tune copied it); "
+            f"copied the sweep's state again from the driver's staging folder {staged[-1].parent}")
+
+
 def _storage(options: SearchOptions, out: Path) -> str:
     if options.storage is None:
         return str((out / "tune").absolute())
@@ -288,6 +326,8 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     out = (options.out or Path("results") / options.name).absolute()
     storage = _storage(options, out)
     experiment = f"{storage.rstrip('/')}/{options.name}"
+    if options.resume and (repaired := finish_interrupted_sync(experiment, options.name)):
+        console.print(f"--resume: {repaired}", style="yellow", highlight=False, markup=False)
     if not options.resume and tune.Tuner.can_restore(experiment):
         raise SearchError(f"sweep {options.name!r} already exists at {experiment}; --resume continues it, or pick another --name")
     if options.resume and not tune.Tuner.can_restore(experiment):

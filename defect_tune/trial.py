@@ -23,7 +23,6 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from defect_tune.config import OBJECTIVE, PREDICTIONS_FILE, TrainConfig
 from defect_tune.data import filesystem_for
@@ -235,7 +234,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and not validate:
             row.update(node_id=node)
             metrics = row
-        elif rank == 0:  # TuneReportCallback forwards rank 0's metrics, so rank 0 sees all of val
+        elif rank == 0:  # the trial hands rank 0's metrics on to Tune, so rank 0 sees all of val
             if val_cache is None:
                 val_cache = list(_batches(val_data, config.batch_size, False, as_uint8=True))
             probs, targets, row["val_loss"] = predict(parts, ((to_tensor(x), torch.from_numpy(y)) for x, y in val_cache))
@@ -319,18 +318,54 @@ def run_trial(sampled: dict, setup: TrialSetup) -> None:
     if setup.folds:
         run_folds(config, setup, name, started)
     else:
-        _trainer(config, setup, setup.meta, name, started, [TuneReportCallback()]).fit()
+        fit_and_report(lambda callbacks: _trainer(config, setup, setup.meta, name, started, callbacks))
+
+
+def fit_and_report(build) -> None:
+    """Fits `build(callbacks)` (a TorchTrainer) in a thread; this, the trial's thread, hands each
+    of the run's reports to Tune with `ray.tune.report`, in order, and returns once the run has
+    ended and every report was handed on. A run that fails raises here.
+
+    Not Ray's `TuneReportCallback`: it hands the controller's reports to Tune from the trial
+    actor's main thread, which races the trial thread's own end-of-trial marker for Tune's
+    one-slot result queue. When the last report and the end of `fit()` came close together (with
+    the controller polling every 0.25 s, in the ASHA test here), the main thread blocked on that
+    full queue forever and the sweep hung (its stack: `_get_result_from_queues` -> `report` ->
+    `Queue.put`, ray/train/_internal/session.py, Ray 2.60; the bridge is
+    https://github.com/ray-project/ray/pull/55556)."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            build([FoldReportCallback(0, queue)]).fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
+            errors.append(error)
+
+    thread = threading.Thread(target=fit, name="fit", daemon=True)
+    thread.start()
+    while True:
+        ended = not thread.is_alive()  # read first: every report is queued before fit() returns
+        try:
+            ray.tune.report(queue.get(block=not ended, timeout=None if ended else 1.0)[1])
+        except Empty:
+            if ended:
+                break
+    if errors:
+        raise errors[0]
 
 
 class FoldReportCallback(UserCallback):
-    """Runs in a fold's Train controller: hands rank 0's report (and its checkpoint's path) to the
-    trial through a Ray queue, as TuneReportCallback hands a single run's to Tune.
+    """Runs in a Train run's controller: hands rank 0's report (with its checkpoint's path) to the
+    trial through a Ray queue, as `(fold, row)`.
 
-    It also copies the epoch's held-out predictions to `<predictions>/epoch_<e>/fold<k>.npz`
-    (`predictions`: a path or URI on the sweep's storage): Train keeps only each fold's best and
-    latest checkpoints, and the epoch the fold-mean picks may be neither."""
+    Under `--cv` (`predictions` given) it also copies the epoch's held-out predictions to
+    `<predictions>/epoch_<e>/fold<k>.npz` (a path or URI on the sweep's storage): Train keeps only
+    each fold's best and latest checkpoints, and the epoch the fold-mean picks may be neither."""
 
-    def __init__(self, fold: int, queue, predictions: str):
+    def __init__(self, fold: int, queue, predictions: str | None = None):
         self.fold, self.queue, self.predictions = fold, queue, predictions
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
@@ -339,6 +374,7 @@ class FoldReportCallback(UserCallback):
             return
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path
+        if checkpoint is not None and self.predictions is not None:
             folder = f"{self.predictions}/epoch_{int(row['epoch']):03d}"
             filesystem, path = filesystem_for(folder)
             filesystem = filesystem or pafs.LocalFileSystem()

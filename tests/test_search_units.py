@@ -1,6 +1,7 @@
 """The search driver's own logic, without a sweep: concurrency, Optuna bookkeeping, leaderboard, and
 the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
+import json
 import math
 import os
 import re
@@ -164,6 +165,34 @@ def test_a_diverged_trial_is_a_failed_row_naming_its_loss_and_is_never_exported(
 def test_a_diverged_trial_reports_its_objectives_worst_value():
     assert diverged_report("val_guarded_macro_recall", "max") == {"val_guarded_macro_recall": 0.0}
     assert diverged_report("val_loss", "min") == {"val_loss": math.inf}
+
+
+def test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_short(tmp_path, monkeypatch):
+    """What the resume test met on 2026-11-30: the driver was SIGKILLed while Tune copied its
+    state to the storage folder, leaving `experiment_state-*.json` at 0 bytes, and Tune resumed
+    from nothing (the two finished trials were gone from the leaderboard). The driver's staging
+    folder under Ray's temp dir still held the whole copy, as laid out here (Ray 2.60's layout)."""
+    from defect_tune.search import finish_interrupted_sync
+
+    experiment = tmp_path / "storage" / "sweep"
+    (experiment / "run_trial_a_1").mkdir(parents=True)
+    (experiment / "experiment_state-2026-11-30_21-43-14.json").write_text("")
+    (experiment / "run_trial_a_1" / "progress.csv").write_text("epoch\n1\n")  # cut short too
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))
+    with pytest.raises(SearchError, match=r"experiment_state-2026-11-30_21-43-14.json: empty or not valid JSON.*"
+                                          r"run_trial_\*/ \(progress.csv\)"):
+        finish_interrupted_sync(str(experiment), "sweep")
+
+    staged = tmp_path / "tmp" / "ray" / "session_2026-11-30_21-43-05_1_2" / "artifacts" / "2026-11-30_21-43-14" / "sweep" / "driver_artifacts"
+    (staged / "run_trial_a_1").mkdir(parents=True)
+    (staged / "experiment_state-2026-11-30_21-43-14.json").write_text('{"trial_data": []}')
+    (staged / "run_trial_a_1" / "progress.csv").write_text("epoch\n1\n2\n")
+    said = finish_interrupted_sync(str(experiment), "sweep")
+    assert said and "had been cut short" in said and str(staged) in said
+    assert json.loads((experiment / "experiment_state-2026-11-30_21-43-14.json").read_text()) == {"trial_data": []}
+    assert (experiment / "run_trial_a_1" / "progress.csv").read_text() == "epoch\n1\n2\n"
+    assert finish_interrupted_sync(str(experiment), "sweep") is None  # whole now: nothing to do
+    assert finish_interrupted_sync("s3://bucket/sweep", "sweep") is None  # object stores write whole objects
 
 
 def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch):

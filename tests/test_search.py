@@ -230,13 +230,17 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
         assert (experiment / name / "progress.csv").read_bytes() == before
 
 
-def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request):
+def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request, monkeypatch):
     """A resumed trial whose Train run had checkpointed its last epoch before the driver died (Tune
     never recorded it; seen in CI) reports that epoch again instead of ending without a result.
 
     The run has two workers (DDP, the train split across them), and each keeps its part of the
     train shard in memory: Ray Data reads every shard once in the 3 epochs (a streamed run reads
-    the train shards every epoch), and the resumed run reads nothing."""
+    the train shards every epoch), and the resumed run reads nothing.
+
+    Then a run of the same two workers whose rank 1 alone sees its loss turn NaN (fault injection):
+    both workers end together after that epoch, which is reported once as diverged, and the run
+    ends without an error (so neither Train nor Tune retries it)."""
     import ray
     from ray.util.queue import Queue
     from ray.util.state import list_tasks
@@ -249,14 +253,20 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     setup = TrialSetup(data_dir=str(synthetic_data), meta=read_meta(synthetic_data), space=None,
                        storage_path=str(tmp_path / "tune"), sweep_name="again", workers_per_trial=2,
                        cpus_per_worker=0.5, keep_train_bytes=2**30)
+    from test_faults import FAULTS  # Ray's processes inherit this environment at ray.init
+
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_LR", "0.000123")
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_RANK", "1")
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_RUNS", str(tmp_path / "nan_runs.txt"))
     ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)  # the State API lists the tasks
     request.addfinalizer(ray.shutdown)
 
-    def fit() -> list[dict]:
+    def fit(config: TrainConfig = config, setup: TrialSetup = setup, name: str = "again-t1") -> list[dict]:
         """One fit of the trial's Train run, and what it reported (as a trial would hand it on)."""
         reports = Queue(actor_options={"num_cpus": 0})
-        callback = FoldReportCallback(0, reports, str(tmp_path / "predictions"))
-        _trainer(config, setup, setup.meta, "again-t1", time.time(), [callback]).fit()
+        callback = FoldReportCallback(0, reports)
+        _trainer(config, setup, setup.meta, name, time.time(), [callback]).fit()
         return [row for _, row in (reports.get() for _ in range(reports.qsize()))]
 
     def shard_reads() -> int:
@@ -270,6 +280,16 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     assert len(resumed) == 1 and resumed[0]["epoch"] == first[-1]["epoch"] == 3
     assert resumed[0][OBJECTIVE] == first[-1][OBJECTIVE] and resumed[0]["checkpoint_path"] != first[-1]["checkpoint_path"]
     assert shard_reads() == len(shards)
+
+    # 140 training images per worker: 2 batches of 64 an epoch, so rank 1's 4th batch is epoch 2's last.
+    from defect_tune.space import load_space
+
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml")
+    diverging = config.model_copy(update={"lr": 0.000123})
+    rows = fit(diverging, TrialSetup(**{**setup.__dict__, "space": space}), "again-nan")
+    assert [row["epoch"] for row in rows] == [1, 2] and "diverged" not in rows[0]
+    assert rows[1]["diverged"] == "NonFiniteLoss: epoch 2, batch 2: training loss is nan" and rows[1][OBJECTIVE] == 0.0
+    assert len((tmp_path / "nan_runs.txt").read_text().splitlines()) == 1  # rank 1's loss, built once: no retry
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synthetic_data, tmp_path):

@@ -5,7 +5,8 @@ With DEFECT_TUNE_TEST_NAN_LR set, a trial whose `lr` equals it gets a training l
 fourth batch: the real loss times NaN, so the real training loop's own check fails the trial,
 as a diverging configuration would. Nothing changes for any other trial or process. Each time
 that trial's loss is built (once per training run of it, retries included), a line is appended
-to the file DEFECT_TUNE_TEST_NAN_RUNS names.
+to the file DEFECT_TUNE_TEST_NAN_RUNS names. With DEFECT_TUNE_TEST_NAN_RANK, only that Train
+worker's loss is poisoned.
 """
 
 import importlib.abc
@@ -35,6 +36,11 @@ def _poison(module) -> None:
         loss = real_build_loss(config, counts)
         if config.lr != float(NAN_LR):
             return loss
+        if os.environ.get("DEFECT_TUNE_TEST_NAN_RANK"):  # only this worker's loss, under DDP
+            import ray.train
+
+            if ray.train.get_context().get_world_rank() != int(os.environ["DEFECT_TUNE_TEST_NAN_RANK"]):
+                return loss
         with open(os.environ["DEFECT_TUNE_TEST_NAN_RUNS"], "a") as runs:
             runs.write(f"{os.getpid()}\n")
         return Poisoned(loss)

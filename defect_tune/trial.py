@@ -35,7 +35,8 @@ CHECKPOINT_FILE = "model.pt"
 # the end of training only at its next poll. With 2 s, a worker loop of 3 reports 0.5 s apart
 # took 9 s to its Train run's end, and 2 s with 0.2 s; on a GPU, where an epoch of a small
 # dataset is well under a second, each report waited up to 2 s. Polling every 0.25 s added about
-# 0.015 of a core to a trial with two workers (both measured on the 2-core CI machine).
+# 0.015 of a core to a trial with two workers (both measured here, on 2 cores:
+# benchmarks/bench_train_poll.py, results/benchmarks/train_poll.md).
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
@@ -340,7 +341,7 @@ def fit_and_report(build) -> None:
 
     def fit() -> None:
         try:
-            build([FoldReportCallback(0, queue)]).fit()
+            build([QueueReportCallback(0, queue)]).fit()
         except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors.append(error)
 
@@ -357,7 +358,7 @@ def fit_and_report(build) -> None:
         raise errors[0]
 
 
-class FoldReportCallback(UserCallback):
+class QueueReportCallback(UserCallback):
     """Runs in a Train run's controller: hands rank 0's report (with its checkpoint's path) to the
     trial through a Ray queue, as `(fold, row)`.
 
@@ -404,7 +405,7 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
 
     def fit(fold: int, meta: dict) -> None:
         try:
-            callback = FoldReportCallback(fold, queue, f"{_train_storage(setup)}/{name}-folds")
+            callback = QueueReportCallback(fold, queue, f"{_train_storage(setup)}/{name}-folds")
             _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
         except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors[fold] = error

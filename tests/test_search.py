@@ -247,7 +247,7 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
 
     from defect_tune.config import OBJECTIVE, TrainConfig
     from defect_tune.data import read_meta
-    from defect_tune.trial import FoldReportCallback, TrialSetup, _trainer
+    from defect_tune.trial import QueueReportCallback, TrialSetup, _trainer
 
     config = TrainConfig(model="el_cnn", epochs=3, batch_size=64, augment="light", warmup_epochs=0, pretrained=False)
     setup = TrialSetup(data_dir=str(synthetic_data), meta=read_meta(synthetic_data), space=None,
@@ -265,7 +265,7 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     def fit(config: TrainConfig = config, setup: TrialSetup = setup, name: str = "again-t1") -> list[dict]:
         """One fit of the trial's Train run, and what it reported (as a trial would hand it on)."""
         reports = Queue(actor_options={"num_cpus": 0})
-        callback = FoldReportCallback(0, reports)
+        callback = QueueReportCallback(0, reports)
         _trainer(config, setup, setup.meta, name, time.time(), [callback]).fit()
         return [row for _, row in (reports.get() for _ in range(reports.qsize()))]
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from defect_tune.data import check_shards, data_location, read_meta
-from defect_tune.export import package_versions
+from defect_tune.export import ExportError, package_versions, pick
 from defect_tune.folds import make_folds
 from defect_tune.leaderboard import build_leaderboard, plain
 from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
@@ -424,9 +424,11 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         sampled = {k.removeprefix("param/"): plain(v) for k, v in row.items() if k.startswith("param/") and plain(v) is not None}
         configs[row["trial_id"]] = space.config_for(sampled).model_dump()
     (out / "trial_configs.json").write_text(json.dumps(configs, indent=2) + "\n")
-    finished = board[(board["status"] != "error") & board[space.objective].notna()] if len(board) else board
-    if len(finished):
-        best = finished.iloc[0]
+    try:  # the trial `export` would pick: the best that finished an epoch without error
+        best = pick(board, space.objective, space.mode, 1, out) if len(board) else None
+    except ExportError:  # no such trial
+        best = None
+    if best is not None:
         sampled = {k.removeprefix("param/"): plain(v) for k, v in best.items() if k.startswith("param/") and plain(v) is not None}
         config = space.config_for(sampled)
         header = (

@@ -54,8 +54,11 @@ def _progress(experiment: Path, lr: float) -> pd.DataFrame | None:
     for trial in experiment.glob("run_trial_*"):
         params, progress = trial / "params.json", trial / "progress.csv"
         if params.is_file() and progress.is_file() and progress.stat().st_size:
-            if json.loads(params.read_text()).get("lr") == pytest.approx(lr):
-                return pd.read_csv(progress)
+            try:  # Tune copies the trial's files to storage while the sweep runs: one may be cut short now
+                if json.loads(params.read_text()).get("lr") == pytest.approx(lr):
+                    return pd.read_csv(progress)
+            except (json.JSONDecodeError, pd.errors.EmptyDataError):
+                continue
     return None
 
 

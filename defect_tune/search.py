@@ -270,6 +270,16 @@ def start_ray(address: str | None, **init) -> None:
             os.environ.pop(key, None)
 
 
+def start_data_stats_actor() -> None:
+    """Ray Data reports every execution to one named, detached stats actor, which it creates on
+    first use. Created from inside a trial, it died when that trial ended, so each trial started
+    another Ray process for it (the GCS log said "Actor name datasets_stats_actor is cleaned up"
+    at every trial's end). Created here by the driver, one serves the whole sweep."""
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    get_or_create_stats_actor()
+
+
 def _whole_json(path: Path) -> bool:
     try:
         json.loads(path.read_text())
@@ -345,6 +355,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     started = time.perf_counter()
     start_ray(options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     try:
+        start_data_stats_actor()
         resources = ray.cluster_resources()
         concurrent = trials_at_once(resources, options, cv)
         setup = TrialSetup(

@@ -15,7 +15,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from test_search import search_command
+from test_search import read_progress, search_command
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,12 @@ def _train_workers(root: int) -> list[psutil.Process]:
 def _progress(experiment: Path, lr: float) -> pd.DataFrame | None:
     """What Tune recorded of the trial with this lr, once it has recorded something."""
     for trial in experiment.glob("run_trial_*"):
-        params, progress = trial / "params.json", trial / "progress.csv"
-        if params.is_file() and progress.is_file() and progress.stat().st_size:
+        params, progress = trial / "params.json", read_progress(trial / "progress.csv")
+        if params.is_file() and progress is not None:
             try:  # Tune copies the trial's files to storage while the sweep runs: one may be cut short now
                 if json.loads(params.read_text()).get("lr") == pytest.approx(lr):
-                    return pd.read_csv(progress)
-            except (json.JSONDecodeError, pd.errors.EmptyDataError):
+                    return progress
+            except json.JSONDecodeError:
                 continue
     return None
 

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "bench_asha.py": "asha_vs_fifo.md",
     "bench_sweep.py": "sweep_efficiency.md",
     "bench_train_poll.py": "train_poll.md",
+    "bench_worker_pool.py": "worker_pool.md",
 }
 
 

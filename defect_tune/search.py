@@ -249,10 +249,15 @@ def refuse_second_local_cluster(address: str | None) -> None:
 
 
 # What the Ray processes of a local cluster that `search` or `retrain` starts itself are given,
-# unless the user set it. Train starts a preemption watcher actor per run (one more process per
-# trial, with its own Ray start-up) to notice nodes that an autoscaler drains. One machine, started
-# here, has no autoscaler and no node to drain.
-LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# unless the user set it.
+# - Train starts a preemption watcher actor per run (one more process per trial, with its own Ray
+#   start-up) to notice nodes that an autoscaler drains. One machine, started here, has no
+#   autoscaler and no node to drain.
+# - The raylet kills a worker process idle for 1 s once the node has more workers than CPUs, which
+#   a sweep always has (each trial is several actors). So every trial started new processes for
+#   its Ray Data tasks and actors, each paying Ray's start-up, while the last trial's idle ones had
+#   just been killed. Kept 60 s, they serve the next trial (benchmarks/bench_worker_pool.py).
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
 def start_ray(address: str | None, **init) -> None:

@@ -27,6 +27,8 @@ import jsonschema
 import pytest
 import yaml
 
+from defect_tune.search import LOCAL_CLUSTER_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"
 AWS = CLUSTERS / "aws-gpu.yaml"
@@ -35,6 +37,7 @@ RAYJOB = CLUSTERS / "kuberay" / "rayjob.yaml"
 STORAGE = CLUSTERS / "kuberay" / "storage.yaml"
 SBATCH = CLUSTERS / "slurm" / "sweep.sbatch"
 DOCKERFILE = CLUSTERS / "Dockerfile"
+IDLE_WORKER_MS = LOCAL_CLUSTER_ENV["RAY_idle_worker_killing_time_threshold_ms"]
 README = CLUSTERS / "README.md"
 KUBERAY_SCHEMA = CLUSTERS / "schemas" / "kuberay-v1.7.0.json"
 
@@ -106,6 +109,14 @@ def test_aws_validation_refuses_a_misspelled_key():
     config["available_node_types"]["gpu"]["max_worker"] = config["available_node_types"]["gpu"].pop("max_workers")
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(config))
+
+
+def test_every_cluster_keeps_idle_ray_workers_as_a_local_sweep_does():
+    """The raylets of every cluster configuration get the idle-worker time `search` gives a local
+    cluster (one trial's idle workers serve the next): the image KubeRay runs, the AWS launcher's
+    containers, and the Slurm script's `ray start` steps (checked by the sbatch run below)."""
+    assert f"ENV RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_MS}" in DOCKERFILE.read_text().splitlines()
+    assert f"-e RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_MS}" in load(AWS)["docker"]["run_options"]
 
 
 def test_aws_cluster_keeps_token_auth_and_installs_the_checkout():
@@ -380,7 +391,7 @@ def fake_slurm(tmp_path: Path, head_ip: str, extra_path: str = "") -> tuple[dict
         #!/bin/bash
         nodes=1
         while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${{1#--nodes=}}; shift; done
-        echo "$* | WANDB_API_KEY=${{WANDB_API_KEY-unset}} RAY_AUTH_MODE=${{RAY_AUTH_MODE-unset}} RAY_AUTH_TOKEN_PATH=${{RAY_AUTH_TOKEN_PATH-unset}}" >> {log}
+        echo "$* | WANDB_API_KEY=${{WANDB_API_KEY-unset}} RAY_AUTH_MODE=${{RAY_AUTH_MODE-unset}} RAY_AUTH_TOKEN_PATH=${{RAY_AUTH_TOKEN_PATH-unset}} RAY_idle_worker_killing_time_threshold_ms=${{RAY_idle_worker_killing_time_threshold_ms-unset}}" >> {log}
         echo $$ >> {pids}
         if ((nodes == 1)); then exec "$@"; fi
         for ((i = 0; i < nodes; i++)); do "$@" || exit 1; done
@@ -513,3 +524,4 @@ def test_sbatch_starts_a_token_authenticated_cluster_and_runs_the_sweep_on_it(tm
     assert len(ray_steps) == 2  # the head, and the worker on nodeB
     for line in ray_steps:
         assert f"WANDB_API_KEY=unset RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={seen['token']}" in line
+        assert f"RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_MS}" in line

@@ -227,7 +227,8 @@ def test_a_local_cluster_started_here_gets_its_settings_and_this_process_keeps_n
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     start_ray(None, configure_logging=False)
-    assert seen[-1] == (None, LOCAL_CLUSTER_ENV) == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})
+    assert seen[-1] == (None, LOCAL_CLUSTER_ENV) == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                                           "RAY_idle_worker_killing_time_threshold_ms": "60000"})
     assert not any(key in os.environ for key in LOCAL_CLUSTER_ENV)  # restored
     start_ray("10.0.0.1:6379")
     assert seen[-1] == ("10.0.0.1:6379", {key: None for key in LOCAL_CLUSTER_ENV})
@@ -237,7 +238,7 @@ def test_a_local_cluster_started_here_gets_its_settings_and_this_process_keeps_n
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's own setting
     start_ray(None)
-    assert seen[-1] == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"})
+    assert seen[-1] == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_idle_worker_killing_time_threshold_ms": "60000"})
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 

@@ -1,0 +1,170 @@
+"""What keeping idle Ray worker processes longer saves a sweep: Ray's default (an idle worker
+beyond the node's soft limit is killed after 1 s) against the 60 s that `search` gives a local
+cluster, side by side in one run.
+
+    python benchmarks/bench_worker_pool.py [--data DIR] [--trials 4] [--epochs 2] [--repeats 2]
+                                           [--write results/benchmarks/worker_pool.md]
+
+Each setting runs the same `defect-tune search` (el_cnn, no augmentation, one trial at a time
+with a 1-CPU worker, ASHA's grace period equal to the epochs so that both train every trial to
+the end, Optuna seeded alike) on its own local Ray cluster, with
+RAY_idle_worker_killing_time_threshold_ms set for it. A thread samples every process the search
+started (its Ray cluster) every 0.5 s. Printed per setting: the sweep's seconds (`sweep.json`),
+the trials' start-up parts (median), how many processes Ray started and how much CPU they used,
+the peak memory of all of them together and of the idle ones; then the ratios. The settings
+alternate, `--repeats` times each (runs on a shared machine vary by 10-15 %): the table shows
+every run's figure and the ratio of the means.
+
+Default data: the embedded synthetic set at 64 px (generated into a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import yaml
+
+from common import data_or_synthetic, emit, machine
+
+SETTINGS = {"1000": "Ray's default, 1 s", "60000": "60 s (what `search` sets)"}
+STARTUP = ("startup/trainer_s", "startup/model_s", "startup/first_batch_s")
+
+
+class ProcessSampler:
+    """Every process under `root`, sampled in a thread: CPU seconds per process, peak RSS sums."""
+
+    def __init__(self, root: int):
+        self.root, self.cpu, self.peak_rss, self.peak_idle_rss, self.peak_idle = root, {}, 0, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                processes = psutil.Process(self.root).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            rss = idle_rss = idle = 0
+            for process in processes:
+                try:
+                    with process.oneshot():
+                        times, memory, name = process.cpu_times(), process.memory_info().rss, process.cmdline()[:1]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                    continue
+                self.cpu[process.pid] = max(self.cpu.get(process.pid, 0.0), times.user + times.system)
+                rss += memory
+                if name and name[0].startswith("ray::IDLE"):
+                    idle, idle_rss = idle + 1, idle_rss + memory
+            self.peak_rss, self.peak_idle_rss = max(self.peak_rss, rss), max(self.peak_idle_rss, idle_rss)
+            self.peak_idle = max(self.peak_idle, idle)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: str, run: int) -> dict:
+    space = scratch / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": epochs, "reduction_factor": 2},
+        "fixed": {"model": "el_cnn", "batch_size": 64, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
+        "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
+    }, sort_keys=False))
+    out = scratch / f"sweep-{threshold}-{run}"
+    command = [sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
+               "--name", "pool", "--out", str(out), "--cpus-per-worker", "1"]
+    env = {**os.environ, "RAY_idle_worker_killing_time_threshold_ms": threshold}
+    log_path = scratch / f"search-{threshold}-{run}.log"
+    with open(log_path, "w") as log:
+        search = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with ProcessSampler(search.pid) as sampler:
+            search.wait()
+    if search.returncode:
+        sys.exit(f"the sweep failed (exit {search.returncode}):\n{log_path.read_text()[-6000:]}")
+    rows = pd.concat(pd.read_csv(p) for p in (out / "tune" / "pool").glob("run_trial_*/progress.csv"))
+    first = rows.sort_values("epoch").groupby("trial_id").first()
+    return {
+        "seconds": json.loads((out / "sweep.json").read_text())["seconds"],
+        "trial_epochs": len(rows),
+        **{key: statistics.median(first[key]) for key in STARTUP},
+        "later_epoch": statistics.median(rows.loc[rows["epoch"] > 1, "epoch_s"]) if (rows["epoch"] > 1).any() else float("nan"),
+        "processes": len(sampler.cpu),
+        "cpu": sum(sampler.cpu.values()),
+        "peak_rss_gb": sampler.peak_rss / 2**30,
+        "peak_idle": sampler.peak_idle,
+        "peak_idle_rss_gb": sampler.peak_idle_rss / 2**30,
+    }
+
+
+def each(runs: list[dict], key: str, fmt: str) -> str:
+    return " / ".join(f"{run[key]:{fmt}}" for run in runs)
+
+
+def ratio(old: list[dict], new: list[dict], key: str) -> str:
+    before = statistics.fmean(run[key] for run in old)
+    return f"{statistics.fmean(run[key] for run in new) / before:.2f}" if before else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="a `prepare` output (default: synthetic, 64 px)")
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating")
+    parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dt-pool-") as tmp:
+        scratch = Path(tmp)
+        data = data_or_synthetic(args.data, scratch)
+        runs = {threshold: [] for threshold in SETTINGS}
+        for run in range(args.repeats):
+            for threshold in SETTINGS:
+                runs[threshold].append(one_sweep(data, args.trials, args.epochs, scratch, threshold, run))
+    old, new = runs.values()
+    rows = [
+        ("sweep, seconds (`sweep.json`)", "seconds", ".0f"),
+        ("trial-epochs trained", "trial_epochs", ".0f"),
+        ("trial start → worker loop, s (median)", "startup/trainer_s", ".1f"),
+        ("worker loop → model ready, s", "startup/model_s", ".1f"),
+        ("model ready → first batch, s", "startup/first_batch_s", ".1f"),
+        ("a later epoch, s", "later_epoch", ".1f"),
+        ("processes Ray started", "processes", ".0f"),
+        ("their CPU, s", "cpu", ".0f"),
+        ("peak memory of all of them, GB (RSS sum)", "peak_rss_gb", ".2f"),
+        ("peak idle workers", "peak_idle", ".0f"),
+        ("their peak memory, GB", "peak_idle_rss_gb", ".2f"),
+    ]
+    names = list(SETTINGS.values())
+    lines = [
+        "# Idle Ray workers kept 60 s against Ray's 1 s",
+        "",
+        machine(),
+        f"Command: `python benchmarks/bench_worker_pool.py --trials {args.trials} --epochs {args.epochs} --repeats {args.repeats}"
+        f"{' --data ' + str(args.data) if args.data else ''}{' --write ' + str(args.write) if args.write else ''}`",
+        f"Data: {args.data or 'synthetic, 64 px'}; {args.trials} trials of el_cnn, {args.epochs} epochs each (no ASHA stop), "
+        "one at a time, a 1-CPU worker; each run on its own local Ray cluster, the settings alternating; "
+        "each cell lists the runs in order.",
+        "",
+        f"| | {names[0]} | {names[1]} | ratio of the means |",
+        "|---|---:|---:|---:|",
+        *(f"| {label} | {each(old, key, fmt)} | {each(new, key, fmt)} | {ratio(old, new, key)} |" for label, key, fmt in rows),
+    ]
+    emit(lines, args.write)
+
+
+if __name__ == "__main__":
+    main()

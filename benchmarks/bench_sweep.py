@@ -31,14 +31,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from common import data_or_synthetic, emit, machine
+from common import Sampler, data_or_synthetic, emit, machine
 
 STARTUP = {
     "startup/trainer_s": "trial start → worker loop (controller, placement group, worker process)",
@@ -84,28 +83,20 @@ def plain_loop(data: Path, model: str, epochs: int, device: str, batch: int) -> 
     return trained / statistics.median(seconds[1:])
 
 
-class GpuBusy:
+class GpuBusy(Sampler):
     """The GPU's utilisation, sampled through NVML in a thread while the sweep runs."""
+
+    period = 0.2
 
     def __init__(self):
         import pynvml
 
+        super().__init__()
         pynvml.nvmlInit()
         self.nvml, self.handle, self.samples = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0), []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self):
-        while not self.stop.wait(0.2):
-            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    def sample(self) -> None:
+        self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
 
     @property
     def fraction(self) -> float:

@@ -27,54 +27,44 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import yaml
 
-from common import data_or_synthetic, emit, machine
+from common import Sampler, data_or_synthetic, emit, machine
 
 SETTINGS = {"1000": "Ray's default, 1 s", "60000": "60 s (what `search` sets)"}
 STARTUP = ("startup/trainer_s", "startup/model_s", "startup/first_batch_s")
 
 
-class ProcessSampler:
+class ProcessSampler(Sampler):
     """Every process under `root`, sampled in a thread: CPU seconds per process, peak RSS sums."""
 
     def __init__(self, root: int):
+        super().__init__()
         self.root, self.cpu, self.peak_rss, self.peak_idle_rss, self.peak_idle = root, {}, 0, 0, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self.stop.wait(0.5):
+    def sample(self) -> bool:
+        try:
+            processes = psutil.Process(self.root).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        rss = idle_rss = idle = 0
+        for process in processes:
             try:
-                processes = psutil.Process(self.root).children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            rss = idle_rss = idle = 0
-            for process in processes:
-                try:
-                    with process.oneshot():
-                        times, memory, name = process.cpu_times(), process.memory_info().rss, process.cmdline()[:1]
-                except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
-                    continue
-                self.cpu[process.pid] = max(self.cpu.get(process.pid, 0.0), times.user + times.system)
-                rss += memory
-                if name and name[0].startswith("ray::IDLE"):
-                    idle, idle_rss = idle + 1, idle_rss + memory
-            self.peak_rss, self.peak_idle_rss = max(self.peak_rss, rss), max(self.peak_idle_rss, idle_rss)
-            self.peak_idle = max(self.peak_idle, idle)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+                with process.oneshot():
+                    times, memory, name = process.cpu_times(), process.memory_info().rss, process.cmdline()[:1]
+            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                continue
+            self.cpu[process.pid] = max(self.cpu.get(process.pid, 0.0), times.user + times.system)
+            rss += memory
+            if name and name[0].startswith("ray::IDLE"):
+                idle, idle_rss = idle + 1, idle_rss + memory
+        self.peak_rss, self.peak_idle_rss = max(self.peak_rss, rss), max(self.peak_idle_rss, idle_rss)
+        self.peak_idle = max(self.peak_idle, idle)
+        return True
 
 
 def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: str, run: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from datetime import date
 from pathlib import Path
 
@@ -29,3 +30,30 @@ def data_or_synthetic(data: Path | None, scratch: Path) -> Path:
 
     prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=scratch / "data", image_size=64, workers=1))
     return scratch / "data"
+
+
+class Sampler:
+    """Calls `sample()` every `period` seconds in a thread while its `with` block runs; a sample
+    that returns False ends the sampling."""
+
+    period = 0.5
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> bool | None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            if self.sample() is False:
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()

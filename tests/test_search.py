@@ -4,6 +4,7 @@ killed driver, two nodes.
 Slow (minutes: each trial starts a TorchTrainer, about 25 s on this CPU); CI runs them.
 """
 
+import io
 import json
 import shutil
 import signal
@@ -51,7 +52,7 @@ def read_progress(path: Path) -> pd.DataFrame | None:
         return None
     if not text.endswith(b"\n") or text.count(b"\n") < 2:  # empty, cut in the header or in a row
         return None
-    return pd.read_csv(path)
+    return pd.read_csv(io.BytesIO(text))  # the bytes checked, not the file again: Tune may be copying it
 
 
 def search_command(*args) -> list[str]:

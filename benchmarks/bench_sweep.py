@@ -1,7 +1,8 @@
 """How much of a plain PyTorch loop's throughput a whole sweep delivers, and where trial start-up goes.
 
     python benchmarks/bench_sweep.py [--data DIR] [--model el_cnn] [--trials 8] [--epochs 3] [--batch 64]
-                                     [--gpu] [--trials-per-gpu 4] [--write results/benchmarks/sweep_efficiency.md]
+                                     [--gpu] [--at-once N[,N...]] [--repeats 1] [--grace 1]
+                                     [--write results/benchmarks/sweep_efficiency.md]
 
 On the lent GPU machine, `benchmarks/device_sweep.sh` runs it (see there).
 
@@ -10,15 +11,22 @@ One invocation, on the same prepared data, model and batch size:
 1. Plain loop: the train split as one tensor in memory (on the GPU with --gpu), the model built
    as trials build it, AdamW and BCE, no augmentation; images/s over the epochs after the first.
    On a GPU: bf16 autocast and channels_last, as trials train there.
-2. Sweep: a real `defect-tune search` of `--trials` trials (ASHA, grace 1) with the same model,
+2. Sweep: a real `defect-tune search` of `--trials` trials (ASHA, grace `--grace`) with the same model,
    batch size and no augmentation; each trial a TorchTrainer fed by Ray Data. Its images/s is
    every trained image (epochs x train images, over all trials) divided by the wall time from the
    first trial's start to the last report.
-3. Start-up per trial, from the timestamps trials report (`startup/*`): trial start to the
-   worker loop (TorchTrainer's controller, placement group, worker process), worker loop to the
+3. Start-up per trial, from the timestamps trials report (`startup/*`): trial start to its
+   Datasets built, then to the worker loop (TorchTrainer's controller, placement group, worker
+   process), worker loop to the
    model ready (training imports, model, DDP), model ready to the first batch (Ray Data), and
    the first epoch's training.
 4. With --gpu, the GPU's busy fraction over the sweep, sampled through NVML every 0.2 s.
+
+`--at-once 1,2,3` runs 1, 2 and 3 trials side by side in turn (`--repeats` times, alternating),
+each run measuring its own plain loop first (this shared machine's speed drifts by 20 % within
+an hour), and prints the settings in columns with their images/s against the first's. With
+`--grace` equal to `--epochs` ASHA stops no trial, so every setting trains the same epochs;
+ASHA's decisions otherwise depend on which trial reports first.
 
 Default data: the embedded synthetic set at 64 px (generated into a temporary folder).
 """
@@ -26,6 +34,7 @@ Default data: the embedded synthetic set at 64 px (generated into a temporary fo
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import subprocess
@@ -37,10 +46,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from defect_tune.search import SearchOptions, cpus_for_workers, trials_at_once
+
 from common import Sampler, data_or_synthetic, emit, machine
 
 STARTUP = {
-    "startup/trainer_s": "trial start → worker loop (controller, placement group, worker process)",
+    "startup/datasets_s": "trial start → its Ray Datasets built (in Tune's trial actor)",
+    "startup/trainer_s": "Datasets built → worker loop (controller, placement group, worker process)",
     "startup/model_s": "worker loop → model ready (training imports, model, DDP)",
     "startup/first_batch_s": "model ready → first batch (Ray Data)",
 }
@@ -104,12 +116,13 @@ class GpuBusy(Sampler):
 
 
 def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scratch: Path, extra: list[str],
-              timeout: float | None = None) -> dict:
+              timeout: float | None = None, grace: int = 1) -> dict:
     """The sweep's reported rows; with `timeout`, the search is interrupted then (as by Ctrl-C)
     and the rows its trials reported so far are kept (`cut`)."""
+    scratch.mkdir(parents=True, exist_ok=True)
     space = scratch / "space.yaml"
     space.write_text(yaml.safe_dump({
-        "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": 1, "reduction_factor": 2},
+        "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": grace, "reduction_factor": 2},
         "fixed": {"model": model, "batch_size": batch, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
         "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
     }, sort_keys=False))
@@ -136,6 +149,49 @@ def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scra
     return {"rows": pd.concat(tables), "command_wall": command_wall, "cut": cut}
 
 
+def at_once_options(at_once: int | None, gpu: bool) -> tuple[list[str], str]:
+    """`search`'s options for `at_once` trials side by side, and the setting's name. CPU: the CPUs
+    `search` leaves to workers, shared equally; GPU: 1/`at_once` of the GPU each. None: `search`'s
+    own defaults."""
+    cpus = os.cpu_count() or 1
+    if at_once is None:
+        count = trials_at_once({"CPU": cpus}, SearchOptions(data="", space=Path(), name=""))
+        return [], f"search's defaults ({count} at once)"
+    if gpu:
+        return ["--gpus-per-worker", f"{1 / at_once:g}", "--max-concurrent", str(at_once)], f"{at_once} per GPU"
+    cpus_each = f"{cpus_for_workers(cpus) / at_once:.4g}"
+    return ["--cpus-per-worker", cpus_each, "--max-concurrent", str(at_once)], f"{at_once} at once ({cpus_each} CPU each)"
+
+
+def one_run(args, data: Path, train_images: int, extra: list[str], scratch: Path) -> dict:
+    """The plain loop, then the sweep, on the same data: one cell of each setting's column."""
+    plain = plain_loop(data, args.model, max(args.epochs, 2), "cuda" if args.gpu else "cpu", args.batch)
+    print(f"plain loop: {plain:,.0f} images/s; sweep with {' '.join(extra) or 'search defaults'}", flush=True)
+    busy = GpuBusy() if args.gpu else None
+    if busy:
+        busy.__enter__()
+    try:
+        sweep = run_sweep(data, args.model, args.trials, args.epochs, args.batch, scratch, extra, args.sweep_timeout,
+                          args.grace)
+    finally:
+        if busy:
+            busy.__exit__(None, None, None)
+    rows = sweep["rows"]
+    span = rows["timestamp_s"].max() - rows["trial_started_s"].min()
+    rate = len(rows) * (train_images // args.batch) * args.batch / span
+    first = rows.sort_values("epoch").groupby("trial_id").first()
+    later = rows[rows["epoch"] > 1]
+    return {"plain": plain, "rate": rate, "ratio": rate / plain, "span": span, "trial_epochs": len(rows),
+            "cut": sweep["cut"], "command_wall": sweep["command_wall"], "busy": busy.fraction if busy else None,
+            **{key: first[key].median() for key in STARTUP},
+            "first_epoch": first["epoch_s"].median(), "later_epoch": later["epoch_s"].median() if len(later) else None}
+
+
+def cell(runs: list[dict], key: str, fmt: str) -> str:
+    values = [run[key] for run in runs]
+    return " / ".join("n/a" if value is None else f"{value:{fmt}}" for value in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="a `prepare` output (default: synthetic, 64 px)")
@@ -144,7 +200,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64, help="batch size of the plain loop and of every trial")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (plain loop and trials)")
-    parser.add_argument("--trials-per-gpu", type=int, default=4, help="with --gpu: trials sharing the GPU")
+    parser.add_argument("--at-once", default=None,
+                        help="trials side by side, or several comma-separated settings run in turn (e.g. 1,2,3): on CPU "
+                             "each worker gets an equal part of the CPUs `search` leaves to workers, with --gpu an equal "
+                             "part of the GPU (default: `search`'s own defaults)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each setting, the settings alternating")
+    parser.add_argument("--grace", type=int, default=1,
+                        help="ASHA's grace period (--epochs: no trial is stopped early, so every setting trains the same)")
     parser.add_argument("--keep-train-gb", type=float, default=None,
                         help="search's --keep-train-gb (0: every epoch streams the train shard from Ray Data, the baseline)")
     parser.add_argument("--sweep-timeout", type=float, default=None,
@@ -152,61 +214,53 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
     args = parser.parse_args()
 
-    extra = ["--cpus-per-worker", "1"]
-    if args.gpu:
-        extra = ["--gpus-per-worker", f"{1 / args.trials_per_gpu:g}", "--max-concurrent", str(args.trials_per_gpu)]
-    if args.keep_train_gb is not None:
-        extra += ["--keep-train-gb", f"{args.keep_train_gb:g}"]
+    settings = [None] if args.at_once is None else [int(value) for value in args.at_once.split(",")]
+    options = [at_once_options(value, args.gpu) for value in settings]
+    keep = [] if args.keep_train_gb is None else ["--keep-train-gb", f"{args.keep_train_gb:g}"]
+    runs: list[list[dict]] = [[] for _ in settings]
     with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
         scratch = Path(tmp)
         data = data_or_synthetic(args.data, scratch)
         from defect_tune.data import read_meta
 
-        meta = read_meta(data)
-        train_images = meta["splits"]["train"]["images"]
-        plain = plain_loop(data, args.model, max(args.epochs, 2), "cuda" if args.gpu else "cpu", args.batch)
-        print(f"plain loop: {plain:,.0f} images/s", flush=True)
-        if args.gpu:
-            with GpuBusy() as busy:
-                sweep = run_sweep(data, args.model, args.trials, args.epochs, args.batch, scratch, extra, args.sweep_timeout)
-            busy_text = f"{busy.fraction:.0%}"
-        else:
-            sweep = run_sweep(data, args.model, args.trials, args.epochs, args.batch, scratch, extra, args.sweep_timeout)
-            busy_text = "n/a (no GPU)"
+        train_images = read_meta(data)["splits"]["train"]["images"]
+        for repeat in range(args.repeats):
+            for index, (extra, _) in enumerate(options):
+                runs[index].append(one_run(args, data, train_images, extra + keep, scratch / f"run{repeat}_{index}"))
 
-    rows = sweep["rows"]
-    span = rows["timestamp_s"].max() - rows["trial_started_s"].min()
-    trained = len(rows) * (train_images // args.batch) * args.batch
-    rate = trained / span
-    first = rows.sort_values("epoch").groupby("trial_id").first()
-    later = rows[rows["epoch"] > 1]
+    rows = [
+        ("plain loop, data in memory, images/s", "plain", ",.0f"),
+        ("sweep, images/s (first trial's start to last report)", "rate", ",.0f"),
+        ("**sweep / plain loop**", "ratio", ".3f"),
+        ("sweep, seconds", "span", ".0f"),
+        ("trial-epochs trained", "trial_epochs", ".0f"),
+        ("GPU busy over the sweep", "busy", ".0%"),
+        ("`defect-tune search` command wall (with Ray's start and stop), s", "command_wall", ".0f"),
+        *((f"{label}, s (median over trials)", key, ".1f") for key, label in STARTUP.items()),
+        ("first epoch's training and validation, s", "first_epoch", ".1f"),
+        ("a later epoch, s", "later_epoch", ".1f"),
+    ]
+    names = [name for _, name in options]
     lines = [
         "# Sweep efficiency: a whole sweep's images/s against a plain loop's",
         "",
         machine(),
         f"Command: `{' '.join(['python', 'benchmarks/bench_sweep.py', *sys.argv[1:]])}`",
         f"Data: {args.data or 'synthetic, 64 px'} ({train_images} train images); model {args.model}, batch {args.batch}, "
-        f"no augmentation; {args.trials} trials, up to {args.epochs} epochs, ASHA grace 1; search options {' '.join(extra)}.",
+        f"no augmentation; {args.trials} trials, up to {args.epochs} epochs, ASHA grace {args.grace}"
+        f"{'; ' + ' '.join(keep) if keep else ''}. Each run measures the plain loop, then its sweep"
+        f"{'; the settings alternate, each cell lists the runs in order' if args.repeats > 1 else ''}"
+        f"{'; a sweep cut at --sweep-timeout counts what its trials had reported' if any(r['cut'] for rs in runs for r in rs) else ''}.",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| plain loop, data in memory | {plain:,.0f} images/s |",
-        f"| sweep, first trial's start to last report ({span:.0f} s, {len(rows)} trial-epochs"
-        f"{', cut at --sweep-timeout' if sweep['cut'] else ''}) | {rate:,.0f} images/s |",
-        f"| sweep / plain | {rate / plain:.3f} |",
-        f"| GPU busy over the sweep | {busy_text} |",
-        f"| `defect-tune search` command wall (with Ray's start and stop) | {sweep['command_wall']:.0f} s |",
-        "",
-        "Per trial (median over trials):",
-        "",
-        "| part | seconds |",
-        "|---|---|",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+        *(f"| {label} | " + " | ".join(cell(column, key, fmt) for column in runs) + " |" for label, key, fmt in rows),
     ]
-    for key, label in STARTUP.items():
-        lines.append(f"| {label} | {first[key].median():.1f} |")
-    lines.append(f"| first epoch's training and validation | {first['epoch_s'].median():.1f} |")
-    if len(later):
-        lines.append(f"| a later epoch | {later['epoch_s'].median():.1f} |")
+    if len(settings) > 1:
+        base = statistics.fmean(run["rate"] for run in runs[0])
+        lines += ["", f"Sweep images/s against {names[0]} (ratio of the means): "
+                  + ", ".join(f"{name} {statistics.fmean(run['rate'] for run in column) / base:.2f}"
+                              for name, column in zip(names[1:], runs[1:])) + "."]
     emit(lines, args.write)
 
 

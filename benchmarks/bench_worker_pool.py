@@ -30,41 +30,12 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import yaml
 
-from common import Sampler, data_or_synthetic, emit, machine
+from common import ProcessSampler, data_or_synthetic, emit, machine
 
 SETTINGS = {"1000": "Ray's default, 1 s", "60000": "60 s (what `search` sets)"}
-STARTUP = ("startup/trainer_s", "startup/model_s", "startup/first_batch_s")
-
-
-class ProcessSampler(Sampler):
-    """Every process under `root`, sampled in a thread: CPU seconds per process, peak RSS sums."""
-
-    def __init__(self, root: int):
-        super().__init__()
-        self.root, self.cpu, self.peak_rss, self.peak_idle_rss, self.peak_idle = root, {}, 0, 0, 0
-
-    def sample(self) -> bool:
-        try:
-            processes = psutil.Process(self.root).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return False
-        rss = idle_rss = idle = 0
-        for process in processes:
-            try:
-                with process.oneshot():
-                    times, memory, name = process.cpu_times(), process.memory_info().rss, process.cmdline()[:1]
-            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
-                continue
-            self.cpu[process.pid] = max(self.cpu.get(process.pid, 0.0), times.user + times.system)
-            rss += memory
-            if name and name[0].startswith("ray::IDLE"):
-                idle, idle_rss = idle + 1, idle_rss + memory
-        self.peak_rss, self.peak_idle_rss = max(self.peak_rss, rss), max(self.peak_idle_rss, idle_rss)
-        self.peak_idle = max(self.peak_idle, idle)
-        return True
+STARTUP = ("startup/datasets_s", "startup/trainer_s", "startup/model_s", "startup/first_batch_s")
 
 
 def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: str, run: int) -> dict:
@@ -128,7 +99,8 @@ def main() -> None:
     rows = [
         ("sweep, seconds (`sweep.json`)", "seconds", ".0f"),
         ("trial-epochs trained", "trial_epochs", ".0f"),
-        ("trial start → worker loop, s (median)", "startup/trainer_s", ".1f"),
+        ("trial start → Datasets built, s (median)", "startup/datasets_s", ".1f"),
+        ("Datasets built → worker loop, s", "startup/trainer_s", ".1f"),
         ("worker loop → model ready, s", "startup/model_s", ".1f"),
         ("model ready → first batch, s", "startup/first_batch_s", ".1f"),
         ("a later epoch, s", "later_epoch", ".1f"),

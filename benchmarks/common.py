@@ -57,3 +57,59 @@ class Sampler:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+def process_kind(title: str) -> str:
+    """What a process is, from its title: a Ray worker's actor class or task name (`ray::TrainController`,
+    `ray::IDLE`), else the program's name (raylet, gcs_server, python)."""
+    if title.startswith("ray::"):
+        return "ray::" + title[len("ray::"):].split(" ")[0].split(".")[0]
+    return Path(title.split(" ")[0]).name or title
+
+
+class ProcessSampler(Sampler):
+    """Every process under `root`, sampled in a thread: CPU seconds, peak RSS and kind per process
+    (the last kind other than an idle Ray worker it was seen as), and peak RSS sums."""
+
+    def __init__(self, root: int):
+        super().__init__()
+        self.root, self.cpu, self.peak_rss, self.peak_idle_rss, self.peak_idle = root, {}, 0, 0, 0
+        self.kind: dict[int, str] = {}
+        self.rss: dict[int, int] = {}
+
+    def sample(self) -> bool:
+        import psutil
+
+        try:
+            processes = psutil.Process(self.root).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        rss = idle_rss = idle = 0
+        for process in processes:
+            try:
+                with process.oneshot():
+                    times, memory, title = process.cpu_times(), process.memory_info().rss, " ".join(process.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            pid = process.pid
+            self.cpu[pid] = max(self.cpu.get(pid, 0.0), times.user + times.system)
+            self.rss[pid] = max(self.rss.get(pid, 0), memory)
+            kind = process_kind(title)
+            if kind != "ray::IDLE" or pid not in self.kind:
+                self.kind[pid] = kind
+            rss += memory
+            if kind == "ray::IDLE":
+                idle, idle_rss = idle + 1, idle_rss + memory
+        self.peak_rss, self.peak_idle_rss = max(self.peak_rss, rss), max(self.peak_idle_rss, idle_rss)
+        self.peak_idle = max(self.peak_idle, idle)
+        return True
+
+    def by_kind(self) -> dict[str, dict]:
+        """Per kind: processes, their CPU seconds and their largest RSS."""
+        kinds: dict[str, dict] = {}
+        for pid, kind in self.kind.items():
+            entry = kinds.setdefault(kind, {"processes": 0, "cpu": 0.0, "peak_rss": 0})
+            entry["processes"] += 1
+            entry["cpu"] += self.cpu.get(pid, 0.0)
+            entry["peak_rss"] = max(entry["peak_rss"], self.rss.get(pid, 0))
+        return kinds

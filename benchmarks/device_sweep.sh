@@ -38,6 +38,6 @@ bench() {  # name, then bench_sweep.py's options
   python3 benchmarks/bench_sweep.py --gpu --data "$scratch/data" --trials 16 --epochs 6 --batch 128 \
     --sweep-timeout "${SWEEP_TIMEOUT:-200}" --write "$OUT/$name.md" "$@" 2>&1 | tail -40 | tee -a "$log"
 }
-bench resnet18_tpg16 --model resnet18 --trials-per-gpu 16
-bench efficientnet_b0_tpg16 --model efficientnet_b0 --trials-per-gpu 16
+bench resnet18_tpg16 --model resnet18 --at-once 16
+bench efficientnet_b0_tpg16 --model efficientnet_b0 --at-once 16
 echo "done: $(date -u +%T)" | tee -a "$log"

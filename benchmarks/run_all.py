@@ -20,6 +20,7 @@ BENCHMARKS = {
     "bench_sweep.py": "sweep_efficiency.md",
     "bench_train_poll.py": "train_poll.md",
     "bench_worker_pool.py": "worker_pool.md",
+    "bench_trial_cpu.py": "trial_cpu.md",
 }
 
 

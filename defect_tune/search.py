@@ -26,6 +26,7 @@ from defect_tune.folds import make_folds
 from defect_tune.leaderboard import build_leaderboard, plain
 from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.tracking import wandb_callbacks
+from defect_tune.post import start_report_post
 from defect_tune.trial import TrialSetup, run_trial
 
 # The checkout's search_spaces/, installed as this package's data (pyproject.toml), so a wheel has it too.
@@ -174,6 +175,12 @@ def folds_for_sweep(options: SearchOptions, space: SearchSpace, meta: dict, out:
     return cv, options.seed, advice
 
 
+def cpus_for_workers(cpus: float) -> float:
+    """The CPUs that trials' workers may reserve: all but a quarter, at least one, which is left
+    unreserved for Ray Data's tasks (`trials_at_once`)."""
+    return cpus - max(1.0, cpus / 4)
+
+
 def trials_at_once(resources: dict, options: SearchOptions, folds: int = 0) -> int:
     """How many trials run side by side with cores to spare for Ray Data.
 
@@ -185,9 +192,8 @@ def trials_at_once(resources: dict, options: SearchOptions, folds: int = 0) -> i
     if options.max_concurrent:
         return options.max_concurrent
     cpus = resources.get("CPU", 0)
-    free_for_data = max(1.0, cpus / 4)
     per_trial = options.workers_per_trial * options.cpus_per_worker * max(folds, 1)  # a trial's folds run side by side
-    by_cpu = math.floor((cpus - free_for_data) / per_trial) if per_trial else 1_000_000
+    by_cpu = math.floor(cpus_for_workers(cpus) / per_trial) if per_trial else 1_000_000
     by_gpu = 1_000_000
     if options.gpus_per_worker > 0:
         by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * options.gpus_per_worker * max(folds, 1)))
@@ -209,7 +215,7 @@ def folds_side_by_side(resources: dict, options: SearchOptions, folds: int) -> s
     """A note when one trial's folds cannot all train at once on this cluster, with the
     --cpus-per-worker at which they would; None when they can."""
     cpus = resources.get("CPU", 0)
-    usable = cpus - max(1.0, cpus / 4)  # what trials_at_once leaves to workers
+    usable = cpus_for_workers(cpus)
     need = options.workers_per_trial * options.cpus_per_worker * folds
     if need <= max(usable, 0) or usable <= 0:
         return None
@@ -361,6 +367,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     start_ray(options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     try:
         start_data_stats_actor()
+        reports = start_report_post()  # trials hand their reports on through it; it lives while this handle does
         resources = ray.cluster_resources()
         concurrent = trials_at_once(resources, options, cv)
         setup = TrialSetup(
@@ -412,6 +419,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
             highlight=False,
         )
         results = tuner.fit()
+        ray.kill(reports)  # every trial has ended
         board = build_leaderboard(results, space, meta["classes"])
         free = wait_for_release(resources)
     finally:

@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ray.train.torch import TorchTrainer
 from defect_tune.config import OBJECTIVE, PREDICTIONS_FILE, TrainConfig
 from defect_tune.data import filesystem_for
 from defect_tune.ingest import build_datasets, data_tasks_at_once
+from defect_tune.post import trial_report_post
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -116,8 +118,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loop_config: `config`, `meta`; for production retraining also `stop_after` (train this many
     epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
     objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank);
-    for sweeps `trial_started_s`, the trial function's start (Unix time), from which rank 0
-    reports where the trial's start-up went (`startup/*`, seconds) with every epoch, and
+    for sweeps `trial_started_s`, the trial function's start, and `datasets_built_s`, when the
+    trial had built its Datasets and was about to start this run (Unix times), from which rank 0
+    reports where the trial's start-up went (`startup/*`, seconds, in disjoint parts) with every
+    epoch, and
     `keep_train`: keep this worker's train shard in memory after its first epoch and augment
     here (each epoch otherwise runs the shard's Ray Data read and decode again: seconds before
     its first batch, measured in results/benchmarks/sweep_efficiency_h200.md), and `diverged`:
@@ -183,8 +187,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     node = ray.get_runtime_context().get_node_id()
     timing: dict = {}
     if "trial_started_s" in loop_config:
+        built = loop_config.get("datasets_built_s", loop_config["trial_started_s"])
         timing = {"trial_started_s": loop_config["trial_started_s"],
-                  "startup/trainer_s": loop_started - loop_config["trial_started_s"],
+                  "startup/datasets_s": built - loop_config["trial_started_s"],
+                  "startup/trainer_s": loop_started - built,
                   "startup/model_s": model_ready - loop_started}
     first_batch: list[float] = []
     keep_train = loop_config.get("keep_train", False)
@@ -287,15 +293,17 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
     keep = keeps_train(meta, setup.workers_per_trial, setup.keep_train_bytes)
-    loop_config = {"config": config.model_dump(), "meta": meta, "trial_started_s": started, "keep_train": keep}
+    datasets = build_datasets(setup.data_dir, meta, config, worker_augments=keep,
+                              tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker))
+    loop_config = {"config": config.model_dump(), "meta": meta, "trial_started_s": started, "datasets_built_s": time.time(),
+                   "keep_train": keep}
     if setup.space is not None:
         loop_config["diverged"] = diverged_report(setup.space.objective, setup.space.mode)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=build_datasets(setup.data_dir, meta, config, worker_augments=keep,
-                                tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker)),
+        datasets=datasets,
         dataset_config=dataset_config(setup.workers_per_trial),
         run_config=RunConfig(
             # Named by trial id, never a timestamp: a restored trial finds its Train run again.
@@ -334,40 +342,42 @@ def fit_and_report(build) -> None:
     full queue forever and the sweep hung (its stack: `_get_result_from_queues` -> `report` ->
     `Queue.put`, ray/train/_internal/session.py, Ray 2.60; the bridge is
     https://github.com/ray-project/ray/pull/55556)."""
-    from ray.util.queue import Empty, Queue
-
-    queue = Queue(actor_options={"num_cpus": 0})
+    reports, key = trial_report_post(), uuid.uuid4().hex  # a new key per attempt: a retried trial's old run may still put
     errors: list[BaseException] = []
 
     def fit() -> None:
         try:
-            build([QueueReportCallback(0, queue)]).fit()
+            build([QueueReportCallback(0, reports, key)]).fit()
         except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors.append(error)
 
     thread = threading.Thread(target=fit, name="fit", daemon=True)
     thread.start()
-    while True:
-        ended = not thread.is_alive()  # read first: every report is queued before fit() returns
-        try:
-            ray.tune.report(queue.get(block=not ended, timeout=None if ended else 1.0)[1])
-        except Empty:
-            if ended:
+    try:
+        while True:
+            ended = not thread.is_alive()  # read first: every report is queued before fit() returns
+            rows = ray.get(reports.take.remote(key, 0 if ended else 1.0))
+            for _, row in rows:
+                ray.tune.report(row)
+            if ended and not rows:
                 break
+    finally:
+        reports.close.remote(key)
     if errors:
         raise errors[0]
 
 
 class QueueReportCallback(UserCallback):
     """Runs in a Train run's controller: hands rank 0's report (with its checkpoint's path) to the
-    trial through a Ray queue, as `(fold, row)`.
+    trial through the sweep's report post (`post.ReportPost`), as `(fold, row)` under the trial's `key`, and
+    returns once it is there (so every report is queued before the run's `fit()` returns).
 
     Under `--cv` (`predictions` given) it also copies the epoch's held-out predictions to
     `<predictions>/epoch_<e>/fold<k>.npz` (a path or URI on the sweep's storage): Train keeps only
     each fold's best and latest checkpoints, and the epoch the fold-mean picks may be neither."""
 
-    def __init__(self, fold: int, queue, predictions: str | None = None):
-        self.fold, self.queue, self.predictions = fold, queue, predictions
+    def __init__(self, fold: int, reports, key: str, predictions: str | None = None):
+        self.fold, self.reports, self.key, self.predictions = fold, reports, key, predictions
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         row = dict(metrics[0])
@@ -383,7 +393,7 @@ class QueueReportCallback(UserCallback):
             pafs.copy_files(f"{checkpoint.path}/{PREDICTIONS_FILE}", f"{path}/fold{self.fold}.npz",
                             source_filesystem=checkpoint.filesystem, destination_filesystem=filesystem)
             row["predictions_path"] = f"{folder}/fold{self.fold}.npz"
-        self.queue.put((self.fold, row))
+        ray.get(self.reports.put.remote(self.key, (self.fold, row)))
 
 
 def _train_storage(setup: TrialSetup) -> str:
@@ -396,16 +406,14 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
     one report to Tune per epoch: the fold-mean (`folds.FoldMean`), once every fold reached it.
     A fold that fails (after its own `--max-failures` retries) fails the trial; one that diverges
     ends it with that fold's report (the other folds' Train runs end with the trial's process)."""
-    from ray.util.queue import Empty, Queue
-
     from defect_tune.folds import FoldMean
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    reports, key = trial_report_post(), uuid.uuid4().hex
     errors: dict[int, BaseException] = {}
 
     def fit(fold: int, meta: dict) -> None:
         try:
-            callback = QueueReportCallback(fold, queue, f"{_train_storage(setup)}/{name}-folds")
+            callback = QueueReportCallback(fold, reports, key, f"{_train_storage(setup)}/{name}-folds")
             _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
         except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors[fold] = error
@@ -415,22 +423,20 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
     for thread in threads:
         thread.start()
     mean = FoldMean(len(threads), setup.space.objective)
-    while not mean.done:
-        ended = [fold for fold, thread in enumerate(threads) if not thread.is_alive() and fold not in mean.finished]
-        block = not ended  # a fold's reports are all queued before its fit() returns: drain, then mark it ended
-        try:
-            while True:
-                fold, row = queue.get(block=block, timeout=1.0 if block else None)
+    try:
+        while not mean.done:
+            ended = [fold for fold, thread in enumerate(threads) if not thread.is_alive() and fold not in mean.finished]
+            # A fold's reports are all queued before its fit() returns: drain, then mark it ended.
+            for fold, row in ray.get(reports.take.remote(key, 0 if ended else 1.0)):
                 if "diverged" in row:  # the configuration diverged on this fold: so ends the trial
                     ray.tune.report({**row, "diverged": f"fold {fold}: {row['diverged']}", "folds": len(threads)})
                     return
                 mean.add(fold, row)
-                block = False
-        except Empty:
-            pass
-        for fold in ended:
-            if fold in errors:
-                raise RuntimeError(f"fold {fold} of {len(threads)} failed: {errors[fold]}") from errors[fold]
-            mean.finish(fold)
-        for row in mean.ready():
-            ray.tune.report(row)
+            for fold in ended:
+                if fold in errors:
+                    raise RuntimeError(f"fold {fold} of {len(threads)} failed: {errors[fold]}") from errors[fold]
+                mean.finish(fold)
+            for row in mean.ready():
+                ray.tune.report(row)
+    finally:
+        reports.close.remote(key)

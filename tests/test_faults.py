@@ -52,13 +52,13 @@ def _train_workers(root: int) -> list[psutil.Process]:
 def _progress(experiment: Path, lr: float) -> pd.DataFrame | None:
     """What Tune recorded of the trial with this lr, once it has recorded something."""
     for trial in experiment.glob("run_trial_*"):
-        params, progress = trial / "params.json", read_progress(trial / "progress.csv")
-        if params.is_file() and progress is not None:
-            try:  # Tune copies the trial's files to storage while the sweep runs: one may be cut short now
-                if json.loads(params.read_text()).get("lr") == pytest.approx(lr):
-                    return progress
-            except json.JSONDecodeError:
+        params = trial / "params.json"
+        try:  # Tune copies the trial's files to storage while the sweep runs: one may be cut short now
+            if not params.is_file() or json.loads(params.read_text()).get("lr") != pytest.approx(lr):
                 continue
+        except json.JSONDecodeError:
+            continue
+        return read_progress(trial / "progress.csv")  # this trial's table, or None until it has a whole row
     return None
 
 

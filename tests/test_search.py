@@ -43,16 +43,21 @@ def write_space(tmp_path: Path, num_samples: int, max_epochs: int, grace: int = 
 
 def read_progress(path: Path) -> pd.DataFrame | None:
     """A trial's progress.csv as Tune has copied it to storage so far, or None while that copy is
-    cut short: Tune copies the trial's files there while the sweep runs, and a driver killed
-    mid-copy leaves them so. Whole rows end in a newline; a copy cut at a row's end is a whole
-    prefix of the trial's epochs."""
+    cut short (`parse_progress`)."""
     try:
-        text = path.read_bytes()
+        return parse_progress(path.read_bytes())
     except OSError:
         return None
+
+
+def parse_progress(text: bytes) -> pd.DataFrame | None:
+    """A progress.csv's bytes as a table, or None where they are cut short: Tune copies the trial's
+    files to storage while the sweep runs, and a driver killed mid-copy leaves them so. Whole rows
+    end in a newline; a copy cut at a row's end is a whole prefix of the trial's epochs. Parses the
+    bytes checked, not the file again: Tune may be copying it."""
     if not text.endswith(b"\n") or text.count(b"\n") < 2:  # empty, cut in the header or in a row
         return None
-    return pd.read_csv(io.BytesIO(text))  # the bytes checked, not the file again: Tune may be copying it
+    return pd.read_csv(io.BytesIO(text))
 
 
 def search_command(*args) -> list[str]:
@@ -118,8 +123,12 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert (board["startup_seconds"] > 0).all() and (board["startup_seconds"] < board["wall_seconds"]).all()
         for progress in (out / "tune" / "leak").glob("run_trial_*/progress.csv"):
             history = pd.read_csv(progress)
-            assert (history[["startup/trainer_s", "startup/model_s", "startup/first_batch_s", "epoch_s"]] > 0).all().all()
+            assert (history[["startup/datasets_s", "startup/trainer_s", "startup/model_s", "startup/first_batch_s", "epoch_s"]] > 0).all().all()
             assert (history["timestamp_s"] > history["trial_started_s"]).all()
+            # The parts follow one another from the trial's start to its first batch, before its
+            # first report: together no longer than that (a part counted twice would be).
+            first = history.sort_values("epoch").iloc[0]
+            assert first[[c for c in history if c.startswith("startup/")]].sum() < first["timestamp_s"] - first["trial_started_s"]
         summary = json.loads((out / "sweep.json").read_text())
         total, free = summary["resources_total"], summary["resources_free_at_end"]
         assert free["CPU"] == total["CPU"]  # no CPU held by a stopped trial's placement group
@@ -138,6 +147,10 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         # Ray Data's stats actor, started by the driver, served all six trials (created in a trial,
         # it died with each and was started again).
         assert actors.count(":actor_name:TrainController") >= 6 and actors.count(":actor_name:_StatsActor") == 1
+        # One report post for the sweep, not a queue actor per trial: the queue actors left are
+        # W&B's, one beside each trial's W&B logging actor.
+        assert actors.count(":actor_name:ReportPost") == 1
+        assert actors.count(":actor_name:_QueueActor") == actors.count(":actor_name:_TrialRun") == 6
 
         # Another sweep right after, cross-validated: two TorchTrainers per trial, side by side.
         (tmp_path / "again").mkdir()
@@ -235,10 +248,10 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     experiment = out / "tune" / "resumable"
     finished = {}
     for trial_dir in experiment.glob("run_trial_*"):
-        progress = trial_dir / "progress.csv"
-        table = read_progress(progress)
+        text = (trial_dir / "progress.csv").read_bytes() if (trial_dir / "progress.csv").is_file() else b""
+        table = parse_progress(text)
         if table is not None and len(table) == 2:
-            finished[trial_dir.name] = progress.read_bytes()
+            finished[trial_dir.name] = text  # the bytes that were parsed: compared after the resume
     assert finished, "the killed sweep left no finished trial on disk:\n" + "".join(lines[-40:])
 
     resumed = subprocess.run(search_command(*args, "--resume"), capture_output=True, text=True, timeout=1500)
@@ -261,11 +274,11 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     both workers end together after that epoch, which is reported once as diverged, and the run
     ends without an error (so neither Train nor Tune retries it)."""
     import ray
-    from ray.util.queue import Queue
     from ray.util.state import list_tasks
 
     from defect_tune.config import OBJECTIVE, TrainConfig
     from defect_tune.data import read_meta
+    from defect_tune.post import start_report_post
     from defect_tune.trial import QueueReportCallback, TrialSetup, _trainer
 
     config = TrainConfig(model="el_cnn", epochs=3, batch_size=64, augment="light", warmup_epochs=0, pretrained=False)
@@ -281,12 +294,13 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)  # the State API lists the tasks
     request.addfinalizer(ray.shutdown)
 
+    reports = start_report_post()
+
     def fit(config: TrainConfig = config, setup: TrialSetup = setup, name: str = "again-t1") -> list[dict]:
         """One fit of the trial's Train run, and what it reported (as a trial would hand it on)."""
-        reports = Queue(actor_options={"num_cpus": 0})
-        callback = QueueReportCallback(0, reports)
+        callback = QueueReportCallback(0, reports, name)
         _trainer(config, setup, setup.meta, name, time.time(), [callback]).fit()
-        return [row for _, row in (reports.get() for _ in range(reports.qsize()))]
+        return [row for _, row in ray.get(reports.take.remote(name, 0))]  # all there once fit() has returned
 
     def shard_reads() -> int:
         return sum(task.name.startswith("ReadParquet") for task in list_tasks(limit=10_000, raise_on_missing_output=False))

@@ -1,6 +1,7 @@
 """The search driver's own logic, without a sweep: concurrency, Optuna bookkeeping, leaderboard, and
 the guard against a second local Ray cluster (which starts one tiny cluster)."""
 
+import asyncio
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from defect_tune.leaderboard import build_leaderboard, error_reason
 from defect_tune.search import (LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces,
                                 folds_side_by_side, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once)
 from defect_tune.space import DefineByRun, SpaceError, load_space
+from defect_tune.post import ReportPost
 from defect_tune.trial import diverged_report
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
@@ -347,3 +349,31 @@ def test_a_worker_keeps_its_train_shard_only_when_the_shard_fits_the_limit():
     assert keeps_train(meta, 2, 5_000_000)  # two workers, half each
     assert not keeps_train(meta, 1, 10_000_000, ("train", "val"))
     assert not keeps_train(meta, 1, 0)  # --keep-train-gb 0: always streamed
+
+
+def test_the_report_post_hands_each_trial_its_own_reports_in_order_and_waits_for_the_first():
+    async def run() -> None:
+        reports = ReportPost()
+        assert await reports.take("trial", 0) == []
+        assert await reports.take("trial", 0.1) == []  # waited, and nothing came
+        for item in ("epoch 1", "epoch 2"):
+            await reports.put("trial", item)
+        await reports.put("other", "its epoch 1")
+        assert await reports.take("trial", 0) == ["epoch 1", "epoch 2"]
+        assert await reports.take("trial", 0) == []  # taken once
+        waiting = asyncio.create_task(reports.take("late", 30))
+        await asyncio.sleep(0.05)
+        await reports.put("late", "epoch 1")
+        assert await asyncio.wait_for(waiting, 10) == ["epoch 1"]  # woken by the put, well before its 30 s
+        await reports.close("other")
+        assert await reports.take("other", 0) == []  # a closed trial's leftovers are gone
+
+    asyncio.run(run())
+
+
+def test_the_report_post_process_imports_neither_torch_nor_the_training_core():
+    """Its actor process imports the module that defines it: that must stay light."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, defect_tune.post; "
+                             "print(sorted(m for m in ('torch', 'defect_tune.trial', 'defect_tune.train') if m in sys.modules))"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

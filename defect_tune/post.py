@@ -1,0 +1,68 @@
+"""The sweep's report post: how a trial's Train runs hand their reports to the trial.
+
+A Train callback runs in the run's controller, a process of its own; the trial hands reports to
+Tune from its own thread (`trial.fit_and_report`). Between them sits one Ray actor per sweep.
+Light on purpose: that actor's process imports this module, not torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import ray
+
+ACTOR_NAME = "defect_tune_report_post"
+
+
+class ReportPost:
+    """Every trial's Train runs put their reports here, under a key of the trial's, and the trial
+    takes them. One per sweep, started by the driver on its own node (`start_report_post`), where
+    a Ray queue actor per trial was one more process per trial: about 2.7 s of CPU and 125 MB
+    each on this 2-core machine (benchmarks/bench_trial_cpu.py, results/benchmarks/trial_cpu.md)."""
+
+    def __init__(self):
+        self._queues: dict[str, tuple[collections.deque, asyncio.Event]] = {}
+
+    def _queue(self, key: str) -> tuple[collections.deque, asyncio.Event]:
+        return self._queues.setdefault(key, (collections.deque(), asyncio.Event()))
+
+    async def put(self, key: str, item) -> None:
+        items, arrived = self._queue(key)
+        items.append(item)
+        arrived.set()
+
+    async def take(self, key: str, timeout: float) -> list:
+        """Every item queued under `key`, in order, waiting up to `timeout` seconds for the first."""
+        items, arrived = self._queue(key)
+        if not items and timeout > 0:
+            arrived.clear()  # no await since `items` was read: nothing was put in between
+            try:
+                await asyncio.wait_for(arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        taken = list(items)
+        items.clear()
+        return taken
+
+    async def close(self, key: str) -> None:
+        """Forgets `key` (a trial that has taken its last report)."""
+        self._queues.pop(key, None)
+
+
+def start_report_post():
+    """The sweep's `ReportPost`, on this (the driver's) node: it lives while the returned handle
+    does, and a trial on a node that is lost takes nothing else with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(ReportPost).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0,
+                                          scheduling_strategy=node).remote()
+
+
+def trial_report_post():
+    """The sweep's `ReportPost`, from inside a trial."""
+    try:
+        return ray.get_actor(ACTOR_NAME)
+    except ValueError:
+        raise RuntimeError(f"no {ACTOR_NAME} actor: trials run under `defect-tune search`, which starts it") from None

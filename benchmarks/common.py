@@ -61,10 +61,14 @@ class Sampler:
 
 def process_kind(title: str) -> str:
     """What a process is, from its title: a Ray worker's actor class or task name (`ray::TrainController`,
-    `ray::IDLE`), else the program's name (raylet, gcs_server, python)."""
+    `ray::IDLE` also for one still starting), else the program's name (raylet, gcs_server, python)."""
     if title.startswith("ray::"):
         return "ray::" + title[len("ray::"):].split(" ")[0].split(".")[0]
-    return Path(title.split(" ")[0]).name or title
+    if "default_worker.py" in title:  # a Ray worker that has not named itself yet
+        return "ray::IDLE"
+    words = title.split()
+    scripts = [Path(word).name for word in words[1:] if word.endswith(".py")]  # python .../log_monitor.py
+    return scripts[0] if scripts and Path(words[0]).name.startswith("python") else Path(words[0]).name if words else ""
 
 
 class ProcessSampler(Sampler):
@@ -95,7 +99,7 @@ class ProcessSampler(Sampler):
             self.cpu[pid] = max(self.cpu.get(pid, 0.0), times.user + times.system)
             self.rss[pid] = max(self.rss.get(pid, 0), memory)
             kind = process_kind(title)
-            if kind != "ray::IDLE" or pid not in self.kind:
+            if kind and (kind != "ray::IDLE" or pid not in self.kind):  # no title: a process exiting
                 self.kind[pid] = kind
             rss += memory
             if kind == "ray::IDLE":

@@ -34,6 +34,7 @@ Default data: the embedded synthetic set at 64 px (generated into a temporary fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -48,7 +49,7 @@ import yaml
 
 from defect_tune.search import SearchOptions, cpus_for_workers, trials_at_once
 
-from common import Sampler, data_or_synthetic, emit, machine
+from common import Sampler, data_or_synthetic, each, emit, machine
 
 STARTUP = {
     "startup/datasets_s": "trial start → its Ray Datasets built (in Tune's trial actor)",
@@ -167,15 +168,9 @@ def one_run(args, data: Path, train_images: int, extra: list[str], scratch: Path
     """The plain loop, then the sweep, on the same data: one cell of each setting's column."""
     plain = plain_loop(data, args.model, max(args.epochs, 2), "cuda" if args.gpu else "cpu", args.batch)
     print(f"plain loop: {plain:,.0f} images/s; sweep with {' '.join(extra) or 'search defaults'}", flush=True)
-    busy = GpuBusy() if args.gpu else None
-    if busy:
-        busy.__enter__()
-    try:
+    with GpuBusy() if args.gpu else contextlib.nullcontext() as busy:
         sweep = run_sweep(data, args.model, args.trials, args.epochs, args.batch, scratch, extra, args.sweep_timeout,
                           args.grace)
-    finally:
-        if busy:
-            busy.__exit__(None, None, None)
     rows = sweep["rows"]
     span = rows["timestamp_s"].max() - rows["trial_started_s"].min()
     rate = len(rows) * (train_images // args.batch) * args.batch / span
@@ -185,11 +180,6 @@ def one_run(args, data: Path, train_images: int, extra: list[str], scratch: Path
             "cut": sweep["cut"], "command_wall": sweep["command_wall"], "busy": busy.fraction if busy else None,
             **{key: first[key].median() for key in STARTUP},
             "first_epoch": first["epoch_s"].median(), "later_epoch": later["epoch_s"].median() if len(later) else None}
-
-
-def cell(runs: list[dict], key: str, fmt: str) -> str:
-    values = [run[key] for run in runs]
-    return " / ".join("n/a" if value is None else f"{value:{fmt}}" for value in values)
 
 
 def main() -> None:
@@ -254,7 +244,7 @@ def main() -> None:
         "",
         "| | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
-        *(f"| {label} | " + " | ".join(cell(column, key, fmt) for column in runs) + " |" for label, key, fmt in rows),
+        *(f"| {label} | " + " | ".join(each(column, key, fmt) for column in runs) + " |" for label, key, fmt in rows),
     ]
     if len(settings) > 1:
         base = statistics.fmean(run["rate"] for run in runs[0])

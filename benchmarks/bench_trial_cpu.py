@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from common import ProcessSampler, data_or_synthetic, emit, machine
+from common import data_or_synthetic, emit, machine, sampled_search
 
 
 def main() -> None:
@@ -49,15 +47,7 @@ def main() -> None:
             "params": {"lr": {"loguniform": [3e-4, 3e-3]}},
         }, sort_keys=False))
         out = scratch / "sweep"
-        command = [sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
-                   "--name", "cpu", "--out", str(out)]
-        log_path = scratch / "search.log"
-        with open(log_path, "w") as log:
-            search = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            with ProcessSampler(search.pid) as sampler:
-                search.wait()
-        if search.returncode:
-            sys.exit(f"the sweep failed (exit {search.returncode}):\n{log_path.read_text()[-6000:]}")
+        sampler = sampled_search(data, space, out, "cpu", scratch / "search.log")
         seconds = json.loads((out / "sweep.json").read_text())["seconds"]
 
     kinds = sorted(sampler.by_kind().items(), key=lambda item: -item[1]["cpu"])

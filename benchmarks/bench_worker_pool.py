@@ -24,15 +24,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from common import ProcessSampler, data_or_synthetic, emit, machine
+from common import data_or_synthetic, each, emit, machine, sampled_search
 
 SETTINGS = {"1000": "Ray's default, 1 s", "60000": "60 s (what `search` sets)"}
 STARTUP = ("startup/datasets_s", "startup/trainer_s", "startup/model_s", "startup/first_batch_s")
@@ -46,16 +44,9 @@ def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: st
         "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
     }, sort_keys=False))
     out = scratch / f"sweep-{threshold}-{run}"
-    command = [sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
-               "--name", "pool", "--out", str(out), "--cpus-per-worker", "1"]
     env = {**os.environ, "RAY_idle_worker_killing_time_threshold_ms": threshold}
-    log_path = scratch / f"search-{threshold}-{run}.log"
-    with open(log_path, "w") as log:
-        search = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        with ProcessSampler(search.pid) as sampler:
-            search.wait()
-    if search.returncode:
-        sys.exit(f"the sweep failed (exit {search.returncode}):\n{log_path.read_text()[-6000:]}")
+    sampler = sampled_search(data, space, out, "pool", scratch / f"search-{threshold}-{run}.log",
+                             ["--cpus-per-worker", "1"], env)
     rows = pd.concat(pd.read_csv(p) for p in (out / "tune" / "pool").glob("run_trial_*/progress.csv"))
     first = rows.sort_values("epoch").groupby("trial_id").first()
     return {
@@ -69,10 +60,6 @@ def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: st
         "peak_idle": sampler.peak_idle,
         "peak_idle_rss_gb": sampler.peak_idle_rss / 2**30,
     }
-
-
-def each(runs: list[dict], key: str, fmt: str) -> str:
-    return " / ".join(f"{run[key]:{fmt}}" for run in runs)
 
 
 def ratio(old: list[dict], new: list[dict], key: str) -> str:

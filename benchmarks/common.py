@@ -22,6 +22,11 @@ def emit(lines: list[str], write: Path | None) -> None:
         write.write_text(text)
 
 
+def each(runs: list[dict], key: str, fmt: str) -> str:
+    """A table cell listing one figure of every run, in order (`n/a` where a run has none)."""
+    return " / ".join("n/a" if run[key] is None else f"{run[key]:{fmt}}" for run in runs)
+
+
 def data_or_synthetic(data: Path | None, scratch: Path) -> Path:
     """`data` (a `prepare` output) when given; else the embedded synthetic set at 64 px, prepared into `scratch`."""
     if data is not None:
@@ -102,7 +107,7 @@ class ProcessSampler(Sampler):
             if kind and (kind != "ray::IDLE" or pid not in self.kind):  # no title: a process exiting
                 self.kind[pid] = kind
             rss += memory
-            if kind == "ray::IDLE":
+            if title.startswith("ray::IDLE"):  # idle now (one still starting is not counted)
                 idle, idle_rss = idle + 1, idle_rss + memory
         self.peak_rss, self.peak_idle_rss = max(self.peak_rss, rss), max(self.peak_idle_rss, idle_rss)
         self.peak_idle = max(self.peak_idle, idle)
@@ -117,3 +122,21 @@ class ProcessSampler(Sampler):
             entry["cpu"] += self.cpu.get(pid, 0.0)
             entry["peak_rss"] = max(entry["peak_rss"], self.rss.get(pid, 0))
         return kinds
+
+
+def sampled_search(data: Path, space: Path, out: Path, name: str, log_path: Path, options: list[str] = (),
+                   env: dict | None = None) -> ProcessSampler:
+    """Runs `defect-tune search` while a `ProcessSampler` samples every process it starts; exits
+    with the end of its log if it fails."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "defect_tune", "search", "--data", str(data), "--space", str(space),
+               "--name", name, "--out", str(out), *options]
+    with open(log_path, "w") as log:
+        search = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with ProcessSampler(search.pid) as sampler:
+            search.wait()
+    if search.returncode:
+        sys.exit(f"the sweep failed (exit {search.returncode}):\n{log_path.read_text()[-6000:]}")
+    return sampler

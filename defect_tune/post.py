@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import uuid
 
 import ray
 
@@ -60,9 +62,16 @@ def start_report_post():
                                           scheduling_strategy=node).remote()
 
 
-def trial_report_post():
-    """The sweep's `ReportPost`, from inside a trial."""
+@contextlib.contextmanager
+def trial_mailbox():
+    """From inside a trial: the sweep's `ReportPost` and a new key for this attempt (a retried
+    trial's old run may still put under its own), closed when the block ends."""
     try:
-        return ray.get_actor(ACTOR_NAME)
+        post = ray.get_actor(ACTOR_NAME)
     except ValueError:
         raise RuntimeError(f"no {ACTOR_NAME} actor: trials run under `defect-tune search`, which starts it") from None
+    key = uuid.uuid4().hex
+    try:
+        yield post, key
+    finally:
+        post.close.remote(key)

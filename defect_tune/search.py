@@ -24,9 +24,9 @@ from defect_tune.data import check_shards, data_location, read_meta
 from defect_tune.export import ExportError, package_versions, pick
 from defect_tune.folds import make_folds
 from defect_tune.leaderboard import build_leaderboard, plain
+from defect_tune.post import start_report_post
 from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.tracking import wandb_callbacks
-from defect_tune.post import start_report_post
 from defect_tune.trial import TrialSetup, run_trial
 
 # The checkout's search_spaces/, installed as this package's data (pyproject.toml), so a wheel has it too.

@@ -14,7 +14,6 @@ import os
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from defect_tune.config import OBJECTIVE, PREDICTIONS_FILE, TrainConfig
 from defect_tune.data import filesystem_for
 from defect_tune.ingest import build_datasets, data_tasks_at_once
-from defect_tune.post import trial_report_post
+from defect_tune.post import trial_mailbox
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -342,18 +341,17 @@ def fit_and_report(build) -> None:
     full queue forever and the sweep hung (its stack: `_get_result_from_queues` -> `report` ->
     `Queue.put`, ray/train/_internal/session.py, Ray 2.60; the bridge is
     https://github.com/ray-project/ray/pull/55556)."""
-    reports, key = trial_report_post(), uuid.uuid4().hex  # a new key per attempt: a retried trial's old run may still put
     errors: list[BaseException] = []
+    with trial_mailbox() as (reports, key):
 
-    def fit() -> None:
-        try:
-            build([QueueReportCallback(0, reports, key)]).fit()
-        except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
-            errors.append(error)
+        def fit() -> None:
+            try:
+                build([QueueReportCallback(0, reports, key)]).fit()
+            except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
+                errors.append(error)
 
-    thread = threading.Thread(target=fit, name="fit", daemon=True)
-    thread.start()
-    try:
+        thread = threading.Thread(target=fit, name="fit", daemon=True)
+        thread.start()
         while True:
             ended = not thread.is_alive()  # read first: every report is queued before fit() returns
             rows = ray.get(reports.take.remote(key, 0 if ended else 1.0))
@@ -361,8 +359,6 @@ def fit_and_report(build) -> None:
                 ray.tune.report(row)
             if ended and not rows:
                 break
-    finally:
-        reports.close.remote(key)
     if errors:
         raise errors[0]
 
@@ -408,22 +404,21 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
     ends it with that fold's report (the other folds' Train runs end with the trial's process)."""
     from defect_tune.folds import FoldMean
 
-    reports, key = trial_report_post(), uuid.uuid4().hex
     errors: dict[int, BaseException] = {}
+    with trial_mailbox() as (reports, key):
 
-    def fit(fold: int, meta: dict) -> None:
-        try:
-            callback = QueueReportCallback(fold, reports, key, f"{_train_storage(setup)}/{name}-folds")
-            _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
-        except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
-            errors[fold] = error
+        def fit(fold: int, meta: dict) -> None:
+            try:
+                callback = QueueReportCallback(fold, reports, key, f"{_train_storage(setup)}/{name}-folds")
+                _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
+            except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
+                errors[fold] = error
 
-    threads = [threading.Thread(target=fit, args=(fold, meta), name=f"fold{fold}", daemon=True)
-               for fold, meta in enumerate(setup.folds)]
-    for thread in threads:
-        thread.start()
-    mean = FoldMean(len(threads), setup.space.objective)
-    try:
+        threads = [threading.Thread(target=fit, args=(fold, meta), name=f"fold{fold}", daemon=True)
+                   for fold, meta in enumerate(setup.folds)]
+        for thread in threads:
+            thread.start()
+        mean = FoldMean(len(threads), setup.space.objective)
         while not mean.done:
             ended = [fold for fold, thread in enumerate(threads) if not thread.is_alive() and fold not in mean.finished]
             # A fold's reports are all queued before its fit() returns: drain, then mark it ended.
@@ -438,5 +433,3 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
                 mean.finish(fold)
             for row in mean.ready():
                 ray.tune.report(row)
-    finally:
-        reports.close.remote(key)

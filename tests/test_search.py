@@ -248,7 +248,8 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     experiment = out / "tune" / "resumable"
     finished = {}
     for trial_dir in experiment.glob("run_trial_*"):
-        text = (trial_dir / "progress.csv").read_bytes() if (trial_dir / "progress.csv").is_file() else b""
+        progress = trial_dir / "progress.csv"
+        text = progress.read_bytes() if progress.is_file() else b""
         table = parse_progress(text)
         if table is not None and len(table) == 2:
             finished[trial_dir.name] = text  # the bytes that were parsed: compared after the resume

@@ -19,8 +19,8 @@ import pytest
 from defect_tune.leaderboard import build_leaderboard, error_reason
 from defect_tune.search import (LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces,
                                 folds_side_by_side, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once)
-from defect_tune.space import DefineByRun, SpaceError, load_space
 from defect_tune.post import ReportPost
+from defect_tune.space import DefineByRun, SpaceError, load_space
 from defect_tune.trial import diverged_report
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"

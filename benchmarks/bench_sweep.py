@@ -19,7 +19,7 @@ One invocation, on the same prepared data, model and batch size:
    Datasets built, then to the worker loop (TorchTrainer's controller, placement group, worker
    process), worker loop to the
    model ready (training imports, model, DDP), model ready to the first batch (Ray Data), and
-   the first epoch's training.
+   the first epoch's training after that batch.
 4. With --gpu, the GPU's busy fraction over the sweep, sampled through NVML every 0.2 s.
 
 `--at-once 1,2,3` runs 1, 2 and 3 trials side by side in turn (`--repeats` times, alternating),
@@ -143,18 +143,24 @@ def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scra
             cut = True
     if search.returncode and not cut:
         sys.exit(f"the sweep failed (exit {search.returncode}):\n{log.read_text()[-8000:]}")
+    packed = [line for line in log.read_text().splitlines() if line.startswith("--trials-per-gpu auto: ") and "per GPU" in line]
     command_wall = time.perf_counter() - started
     tables = [pd.read_csv(p) for p in (out / "tune" / "efficiency").glob("run_trial_*/progress.csv") if p.stat().st_size]
     if not tables:
         sys.exit(f"the sweep reported nothing in {command_wall:.0f} s")
-    return {"rows": pd.concat(tables), "command_wall": command_wall, "cut": cut}
+    return {"rows": pd.concat(tables), "command_wall": command_wall, "cut": cut,
+            "packed": packed[-1].removeprefix("--trials-per-gpu auto: ") if packed else None}
 
 
-def at_once_options(at_once: int | None, gpu: bool) -> tuple[list[str], str]:
+def at_once_options(at_once: int | str | None, gpu: bool) -> tuple[list[str], str]:
     """`search`'s options for `at_once` trials side by side, and the setting's name. CPU: the CPUs
-    `search` leaves to workers, shared equally; GPU: 1/`at_once` of the GPU each. None: `search`'s
-    own defaults."""
+    `search` leaves to workers, shared equally; GPU: 1/`at_once` of the GPU each, or "auto":
+    `search --trials-per-gpu auto`. None: `search`'s own defaults."""
     cpus = os.cpu_count() or 1
+    if at_once == "auto":
+        if not gpu:
+            sys.exit("--at-once auto packs trials on a GPU by their measured memory: it needs --gpu")
+        return ["--trials-per-gpu", "auto"], "auto per GPU"
     if at_once is None:
         count = trials_at_once({"CPU": cpus}, SearchOptions(data="", space=Path(), name=""))
         return [], f"search's defaults ({count} at once)"
@@ -178,8 +184,10 @@ def one_run(args, data: Path, train_images: int, extra: list[str], scratch: Path
     later = rows[rows["epoch"] > 1]
     return {"plain": plain, "rate": rate, "ratio": rate / plain, "span": span, "trial_epochs": len(rows),
             "cut": sweep["cut"], "command_wall": sweep["command_wall"], "busy": busy.fraction if busy else None,
+            "packed": sweep["packed"],
             **{key: first[key].median() for key in STARTUP},
-            "first_epoch": first["epoch_s"].median(), "later_epoch": later["epoch_s"].median() if len(later) else None}
+            # A first epoch's epoch_s also counts the wait for its first batch (startup/first_batch_s).
+            "first_epoch": (first["epoch_s"] - first["startup/first_batch_s"]).median(), "later_epoch": later["epoch_s"].median() if len(later) else None}
 
 
 def main() -> None:
@@ -193,7 +201,7 @@ def main() -> None:
     parser.add_argument("--at-once", default=None,
                         help="trials side by side, or several comma-separated settings run in turn (e.g. 1,2,3): on CPU "
                              "each worker gets an equal part of the CPUs `search` leaves to workers, with --gpu an equal "
-                             "part of the GPU (default: `search`'s own defaults)")
+                             "part of the GPU, or auto: `search --trials-per-gpu auto` (default: `search`'s own defaults)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each setting, the settings alternating")
     parser.add_argument("--grace", type=int, default=1,
                         help="ASHA's grace period (--epochs: no trial is stopped early, so every setting trains the same)")
@@ -204,7 +212,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
     args = parser.parse_args()
 
-    settings = [None] if args.at_once is None else [int(value) for value in args.at_once.split(",")]
+    settings = [None] if args.at_once is None else [value if value == "auto" else int(value) for value in args.at_once.split(",")]
     options = [at_once_options(value, args.gpu) for value in settings]
     keep = [] if args.keep_train_gb is None else ["--keep-train-gb", f"{args.keep_train_gb:g}"]
     runs: list[list[dict]] = [[] for _ in settings]
@@ -227,9 +235,11 @@ def main() -> None:
         ("GPU busy over the sweep", "busy", ".0%"),
         ("`defect-tune search` command wall (with Ray's start and stop), s", "command_wall", ".0f"),
         *((f"{label}, s (median over trials)", key, ".1f") for key, label in STARTUP.items()),
-        ("first epoch's training and validation, s", "first_epoch", ".1f"),
+        ("first epoch's training and validation after its first batch, s", "first_epoch", ".1f"),
         ("a later epoch, s", "later_epoch", ".1f"),
     ]
+    if any(run["packed"] for column in runs for run in column):
+        rows.append(("`--trials-per-gpu auto` measured", "packed", "s"))
     names = [name for _, name in options]
     lines = [
         "# Sweep efficiency: a whole sweep's images/s against a plain loop's",

@@ -192,6 +192,7 @@ def search(
     workers_per_trial: Annotated[int, typer.Option(help="TorchTrainer workers per trial")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per training worker (fractions pack trials on a GPU)")] = 0.0,
+    trials_per_gpu: Annotated[str | None, typer.Option(metavar="N|auto", help="Training workers sharing each GPU (--gpus-per-worker 1/N; a multi-worker or --cv trial's workers each count); auto: as many as the space's hungriest backbone leaves room for, measured on one GPU at its largest batch before the sweep")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: from the cluster's resources)")] = None,
     address: Annotated[str | None, typer.Option(help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
     storage: Annotated[str | None, typer.Option(help="Tune storage: local path, NFS path or s3:// / gs:// URI (shared for multi-node)")] = None,
@@ -206,7 +207,8 @@ def search(
     import datetime as dt
 
     # Before importing Ray and torch: a mistyped option fails at once.
-    folds = _cv_option(cv)
+    folds = _count_or_auto("--cv", cv, "a number of folds")
+    per_gpu = _count_or_auto("--trials-per-gpu", trials_per_gpu, "a number of workers per GPU")
     if resume and not name:
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
         raise typer.Exit(2)
@@ -224,7 +226,7 @@ def search(
         options = SearchOptions(
             data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
             workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-            max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
+            trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
             max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb,
         )
         summary = run_search(options, console=console)
@@ -245,13 +247,13 @@ def search(
         raise typer.Exit(1)
 
 
-def _cv_option(text: str | None) -> int | str | None:
+def _count_or_auto(option: str, text: str | None, what: str) -> int | str | None:
     if text is None or text == "auto":
         return text
     try:
         return int(text)
     except ValueError:
-        console.print(f"error: --cv takes a number of folds or auto, got {text!r}", style="red", markup=False)
+        console.print(f"error: {option} takes {what} or auto, got {text!r}", style="red", markup=False)
         raise typer.Exit(2) from None
 
 

@@ -4,6 +4,7 @@ TorchTrainer. The same command searches on a laptop (a local Ray cluster) and on
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import math
@@ -49,6 +50,9 @@ class SearchOptions:
     # half a CPU lets two trials train side by side on a 2-core laptop with a core left for Data.
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    # Workers sharing each GPU (sets gpus_per_worker to 1/N), or "auto": as many as the space's
+    # hungriest backbone leaves room for, measured on one of the cluster's GPUs.
+    trials_per_gpu: int | str | None = None
     max_concurrent: int | None = None  # default: from the cluster's resources
     address: str | None = None  # None: start a local Ray cluster
     storage: str | None = None  # default: <out>/tune; a URI (s3://, gs://) or shared path for multi-node
@@ -225,6 +229,95 @@ def folds_side_by_side(resources: dict, options: SearchOptions, folds: int) -> s
             f"ASHA sees a trial's first fold-mean only when its last fold has trained an epoch{advice}")
 
 
+# The share of a GPU's memory that `--trials-per-gpu auto` fills with measured workers; the rest
+# is for what the measurement does not see: fragmentation and validation's batches.
+GPU_MEMORY_FILL = 0.85
+
+
+def gpu_share(trials_per_gpu: int) -> float:
+    """A worker's GPU fraction when `trials_per_gpu` workers share each GPU, rounded down to
+    Ray's resolution (0.0001) so that all of them fit."""
+    return math.floor(10_000 / trials_per_gpu) / 10_000
+
+
+def fit_on_gpu(peaks: dict[str, int], total: int) -> int:
+    """How many workers of the hungriest backbone in `peaks` (bytes each) fit on a GPU of
+    `total` bytes."""
+    model, peak = max(peaks.items(), key=lambda item: item[1])
+    count = math.floor(GPU_MEMORY_FILL * total / peak)
+    if count < 1:
+        raise SearchError(
+            f"--trials-per-gpu auto: {model} takes {peak / 2**30:.1f} GiB at the space's largest settings, more than "
+            f"{GPU_MEMORY_FILL:.0%} of the GPU's {total / 2**30:.1f} GiB; lower the space's batch_size"
+        )
+    return count
+
+
+def _gpu_memory(configs: list, meta: dict) -> dict:
+    """Runs on a GPU node (`measure_gpu_memory`)."""
+    import torch
+
+    from defect_tune.train import training_memory
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"node {ray.util.get_node_ip_address()} offers Ray a GPU, but torch sees no CUDA device")
+    device = torch.device("cuda")
+    properties = torch.cuda.get_device_properties(device)
+    peaks = {config.model: training_memory(config, meta, device) for config in configs}
+    return {"gpu": properties.name, "total": properties.total_memory, "peaks": peaks,
+            "batch_size": configs[0].batch_size}
+
+
+def measure_gpu_memory(space: SearchSpace, meta: dict, timeout: float = 900.0) -> dict:
+    """Each backbone's peak memory at the space's largest settings (`largest_configs`), measured
+    on one whole GPU of the cluster before any trial takes one (where an autoscaler adds GPU
+    nodes, on the first one it adds: hence the long `timeout`)."""
+    task = ray.remote(num_gpus=1, num_cpus=1, max_retries=0)(_gpu_memory).remote(space.largest_configs(), meta)
+    try:
+        return ray.get(task, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(task, force=True)
+        raise SearchError(f"--trials-per-gpu auto: no whole GPU came free within {timeout:g} s to measure the "
+                          "backbones on; pass --trials-per-gpu N") from None
+    except ray.exceptions.RayTaskError as error:
+        raise SearchError(f"--trials-per-gpu auto: measuring the backbones failed: {error.cause!r}") from None
+
+
+def gpus_for_workers(options: SearchOptions, space: SearchSpace, meta: dict, resources: dict,
+                     console: Console) -> tuple[float, dict | None]:
+    """Each worker's GPU share (`--gpus-per-worker`, or from `--trials-per-gpu`), and what
+    `--trials-per-gpu auto` measured."""
+    if options.trials_per_gpu is None:
+        if resources.get("GPU", 0) and not options.gpus_per_worker:
+            console.print(f"note: the cluster has {resources['GPU']:g} GPU(s) and trials use none; --trials-per-gpu auto "
+                          "trains on them", highlight=False, markup=False, soft_wrap=True)
+        return options.gpus_per_worker, None
+    if not resources.get("GPU", 0) and not options.max_concurrent:  # --max-concurrent: an autoscaler adds them
+        raise SearchError(f"--trials-per-gpu {options.trials_per_gpu}: the cluster has no GPUs (where an autoscaler "
+                          "adds GPU nodes as trials wait, pass --max-concurrent)")
+    if options.trials_per_gpu != "auto":
+        return gpu_share(options.trials_per_gpu), None
+    console.print("--trials-per-gpu auto: measuring the space's backbones on one GPU", highlight=False, markup=False)
+    measured = measure_gpu_memory(space, meta)
+    measured["trials_per_gpu"] = count = fit_on_gpu(measured["peaks"], measured["total"])
+    sizes = ", ".join(f"{model} {peak / 2**30:.1f} GiB" for model, peak in measured["peaks"].items())
+    console.print(f"--trials-per-gpu auto: {count} per GPU ({measured['gpu']}, {measured['total'] / 2**30:.0f} GiB; "
+                  f"at batch {measured['batch_size']}: {sizes})", highlight=False, markup=False, soft_wrap=True)
+    return gpu_share(count), measured
+
+
+def check_gpu_options(options: SearchOptions) -> None:
+    """Refuse `--trials-per-gpu` values that cannot work, before Ray starts."""
+    value = options.trials_per_gpu
+    if value is None:
+        return
+    if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise SearchError(f"--trials-per-gpu takes a positive number of workers per GPU or auto, got {value!r}")
+    if options.gpus_per_worker:
+        raise SearchError(f"--trials-per-gpu {value} sets each worker's GPU share; drop --gpus-per-worker "
+                          f"{options.gpus_per_worker:g}")
+
+
 def wait_for_release(total: dict, timeout: float = 60.0) -> dict:
     """Free resources once the sweep's trials have let go of theirs (Train's placement groups
     are removed asynchronously after a trial ends), or what is still taken after `timeout`."""
@@ -339,6 +432,7 @@ def _storage(options: SearchOptions, out: Path) -> str:
 def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     """Run (or resume) a sweep; write the leaderboard and best config; return a summary."""
     console = console or Console(stderr=True)
+    check_gpu_options(options)
     space = load_space(options.space)
     if options.num_samples is not None:
         space = SearchSpace(**{**space.__dict__, "num_samples": options.num_samples})
@@ -369,6 +463,8 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         start_data_stats_actor()
         reports = start_report_post()  # trials hand their reports on through it; it lives while this handle does
         resources = ray.cluster_resources()
+        gpus_per_worker, gpu_memory = gpus_for_workers(options, space, meta, resources, console)
+        options = dataclasses.replace(options, gpus_per_worker=gpus_per_worker)
         concurrent = trials_at_once(resources, options, cv)
         setup = TrialSetup(
             data_dir=data_location(options.data), meta=meta, space=space, storage_path=storage,
@@ -425,11 +521,12 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     finally:
         ray.shutdown()
     cv_record = {"folds": cv, "seed": fold_seed} if cv else None
-    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv_record)
+    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv_record,
+                         gpu_memory)
 
 
 def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
-                  seconds: float, free: dict, total: dict, cv: dict | None = None) -> dict:
+                  seconds: float, free: dict, total: dict, cv: dict | None = None, gpu_memory: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
@@ -441,6 +538,8 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         "cv": cv,  # {"folds", "seed"} of a cross-validated sweep
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
         "resources_total": total, "resources_free_at_end": free, "versions": package_versions(),
+        "worker": {"per_trial": options.workers_per_trial, "cpus": options.cpus_per_worker, "gpus": options.gpus_per_worker},
+        "gpu_memory": gpu_memory,  # what --trials-per-gpu auto measured
     }
     # Every trial's full training config, so `export --rank k` never needs the space file again.
     configs = {}

@@ -82,6 +82,25 @@ class SearchSpace:
         """The full training config of a trial: fixed values, the sampled ones, the epoch budget."""
         return load_config(None, {**self.fixed, **sampled, "epochs": self.max_epochs})
 
+    def values_of(self, key: str) -> list:
+        """What `key` can be in this space's trials: a choice's values, a range's bounds, or its
+        one fixed (or default) value."""
+        for p in self.params:
+            if p.name == key:
+                return list(p.values)
+        return [self.fixed.get(key, TrainConfig.model_fields[key].default)]
+
+    def largest_configs(self) -> list[TrainConfig]:
+        """One config per backbone this space can train, each with the settings that take the
+        most GPU memory (the largest batch, CBAM and the MLP head where searched), whatever
+        `when` conditions would allow: what `search --trials-per-gpu auto` measures."""
+        worst = {key: max(self.values_of(key), key=rank) for key, rank in _MEMORY_RANK.items()}
+        return [self.config_for({**worst, "model": model}) for model in dict.fromkeys(self.values_of("model"))]
+
+
+# The keys that set a training worker's GPU memory besides the backbone, and which value needs most.
+_MEMORY_RANK = {"batch_size": float, "head_hidden": float, "cbam": bool, "head": lambda head: head == "mlp"}
+
 
 class DefineByRun:
     """Picklable define-by-run function for `OptunaSearch` (Tune pickles the searcher for

@@ -13,6 +13,7 @@ runtime-env agent writes a runtime_env verbatim to its log), nor into a config, 
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -174,7 +175,7 @@ def wandb_callbacks(project: str | None, sweep: str, out: Path, space, meta: dic
     if not project:
         return []
     try:
-        import wandb  # noqa: F401
+        importlib.import_module("wandb")  # a missing or broken install fails here, not in every trial
     except ImportError as error:
         raise TrackingError(f"--wandb needs the wandb package (pip install 'wandb==0.31.0'): {error}") from None
     mode = wandb_mode(os.environ, _stored_login)

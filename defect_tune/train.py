@@ -232,6 +232,37 @@ def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig, cla
     return row
 
 
+# Device memory a CUDA process holds outside torch's allocator: its context and the kernels
+# loaded into it (lazily since CUDA 11.7). The process cannot see it without NVML; on recent GPUs
+# with torch 2.x it is about half a GiB.
+CUDA_CONTEXT_BYTES = 2**29
+
+
+def training_steps(config: TrainConfig, meta: dict, device: torch.device, steps: int = 3) -> dict:
+    """`steps` training steps of `config` on random images of the data's size at its batch size,
+    backbone trainable: what a worker's training asks of the device's memory, without the data.
+    Returns the epoch's row and the model's `parameter_counts`."""
+    parts = build_parts(config, meta, steps, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (config.batch_size, 1, meta["image"]["height"], meta["image"]["width"])
+    batches = [(torch.randn(shape, generator=generator),
+                torch.randint(0, 2, (config.batch_size, len(meta["classes"])), generator=generator))
+               for _ in range(steps)]
+    row = train_one_epoch(parts, config, batches, config.freeze_epochs, np.random.default_rng(config.seed), finish_on_nonfinite=True)
+    return {**row, **parameter_counts(parts.model)}
+
+
+def training_memory(config: TrainConfig, meta: dict, device: torch.device) -> int:
+    """The device memory (bytes) a GPU worker training `config` takes at its peak: the allocator's
+    peak over `training_steps`, plus `CUDA_CONTEXT_BYTES`."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    training_steps(config, meta, device)
+    peak = torch.cuda.max_memory_reserved(device)
+    torch.cuda.empty_cache()
+    return peak + CUDA_CONTEXT_BYTES
+
+
 class _Images(Dataset):
     """Stored uint8 images, augmented per item; collated to normalised tensors."""
 

@@ -37,11 +37,18 @@ def test_prepare_errors_exit_2_with_the_reason(small_voc, tmp_path):
     assert result.returncode == 2 and "three fractions" in result.stderr
 
 
-def test_search_refuses_a_cv_that_is_not_a_fold_count_before_starting_ray(synthetic_data, tmp_path):
-    for value, message in (("five", "--cv takes a number of folds or auto, got 'five'"), ("1", "--cv must be 0")):
-        result = defect_tune("search", "--data", synthetic_data, "--cv", value, "--out", tmp_path / value)
+def test_search_refuses_counts_that_cannot_work_before_starting_ray(synthetic_data, tmp_path):
+    for index, (args, message) in enumerate((
+        (["--cv", "five"], "--cv takes a number of folds or auto, got 'five'"),
+        (["--cv", "1"], "--cv must be 0"),
+        (["--trials-per-gpu", "four"], "--trials-per-gpu takes a number of workers per GPU or auto, got 'four'"),
+        (["--trials-per-gpu", "0"], "--trials-per-gpu takes a positive number of workers per GPU or auto, got 0"),
+        (["--trials-per-gpu", "4", "--gpus-per-worker", "0.5"], "--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.5"),
+    )):
+        out = tmp_path / str(index)
+        result = defect_tune("search", "--data", synthetic_data, *args, "--out", out)
         assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and not (tmp_path / value).exists()
+        assert "Traceback" not in result.stderr and not out.exists()
 
 
 def test_search_checks_the_sweep_name_before_starting_ray(synthetic_data, tmp_path):

@@ -17,8 +17,10 @@ import pandas as pd
 import pytest
 
 from defect_tune.leaderboard import build_leaderboard, error_reason
-from defect_tune.search import (LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions, bundled_spaces,
-                                folds_side_by_side, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once)
+from defect_tune.search import (GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions,
+                                bundled_spaces, check_gpu_options, fit_on_gpu, folds_side_by_side, gpu_share, gpus_for_workers,
+                                refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once,
+                                wait_for_release)
 from defect_tune.post import ReportPost
 from defect_tune.space import DefineByRun, SpaceError, load_space
 from defect_tune.trial import diverged_report
@@ -53,6 +55,99 @@ def test_a_cross_validated_trial_reserves_its_folds_or_lets_them_take_turns():
     note = folds_side_by_side({"CPU": 2}, options(cpus_per_worker=0.5), 5)
     assert "5 folds need 2.5 CPUs, more than the 1 left for workers" in note and "--cpus-per-worker 0.2 runs them side by side" in note
     assert folds_side_by_side({"CPU": 16}, options(cpus_per_worker=1), 5) is None
+
+
+def test_trials_per_gpu_sets_each_workers_share_so_that_they_all_fit():
+    for count in (1, 2, 3, 4, 7, 12, 16, 30):
+        share = gpu_share(count)
+        assert count * share <= 1 and (count + 1) * share > 1  # exactly `count` fit on a GPU, no more
+        assert trials_at_once({"CPU": 64, "GPU": 2}, options(gpus_per_worker=share)) == 2 * count
+    assert gpu_share(3) == 0.3333
+
+
+def test_auto_fits_the_hungriest_backbone_in_the_gpus_memory_or_says_which_does_not_fit():
+    gib = 2**30
+    assert fit_on_gpu({"resnet18": 3 * gib, "efficientnet_b0": 5 * gib}, 80 * gib) == math.floor(GPU_MEMORY_FILL * 80 / 5)
+    assert fit_on_gpu({"resnet18": 3 * gib}, 16 * gib) == 4
+    with pytest.raises(SearchError, match=r"convnext_tiny takes 20\.0 GiB at the space's largest settings, more than 85% of "
+                                          r"the GPU's 16\.0 GiB; lower the space's batch_size"):
+        fit_on_gpu({"resnet18": 3 * gib, "convnext_tiny": 20 * gib}, 16 * gib)
+
+
+def test_trials_per_gpu_values_that_cannot_work_are_refused_before_ray_starts():
+    check_gpu_options(options(trials_per_gpu="auto"))
+    check_gpu_options(options(trials_per_gpu=4))
+    for value in (0, -2, "four", True):
+        with pytest.raises(SearchError, match=f"--trials-per-gpu takes a positive number of workers per GPU or auto, got {value!r}"):
+            check_gpu_options(options(trials_per_gpu=value))
+    with pytest.raises(SearchError, match="--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.25"):
+        check_gpu_options(options(trials_per_gpu=4, gpus_per_worker=0.25))
+
+
+def test_the_memory_measured_for_auto_is_each_backbone_at_the_spaces_largest_settings(tmp_path, synthetic_data):
+    import torch
+
+    from defect_tune.data import read_meta
+    from defect_tune.train import training_steps
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "num_samples: 4\nmax_epochs: 2\nfixed: {augment: light}\n"
+        "params:\n"
+        "  model: {choice: [el_cnn, resnet18, el_cnn]}\n"
+        "  batch_size: {choice: [32, 8, 16]}\n"
+        "  cbam: {choice: [false, true]}\n"
+        "  head: {choice: [linear, mlp]}\n"
+        "  head_hidden: {int: [16, 48], when: {head: mlp}}\n"
+        "  freeze_epochs: {choice: [0, 1]}\n"
+    )
+    configs = load_space(path).largest_configs()
+    assert [c.model for c in configs] == ["el_cnn", "resnet18"]
+    assert {(c.batch_size, c.cbam, c.head, c.head_hidden) for c in configs} == {(32, True, "mlp", 48)}
+    fixed = load_space(QUICK).largest_configs()  # a space that searches none of them keeps its own values
+    assert [(c.model, c.batch_size, c.cbam) for c in fixed] == [(m, 64, False) for m in load_space(QUICK).values_of("model")]
+
+    # What the GPU measurement runs, run here on the CPU: the largest settings build and train,
+    # on images of the data's size, with the backbone trainable even in a trial that freezes it.
+    meta = read_meta(synthetic_data)
+    for config in configs:
+        config = config.model_copy(update={"freeze_epochs": 1})
+        row = training_steps(config, meta, torch.device("cpu"), steps=2)
+        assert math.isfinite(row["train_loss"]) and "nonfinite" not in row
+        assert row["trainable"] == row["total"]
+
+
+def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, monkeypatch):
+    """On a cluster that offers Ray a GPU; this machine has none for torch, so the measurement
+    that runs on it says so, naming the node."""
+    import io
+
+    import ray
+    from rich.console import Console
+
+    from defect_tune.data import read_meta
+
+    space, meta = load_space(QUICK), read_meta(synthetic_data)
+    console = Console(file=io.StringIO(), width=200)
+    with pytest.raises(SearchError, match=r"--trials-per-gpu auto: the cluster has no GPUs \(where an autoscaler adds GPU "
+                                          r"nodes as trials wait, pass --max-concurrent\)"):
+        gpus_for_workers(options(trials_per_gpu="auto"), space, meta, {"CPU": 2}, console)
+    assert gpus_for_workers(options(trials_per_gpu=4, max_concurrent=16), space, meta, {"CPU": 2}, console) == (0.25, None)
+    assert gpus_for_workers(options(), space, meta, {"CPU": 2}, console) == (0.0, None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        resources = ray.cluster_resources()
+        assert gpus_for_workers(options(), space, meta, resources, console) == (0.0, None)
+        assert "the cluster has 1 GPU(s) and trials use none; --trials-per-gpu auto trains on them" in console.file.getvalue()
+        assert gpus_for_workers(options(trials_per_gpu=4), space, meta, resources, console) == (0.25, None)
+        with pytest.raises(SearchError, match=r"--trials-per-gpu auto: measuring the backbones failed: .*RuntimeError\(.node "
+                                              r"[0-9.]+ offers Ray a GPU, but torch sees no CUDA device"):
+            gpus_for_workers(options(trials_per_gpu="auto"), space, meta, resources, console)
+        free = wait_for_release(resources, timeout=30)
+        assert (free.get("GPU"), free.get("CPU")) == (1, 2)  # the measurement gave its GPU and CPU back
+    finally:
+        ray.shutdown()
 
 
 def meta_with_val(**positives):

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "bench_train_poll.py": "train_poll.md",
     "bench_worker_pool.py": "worker_pool.md",
     "bench_trial_cpu.py": "trial_cpu.md",
+    "bench_augment.py": "augment.md",
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from defect_tune.augment import PRESETS, augment_batch, build_augmentation, mixup, parse_augment
+from defect_tune.augment import PRESETS, TRANSFORMS, augment_batch, build_augmentation, mixup, parse_augment
 
 
 def test_presets_and_joined_names():
@@ -34,6 +34,20 @@ def test_augmentation_is_seeded():
     c = augment_batch(build_augmentation("heavy", (32, 32), seed=4), images)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert not np.array_equal(a, images)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_every_transform_changes_a_textured_image_when_it_fires(name):
+    """Each transform, made to fire, changes a textured frame by at least 2 grey levels on
+    average: none is configured into a no-op (as `elastic` was with albumentations' defaults)."""
+    side = 64
+    y, x = np.mgrid[0:side, 0:side]
+    texture = np.sin(x / 3.0) * np.cos(y / 5.0) * 50 + 100 + np.random.default_rng(0).normal(0, 10, (side, side))
+    image = np.clip(texture, 0, 255).astype(np.uint8)
+    pipeline = build_augmentation(name, (side, side), seed=0)
+    pipeline.transforms[0].p = 1.0
+    changes = [np.abs(augment_batch(pipeline, image[None])[0].astype(float) - image).mean() for _ in range(5)]
+    assert np.mean(changes) > 2.0
 
 
 @pytest.mark.parametrize("side", [64, 224])

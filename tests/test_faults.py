@@ -109,3 +109,43 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
     # Retried from its last checkpoint: every epoch reported once, in order, none trained twice.
     assert _progress(experiment, KILL_LR)["epoch"].tolist() == [1, 2, 3]
     assert not psutil.pid_exists(killed)
+
+
+def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other_folds(synthetic_data, tmp_path, monkeypatch):
+    """Under --cv a configuration whose loss turns NaN on one fold ends its trial with that fold's
+    reason, trained once; the trial's other fold stops with it rather than training on beside
+    the next trial, and the sweep goes on and gives every CPU back."""
+    out, epochs = tmp_path / "out", 4
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        f"num_samples: 2\nmax_epochs: {epochs}\nasha: {{grace_period: {epochs}, reduction_factor: 2}}\n"
+        # Batches of 32: a fold trains on about 170 images, so the poisoned 4th loss is epoch 1's 4th batch.
+        "fixed: {model: el_cnn, batch_size: 32, augment: light, warmup_epochs: 0, early_stopping_patience: 0}\n"
+        "params:\n  lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
+        f"points_to_evaluate:\n  - {{name: diverges, params: {{lr: {NAN_LR}}}}}\n  - {{name: fine, params: {{lr: 1.0e-3}}}}\n"
+    )
+    nan_runs = tmp_path / "nan_runs.txt"
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_LR", str(NAN_LR))
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_FOLD", "1")
+    monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_RUNS", str(nan_runs))
+    result = subprocess.run(
+        search_command("--data", synthetic_data, "--space", space, "--name", "cvnan", "--out", out, "--cv", 2,
+                       "--max-concurrent", 1, "--cpus-per-worker", 0.5, "--max-failures", 1),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    board = pd.read_csv(out / "leaderboard.csv").set_index("seed_point")
+    diverged, fine = board.loc["diverges"], board.loc["fine"]
+    assert diverged["status"] == "error" and diverged["error"] == "fold 1: NonFiniteLoss: epoch 1, batch 4: training loss is nan"
+    assert len(nan_runs.read_text().splitlines()) == 1  # fold 1 was trained once: a divergence is not retried
+    reported = _progress(out / "tune" / "cvnan", NAN_LR)
+    assert reported["epoch"].tolist() == [1] and reported["val_guarded_macro_recall"].tolist() == [0.0]
+    assert fine["stop_reason"] == "completed" and fine["epochs"] == epochs
+    # Fold 0 of the diverged trial kept its held-out predictions per epoch while it trained. It
+    # stopped with its trial: on through the next trial's four epochs, it would have kept four.
+    kept = sorted(p.parent.name for p in (out / "tune" / "train").glob(f"cvnan-{diverged['trial_id']}-folds/epoch_*/fold0.npz"))
+    assert len(kept) < epochs, kept
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]

@@ -6,7 +6,8 @@ fourth batch: the real loss times NaN, so the real training loop's own check fai
 as a diverging configuration would. Nothing changes for any other trial or process. Each time
 that trial's loss is built (once per training run of it, retries included), a line is appended
 to the file DEFECT_TUNE_TEST_NAN_RUNS names. With DEFECT_TUNE_TEST_NAN_RANK, only that Train
-worker's loss is poisoned.
+worker's loss is poisoned; with DEFECT_TUNE_TEST_NAN_FOLD, only that fold's (a `--cv` trial's
+Train run named `...-fold<N>`).
 """
 
 import importlib.abc
@@ -40,6 +41,11 @@ def _poison(module) -> None:
             import ray.train
 
             if ray.train.get_context().get_world_rank() != int(os.environ["DEFECT_TUNE_TEST_NAN_RANK"]):
+                return loss
+        if os.environ.get("DEFECT_TUNE_TEST_NAN_FOLD"):  # only this fold's Train run
+            import ray.train
+
+            if not ray.train.get_context().get_experiment_name().endswith(f"-fold{os.environ['DEFECT_TUNE_TEST_NAN_FOLD']}"):
                 return loss
         with open(os.environ["DEFECT_TUNE_TEST_NAN_RUNS"], "a") as runs:
             runs.write(f"{os.getpid()}\n")

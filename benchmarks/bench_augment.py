@@ -29,13 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import emit, machine
+from common import emit, machine, neu_det_or_synthetic
 from defect_tune.augment import PRESETS, TRANSFORMS, build_augmentation
 from defect_tune.data import load_split, read_meta
-from defect_tune.prepare import PrepareOptions, prepare
 from defect_tune.trial import _kept_batches
 
-NEU_DET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
 BATCH = 64
 
 
@@ -57,15 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dt-augment-") as tmp:
-        data, described = args.data, str(args.data)
-        if data is None:
-            data = Path(tmp) / "data"
-            if (NEU_DET / "Annotations").is_dir():
-                prepare(PrepareOptions(source=NEU_DET, format="voc", out=data, image_size=224, workers=os.cpu_count()))
-                described = "NEU-DET, 224 px"
-            else:
-                prepare(PrepareOptions(source=Path(tmp) / "voc", format="synthetic", out=data, image_size=64, workers=1))
-                described = "synthetic, 64 px"
+        data, described = neu_det_or_synthetic(args.data, Path(tmp))
         images, labels, _ = load_split(data, "train", read_meta(data))
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, whatever threads libraries start

@@ -27,9 +27,8 @@ from defect_tune.config import load_config
 from defect_tune.data import data_file, load_split, read_meta, to_tensor
 from defect_tune.ingest import build_datasets
 
-from common import emit, machine
+from common import emit, machine, neu_det_or_synthetic
 
-NEU_DET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
 BATCH = 64
 
 
@@ -87,17 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dt-ingest-") as tmp:
-        data, described = args.data, str(args.data)
-        if data is None:
-            from defect_tune.prepare import PrepareOptions, prepare
-
-            data = Path(tmp) / "data"
-            if (NEU_DET / "Annotations").is_dir():
-                prepare(PrepareOptions(source=NEU_DET, format="voc", out=data, image_size=224, workers=os.cpu_count()))
-                described = "NEU-DET, 224 px"
-            else:
-                prepare(PrepareOptions(source=Path(tmp) / "voc", format="synthetic", out=data, image_size=64, workers=1))
-                described = "synthetic, 64 px"
+        data, described = neu_det_or_synthetic(args.data, Path(tmp))
         meta = read_meta(data)
         images = meta["splits"]["train"]["images"]
         x_uint8, y, _ = load_split(data, "train", meta)

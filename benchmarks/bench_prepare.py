@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common import NEU_DET
 from defect_tune.prepare import PrepareOptions, prepare
 from defect_tune.readers import read_voc
 from defect_tune.synthetic import SyntheticSpec, generate_voc
-
-NEU_DET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
 
 
 def plain_loop(paths: list[Path], size: int) -> float:

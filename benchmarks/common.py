@@ -27,6 +27,22 @@ def each(runs: list[dict], key: str, fmt: str) -> str:
     return " / ".join("n/a" if run[key] is None else f"{run[key]:{fmt}}" for run in runs)
 
 
+NEU_DET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
+
+
+def neu_det_or_synthetic(data: Path | None, scratch: Path) -> tuple[Path, str]:
+    """`data` when given; else NEU-DET at 224 px prepared into `scratch` from ../shared/datasets
+    when it is there, else the synthetic set at 64 px. With a description for the table."""
+    if data is not None:
+        return data, str(data)
+    if not (NEU_DET / "Annotations").is_dir():
+        return data_or_synthetic(None, scratch), "synthetic, 64 px"
+    from defect_tune.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(source=NEU_DET, format="voc", out=scratch / "data", image_size=224, workers=os.cpu_count()))
+    return scratch / "data", "NEU-DET, 224 px"
+
+
 def data_or_synthetic(data: Path | None, scratch: Path) -> Path:
     """`data` (a `prepare` output) when given; else the embedded synthetic set at 64 px, prepared into `scratch`."""
     if data is not None:

@@ -166,6 +166,7 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert len(board) == 1 and board["stop_reason"].tolist() == ["completed"]
         summary = json.loads((tmp_path / "again" / "sweep.json").read_text())
         assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
+        assert summary["worker"] == {"per_trial": 1, "cpus": 0.5, "gpus": 0.0} and summary["gpu_memory"] is None
         assert "each on 2 folds of train+val" in again.stderr
         assert_tune_received_the_fold_mean(tmp_path / "again", "again", synthetic_data, folds=2)
     finally:

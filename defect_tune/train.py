@@ -233,8 +233,8 @@ def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig, cla
 
 
 # Device memory a CUDA process holds outside torch's allocator: its context and the kernels
-# loaded into it (lazily since CUDA 11.7). The process cannot see it without NVML; on recent GPUs
-# with torch 2.x it is about half a GiB.
+# loaded into it (lazily since CUDA 11.7). The process cannot see it without NVML, so this is an
+# allowance, not a measurement: no GPU was at hand when it was written (2026-12-01).
 CUDA_CONTEXT_BYTES = 2**29
 
 

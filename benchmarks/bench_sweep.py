@@ -102,18 +102,26 @@ class GpuBusy(Sampler):
     period = 0.2
 
     def __init__(self):
-        import pynvml
-
         super().__init__()
-        pynvml.nvmlInit()
-        self.nvml, self.handle, self.samples = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0), []
+        self.samples = []
+        try:  # nvidia-ml-py; without it the sweep is still measured (a GPU run is too dear to lose)
+            import pynvml
 
-    def sample(self) -> None:
+            pynvml.nvmlInit()
+            self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as error:  # noqa: BLE001 - ImportError, or NVML's own errors
+            print(f"GPU busy fraction not measured: {error!r}", flush=True)
+            self.handle = None
+
+    def sample(self) -> bool | None:
+        if self.handle is None:
+            return False
         self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+        return None
 
     @property
-    def fraction(self) -> float:
-        return statistics.fmean(self.samples) / 100 if self.samples else float("nan")
+    def fraction(self) -> float | None:
+        return statistics.fmean(self.samples) / 100 if self.samples else None
 
 
 def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scratch: Path, extra: list[str],

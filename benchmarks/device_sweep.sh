@@ -12,7 +12,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .device-pkgs \
 #     optuna==5.0.0 alembic==1.20.1 sqlalchemy==2.1.9 mako==1.4.3 colorlog==6.12.0 greenlet \
-#     albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16 iterative-stratification==0.1.9
+#     albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16 iterative-stratification==0.1.9 \
+#     nvidia-ml-py
 # then the device run, carrying .device-pkgs:   bash benchmarks/device_sweep.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/dt-device-out}"

@@ -72,7 +72,7 @@ def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int]) -> 
 def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta: bool = False,
                    device: str = "auto") -> pd.DataFrame:
     """One row per image: path, tiles, prob/<class>, pred/<class>, defects, error."""
-    from defect_tune.train import pick_device
+    from defect_tune.engine import pick_device
 
     target = pick_device(device)
     model, info = load_model(model_dir, target)

@@ -33,16 +33,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defect_tune.class_stats import ClassCounts
-from defect_tune.config import TrainConfig, validate_config
 from defect_tune.data import MEAN, STD, check_shards, data_location, load_split, read_meta
 from defect_tune.export import package_versions, read_export
 from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
 from defect_tune.models import build_model
 from defect_tune.search import SearchError, start_ray
-from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION, build_parts, make_loader, pick_device, predict
+from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig, validate_config
+from defect_tune.engine import build_parts, pick_device, predict
+from defect_tune.train import make_loader
 from defect_tune.ingest import build_datasets, data_tasks_at_once
 from defect_tune.leaderboard import error_reason
-from defect_tune.trial import CHECKPOINT_FILE, dataset_config, train_loop_per_worker
+from defect_tune.trial import dataset_config, train_loop_per_worker
+from defect_tune.worker import CHECKPOINT_FILE
 
 HOLDOUTS = ("val", "none")
 WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"

@@ -8,28 +8,22 @@ https://github.com/ray-project/ray/issues/54305 for the placement-group side).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from defect_tune.config import OBJECTIVE, PREDICTIONS_FILE, TrainConfig
 from defect_tune.data import filesystem_for
 from defect_tune.ingest import build_datasets, data_tasks_at_once
 from defect_tune.post import trial_mailbox
-
-CHECKPOINT_FILE = "model.pt"
 
 # How often a trial's Train controller polls its workers (Ray's default: 2 s). A worker's
 # `report` waits until the controller has taken the one before it, and the controller notices
@@ -58,43 +52,6 @@ class TrialSetup:
     keep_train_bytes: float = 0  # a worker's train shard up to this size is kept in memory; 0: streamed every epoch
 
 
-def _batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None, pipeline=None,
-             as_uint8: bool = False, keep: list | None = None):
-    """(images, labels) batches from a Dataset shard: normalised tensors, or the stored uint8
-    images and float labels as numpy (`as_uint8`, 4x smaller to keep). With `keep`, every
-    batch's uint8 images and labels, before augmentation, are appended to it."""
-    import torch
-
-    from defect_tune.augment import augment_batch
-    from defect_tune.data import to_tensor
-
-    buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
-    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
-                                       local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if shuffle else None):
-        labels = np.ascontiguousarray(batch["labels"])
-        if keep is not None:
-            keep.append((batch["image"], labels))
-        if drop_last and len(labels) < batch_size:
-            continue  # read (and kept) all the same: a kept shard is the whole shard
-        images = batch["image"] if pipeline is None else augment_batch(pipeline, batch["image"])
-        yield (images, labels) if as_uint8 else (to_tensor(images), torch.from_numpy(labels))
-
-
-def _kept_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, drop_last: bool, rng: np.random.Generator,
-                  pipeline=None):
-    """Batches of a shard kept in memory, in a new random order: what `_batches` gives, without
-    Ray Data running the shard's read and decode again."""
-    import torch
-
-    from defect_tune.augment import augment_batch
-    from defect_tune.data import to_tensor
-
-    order = rng.permutation(len(labels))
-    for start in range(0, len(order) - batch_size + 1 if drop_last else len(order), batch_size):
-        index = order[start:start + batch_size]
-        yield to_tensor(augment_batch(pipeline, images[index])), torch.from_numpy(labels[index])
-
-
 def keeps_train(meta: dict, workers: int, limit_bytes: float, train_splits: tuple[str, ...] = ("train",)) -> bool:
     """Whether each worker's train shard (stored uint8 images) fits `limit_bytes`."""
     image = meta["image"]
@@ -103,177 +60,29 @@ def keeps_train(meta: dict, workers: int, limit_bytes: float, train_splits: tupl
     return per_worker <= limit_bytes
 
 
-def _noting_first(batches, times: list[float]):
-    """`batches`, appending the time the first one arrived to `times`."""
-    for batch in batches:
-        if not times:
-            times.append(time.time())
-        yield batch
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`).
+    """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`):
+    `worker.run`, the engine's epochs fed from this worker's shard.
 
     loop_config: `config`, `meta`; for production retraining also `stop_after` (train this many
     epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
-    objective and no early stopping) and `reproducible` (augment here, seeded by epoch and rank);
-    for sweeps `trial_started_s`, the trial function's start, and `datasets_built_s`, when the
-    trial had built its Datasets and was about to start this run (Unix times), from which rank 0
-    reports where the trial's start-up went (`startup/*`, seconds, in disjoint parts) with every
-    epoch, and
+    objective and no early stopping), `reproducible` (augment here, seeded by epoch and rank) and
+    `train_splits`; for sweeps `trial_started_s`, the trial function's start, and
+    `datasets_built_s`, when the trial had built its Datasets and was about to start this run
+    (Unix times), from which rank 0 reports where the trial's start-up went (`startup/*`), and
     `keep_train`: keep this worker's train shard in memory after its first epoch and augment
-    here (each epoch otherwise runs the shard's Ray Data read and decode again: seconds before
-    its first batch, measured in results/benchmarks/sweep_efficiency_h200.md), and `diverged`:
+    here (each epoch otherwise runs the shard's Ray Data read and decode again), and `diverged`:
     when the training loss turns non-finite on any worker, report this (the objective's worst
     value, with the loss named under `diverged`) once and end, where retraining raises.
 
-    The training core is imported here, in the worker, not at the top of this module: the trial's
+    The worker module is imported here, in the worker, not at the top of this module: the trial's
     other processes (Tune's trial actor, Train's controller) unpickle this function too, and
-    importing timm, albumentations and scikit-learn there cost each of them about 10 s of CPU.
+    importing torch, timm, albumentations and scikit-learn there costs each of them seconds of CPU.
     """
     loop_started = time.time()
-    import ray.train.torch
-    import torch
+    from defect_tune import worker
 
-    from defect_tune.augment import build_augmentation
-    from defect_tune.data import to_tensor
-    from defect_tune.train import (EarlyStopping, NonFiniteLoss, build_parts, predict, score_epoch, seed_everything,
-                                   train_one_epoch)
-
-    config = TrainConfig.model_validate(loop_config["config"])
-    meta = loop_config["meta"]
-    stop_after = loop_config.get("stop_after", config.epochs)
-    validate = loop_config.get("validate", True)
-    reproducible = loop_config.get("reproducible", False)
-    diverged = loop_config.get("diverged")  # sweeps: what a diverged trial reports; None: it raises
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    seed_everything(config.seed)  # same initial weights on every worker; DDP keeps them in step
-    if reproducible:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no deterministic version
-    train_images = sum(meta["splits"][split]["images"] for split in loop_config.get("train_splits", ("train",)))
-    per_worker = train_images // world
-    drop_last = per_worker > config.batch_size
-    steps = max(per_worker // config.batch_size if drop_last else 1, 1)
-    parts = build_parts(config, meta, steps, ray.train.torch.get_device())
-    parts.net = ray.train.torch.prepare_model(
-        parts.model, parallel_strategy_kwargs={"find_unused_parameters": config.freeze_epochs > 0}
-    )
-    model_ready = time.time()
-    stopper = EarlyStopping(config.early_stopping_patience)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a retried or resumed trial continues after its last epoch
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        start = state["epoch"]
-        stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
-        if (start >= stop_after or stopper.should_stop) and "metrics_json" in state:
-            # Its last epoch was checkpointed, but the driver died before Tune recorded it: report
-            # that epoch again (with its checkpoint), or the resumed trial would end with no result.
-            ray.train.report(json.loads(state["metrics_json"]) if rank == 0 else {},
-                             checkpoint=checkpoint if rank == 0 else None)
-            return
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        if parts.scheduler is not None:
-            parts.scheduler.load_state_dict(state["scheduler"])
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val") if validate else None
-    val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled
-    shape = (meta["image"]["height"], meta["image"]["width"])
-    rng = np.random.default_rng(config.seed + rank)
-    node = ray.get_runtime_context().get_node_id()
-    timing: dict = {}
-    if "trial_started_s" in loop_config:
-        built = loop_config.get("datasets_built_s", loop_config["trial_started_s"])
-        timing = {"trial_started_s": loop_config["trial_started_s"],
-                  "startup/datasets_s": built - loop_config["trial_started_s"],
-                  "startup/trainer_s": loop_started - built,
-                  "startup/model_s": model_ready - loop_started}
-    first_batch: list[float] = []
-    keep_train = loop_config.get("keep_train", False)
-    kept: list | None = [] if keep_train else None  # this worker's shard, filled by its first epoch here
-    shard: tuple[np.ndarray, np.ndarray] | None = None  # ... and after it, as (images, labels)
-    for epoch in range(start, stop_after):
-        epoch_started = time.time()
-        pipeline = None
-        if reproducible:
-            pipeline = build_augmentation(config.augment, shape, config.seed + 1000 * epoch + rank)
-        elif keep_train:
-            pipeline = build_augmentation(config.augment, shape, int(rng.integers(2**32)))
-        if shard is not None:
-            batches = _kept_batches(*shard, config.batch_size, drop_last, rng, pipeline)
-        else:
-            batches = _batches(train_shard, config.batch_size, drop_last, shuffle=True,
-                               seed=config.seed + rank if reproducible else None, pipeline=pipeline, keep=kept)
-        if timing and not first_batch:
-            batches = _noting_first(batches, first_batch)
-        try:  # one of several workers finishes its epoch: the others wait for it in every all-reduce
-            row = {"epoch": epoch + 1, **train_one_epoch(parts, config, batches, epoch, rng, finish_on_nonfinite=world > 1)}
-            nonfinite = row.pop("nonfinite", None)
-        except NonFiniteLoss as error:
-            if diverged is None:
-                raise
-            row, nonfinite = {"epoch": epoch + 1}, str(error)
-        if world > 1:  # every rank learns whether any diverged, so that all of them end together
-            seen = [None] * world
-            torch.distributed.all_gather_object(seen, nonfinite)
-            nonfinite = next((message for message in seen if message is not None), None)
-        if kept:
-            shard, kept = (np.concatenate([i for i, _ in kept]), np.concatenate([y for _, y in kept])), None
-        metrics, stop = {}, False
-        if rank == 0 and timing:
-            if "startup/first_batch_s" not in timing:
-                timing["startup/first_batch_s"] = first_batch[0] - model_ready
-            row.update(timing)
-        if nonfinite is not None:
-            if diverged is None:
-                raise NonFiniteLoss(nonfinite)
-            # A diverged configuration is a result, not a crash: reported once with its objective's
-            # worst value (Optuna learns from it, ASHA ranks it last), never retried.
-            if rank == 0:
-                row.update(diverged, diverged=f"NonFiniteLoss: {nonfinite}", node_id=node,
-                           epoch_s=time.time() - epoch_started, timestamp_s=time.time())
-            ray.train.report(row if rank == 0 else {})
-            return
-        if rank == 0 and not validate:
-            row.update(node_id=node)
-            metrics = row
-        elif rank == 0:  # the trial hands rank 0's metrics on to Tune, so rank 0 sees all of val
-            if val_cache is None:
-                val_cache = list(_batches(val_data, config.batch_size, False, as_uint8=True))
-            probs, targets, row["val_loss"] = predict(parts, ((to_tensor(x), torch.from_numpy(y)) for x, y in val_cache))
-            row.update(score_epoch(probs, targets, config, meta["classes"]))
-            stopper.update(row[OBJECTIVE], epoch + 1)
-            stop = stopper.should_stop
-            row.update(best_epoch=stopper.best_epoch, early_stopped=stop, node_id=node)
-            metrics = row
-        if rank == 0:
-            row.update(epoch_s=time.time() - epoch_started, timestamp_s=time.time())
-        if world > 1:  # every rank must take the same branch and report the same number of times
-            decision = [stop]
-            torch.distributed.broadcast_object_list(decision, src=0)
-            stop = decision[0]
-        if rank == 0:
-            # Every epoch: Train keeps the best (by the objective) and always the latest, which a
-            # retried or resumed trial continues from.
-            with tempfile.TemporaryDirectory() as directory:
-                state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-                         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
-                         "epoch": epoch + 1, "best": stopper.best, "best_epoch": stopper.best_epoch,
-                         "waited": stopper.waited,
-                         # The reported row, as text (weights_only loading takes no numpy scalars).
-                         "metrics_json": json.dumps(metrics, default=lambda value: value.item())}
-                torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
-                if validate:
-                    np.savez_compressed(os.path.join(directory, PREDICTIONS_FILE), probs=probs, targets=targets,
-                                        classes=np.array(meta["classes"]))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
-        if stop:
-            return
+    worker.run(loop_config, loop_started)
 
 
 def diverged_report(objective: str, mode: str) -> dict:
@@ -291,7 +100,8 @@ def dataset_config(workers: int) -> DataConfig:
 def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list) -> TorchTrainer:
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
-    keep = keeps_train(meta, setup.workers_per_trial, setup.keep_train_bytes)
+    # A weighted draw needs the whole shard at hand: an oversampling worker keeps it whatever its size.
+    keep = keeps_train(meta, setup.workers_per_trial, setup.keep_train_bytes) or config.oversample_power > 0
     datasets = build_datasets(setup.data_dir, meta, config, worker_augments=keep,
                               tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker))
     loop_config = {"config": config.model_dump(), "meta": meta, "trial_started_s": started, "datasets_built_s": time.time(),

@@ -179,7 +179,7 @@ def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: 
     import numpy as np
 
     from defect_tune.config import OBJECTIVE, TrainConfig
-    from defect_tune.train import score_epoch
+    from defect_tune.engine import score_epoch
 
     meta = json.loads((data / "meta.json").read_text())
     assert json.loads((out / "sweep.json").read_text())["cv"] == {"folds": folds, "seed": 0}

@@ -406,14 +406,15 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
 
     from defect_tune.augment import build_augmentation
     from defect_tune.data import to_tensor
-    from defect_tune.trial import _kept_batches
+    from defect_tune.config import TrainConfig
+    from defect_tune.engine import memory_batches
 
     images = (np.arange(10, dtype=np.uint8) * 20).repeat(16).reshape(10, 4, 4)  # image k is all 20k
     labels = np.stack([np.arange(10), np.zeros(10), np.ones(10)], axis=1).astype(np.float32)  # row k: [k, 0, 1]
     rng = np.random.default_rng(0)
     orders = []
     for drop_last, sizes in ((True, [4, 4]), (False, [4, 4, 2])):
-        batches = list(_kept_batches(images, labels, 4, drop_last, rng))
+        batches = list(memory_batches(images, labels, TrainConfig(batch_size=4), drop_last, rng))
         assert [len(y) for _, y in batches] == sizes
         order = []
         for x, y in batches:
@@ -431,7 +432,7 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
     ramp = np.tile(np.arange(4, dtype=np.uint8) * 60, (4, 1))  # left to right: 0, 60, 120, 180
     flip = build_augmentation("hflip", (4, 4), seed=1)
     flip.transforms[0].p = 1.0
-    (x, _), = _kept_batches(ramp[None].repeat(2, 0), labels[:2], 2, False, rng, flip)
+    (x, _), = memory_batches(ramp[None].repeat(2, 0), labels[:2], TrainConfig(batch_size=2), False, rng, flip)
     assert torch.equal(x[0, 0], to_tensor(ramp[:, ::-1].copy()[None])[0, 0])  # augmented here, in the worker
 
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from defect_tune import train as train_module
+from defect_tune import engine as train_module
 from defect_tune.config import load_config
 from defect_tune.data import load_split, read_meta, sample_weights, to_tensor
 from defect_tune.metrics import guarded_macro_recall
 from defect_tune.models import build_model
-from defect_tune.train import OBJECTIVE, NonFiniteLoss, build_parts, fit, load_checkpoint, train_one_epoch
+from defect_tune.engine import NonFiniteLoss, build_parts, train_one_epoch
+from defect_tune.train import OBJECTIVE, fit, load_checkpoint
 
 FAST = ["batch_size=32", "lr=0.003", "augment=light", "warmup_epochs=0"]
 
@@ -218,7 +219,7 @@ import torch
 import torch.distributed as dist
 from defect_tune.config import load_config
 from defect_tune.data import read_meta
-from defect_tune.train import build_parts, train_one_epoch
+from defect_tune.engine import build_parts, train_one_epoch
 
 
 def worker(rank, data, out):

@@ -1,0 +1,213 @@
+"""The Ray Train worker loop: the engine's epochs (`engine.run_epochs`) fed from this worker's
+Ray Data shard and reported to Train, with a checkpoint, every epoch.
+
+Imported only inside training workers (`trial.train_loop_per_worker` imports it there): the
+trial's other processes unpickle that function too, and importing torch, timm and
+albumentations there cost each of them seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from defect_tune.augment import build_augmentation
+from defect_tune.config import PREDICTIONS_FILE, TrainConfig
+from defect_tune.data import to_tensor
+from defect_tune.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, memory_batches, run_epochs,
+                                seed_everything)
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def shard_batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = False, seed: int | None = None,
+                  pipeline=None, as_uint8: bool = False, keep: list | None = None):
+    """(images, labels) batches from a Dataset shard: normalised tensors, or the stored uint8
+    images and float labels as numpy (`as_uint8`, 4x smaller to keep). With `keep`, every
+    batch's uint8 images and labels, before augmentation, are appended to it."""
+    from defect_tune.augment import augment_batch
+
+    buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
+    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
+                                       local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if shuffle else None):
+        labels = np.ascontiguousarray(batch["labels"])
+        if keep is not None:
+            keep.append((batch["image"], labels))
+        if drop_last and len(labels) < batch_size:
+            continue  # read (and kept) all the same: a kept shard is the whole shard
+        images = batch["image"] if pipeline is None else augment_batch(pipeline, batch["image"])
+        yield (images, labels) if as_uint8 else (to_tensor(images), torch.from_numpy(labels))
+
+
+def _joined(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
+
+
+class WorkerHooks(Hooks):
+    """One Train worker's side of the engine.
+
+    Training batches stream from the worker's Ray Data shard, or come from the shard kept in
+    memory (`keep_train`: after the first epoch; oversampling: from the start, since a weighted
+    draw needs every image at hand). Rank 0 validates, checkpoints and reports; the other ranks
+    report nothing, the same number of times."""
+
+    def __init__(self, loop_config: dict, config: TrainConfig, parts, stopper: EarlyStopping, drop_last: bool,
+                 rank: int, world: int, train_shard, val_data, node: str, report=ray.train.report):
+        self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop_config["meta"], parts, stopper, drop_last
+        self.rank, self.world, self.train_shard, self.val_data = rank, world, train_shard, val_data
+        self.node, self.report = node, report
+        self.validate = loop_config.get("validate", True)
+        self.reproducible = loop_config.get("reproducible", False)
+        self.keep = loop_config.get("keep_train", False) or config.oversample_power > 0
+        self.val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled
+        self.shape = (self.meta["image"]["height"], self.meta["image"]["width"])
+        self.rng = np.random.default_rng(config.seed + self.rank)
+        self.kept: list | None = None  # filled by the first epoch when keeping a streamed shard
+        self.shard: tuple[np.ndarray, np.ndarray] | None = None
+        self.timing: dict = {}
+        self.first_batch: list[float] = []
+        self.model_ready = time.time()
+
+    def note_startup(self, loop_config: dict, loop_started: float) -> None:
+        """Sweeps: rank 0 reports where the trial's start-up went (`startup/*`, seconds, disjoint)."""
+        if "trial_started_s" in loop_config:
+            built = loop_config.get("datasets_built_s", loop_config["trial_started_s"])
+            self.timing = {"trial_started_s": loop_config["trial_started_s"],
+                           "startup/datasets_s": built - loop_config["trial_started_s"],
+                           "startup/trainer_s": loop_started - built,
+                           "startup/model_s": self.model_ready - loop_started}
+
+    def train_batches(self, epoch: int):
+        config = self.config
+        pipeline = None
+        if self.reproducible:
+            pipeline = build_augmentation(config.augment, self.shape, config.seed + 1000 * epoch + self.rank)
+        elif self.keep:
+            pipeline = build_augmentation(config.augment, self.shape, int(self.rng.integers(2**32)))
+        if self.kept:
+            self.shard, self.kept = _joined(self.kept), None
+        if self.shard is None and config.oversample_power > 0:
+            self.shard = _joined(list(shard_batches(self.train_shard, config.batch_size, False, as_uint8=True)))
+        if self.shard is not None:
+            batches = memory_batches(*self.shard, config, self.drop_last, self.rng, pipeline)
+        else:
+            self.kept = [] if self.keep else None
+            batches = shard_batches(self.train_shard, config.batch_size, self.drop_last, shuffle=True,
+                                    seed=config.seed + self.rank if self.reproducible else None, pipeline=pipeline,
+                                    keep=self.kept)
+        return self._noting_first(batches) if self.timing and not self.first_batch else batches
+
+    def _noting_first(self, batches):
+        for batch in batches:
+            if not self.first_batch:
+                self.first_batch.append(time.time())
+            yield batch
+
+    def val_batches(self):
+        if not self.validate or self.rank != 0:
+            return None
+        if self.val_cache is None:
+            self.val_cache = list(shard_batches(self.val_data, self.config.batch_size, False, as_uint8=True))
+        return ((to_tensor(x), torch.from_numpy(y)) for x, y in self.val_cache)
+
+    def any_nonfinite(self, message: str | None) -> str | None:
+        if self.world == 1:
+            return message
+        seen = [None] * self.world  # every rank learns whether any diverged, so that all end together
+        torch.distributed.all_gather_object(seen, message)
+        return next((m for m in seen if m is not None), None)
+
+    def agree(self, decision: dict) -> dict:
+        if self.world == 1:
+            return decision
+        shared = [decision]  # every rank must step its schedule alike and report the same number of times
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def end_epoch(self, row: dict, improved: bool, scored, stop: bool) -> None:
+        if self.rank != 0:
+            self.report({})
+            return
+        if self.timing:
+            if "startup/first_batch_s" not in self.timing and self.first_batch:
+                self.timing["startup/first_batch_s"] = self.first_batch[0] - self.model_ready
+            row.update(self.timing)
+        row.update(node_id=self.node, epoch_s=row["seconds"], timestamp_s=time.time())
+        parts, stopper = self.parts, self.stopper
+        # Every epoch: Train keeps the best (by the objective) and always the latest, which a
+        # retried or resumed trial continues from.
+        with tempfile.TemporaryDirectory() as directory:
+            state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                     "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+                     "epoch": row["epoch"], "best": stopper.best, "best_epoch": stopper.best_epoch,
+                     "waited": stopper.waited,
+                     # The reported row, as text (weights_only loading takes no numpy scalars).
+                     "metrics_json": json.dumps(row, default=lambda value: value.item())}
+            torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+            if scored is not None:
+                probs, targets = scored
+                np.savez_compressed(os.path.join(directory, PREDICTIONS_FILE), probs=probs, targets=targets,
+                                    classes=np.array(self.meta["classes"]))
+            self.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def run(loop_config: dict, loop_started: float) -> None:
+    """The body of `trial.train_loop_per_worker` (its docstring lists `loop_config`)."""
+    config = TrainConfig.model_validate(loop_config["config"])
+    meta = loop_config["meta"]
+    stop_after = loop_config.get("stop_after", config.epochs)
+    diverged = loop_config.get("diverged")  # sweeps: what a diverged trial reports; None: it raises
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    seed_everything(config.seed)  # same initial weights on every worker; DDP keeps them in step
+    if loop_config.get("reproducible", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no deterministic version
+    train_images = sum(meta["splits"][split]["images"] for split in loop_config.get("train_splits", ("train",)))
+    per_worker = train_images // world
+    drop_last = per_worker > config.batch_size
+    steps = max(per_worker // config.batch_size if drop_last else 1, 1)
+    parts = build_parts(config, meta, steps, ray.train.torch.get_device())
+    parts.net = ray.train.torch.prepare_model(
+        parts.model, parallel_strategy_kwargs={"find_unused_parameters": config.freeze_epochs > 0}
+    )
+    progress = Progress(EarlyStopping(config.early_stopping_patience))
+    stopper = progress.stopper
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a retried or resumed trial continues after its last epoch
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        progress.start_epoch = state["epoch"]
+        stopper.best, stopper.best_epoch, stopper.waited = state["best"], state["best_epoch"], state["waited"]
+        if (progress.start_epoch >= stop_after or stopper.should_stop) and "metrics_json" in state:
+            # Its last epoch was checkpointed, but the driver died before Tune recorded it: report
+            # that epoch again (with its checkpoint), or the resumed trial would end with no result.
+            ray.train.report(json.loads(state["metrics_json"]) if rank == 0 else {},
+                             checkpoint=checkpoint if rank == 0 else None)
+            return
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        if parts.scheduler is not None:
+            parts.scheduler.load_state_dict(state["scheduler"])
+    validate = loop_config.get("validate", True)
+    hooks = WorkerHooks(loop_config, config, parts, stopper, drop_last, rank, world, ray.train.get_dataset_shard("train"),
+                        ray.train.get_dataset_shard("val") if validate else None, ray.get_runtime_context().get_node_id())
+    hooks.note_startup(loop_config, loop_started)
+    try:
+        run_epochs(parts, config, meta["classes"], hooks, progress, stop_after, hooks.rng, finish_on_nonfinite=world > 1)
+    except NonFiniteLoss as error:
+        if diverged is None:
+            raise
+        # A diverged configuration is a result, not a crash: reported once with its objective's
+        # worst value (Optuna learns from it, ASHA ranks it last), never retried.
+        row = {"epoch": error.epoch, **diverged, "diverged": f"NonFiniteLoss: {error}", "node_id": hooks.node,
+               "timestamp_s": time.time()}
+        ray.train.report(row if rank == 0 else {})

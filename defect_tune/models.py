@@ -61,8 +61,14 @@ SEED_MODELS = {"el_cnn": ElCNN, "steel_cnn": SteelCNN}
 
 
 class DefectClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, num_classes: int, cbam: bool, head: str, hidden: int, dropout: float):
+    """Backbone, optional CBAM, head. With `input_size`, the network first resizes what it is given
+    so that its longer side is `input_size` pixels (aspect kept): one `prepare` at a high
+    resolution serves every size a search tries, and `predict` needs to know nothing about it."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cbam: bool, head: str, hidden: int, dropout: float,
+                 input_size: int | None = None):
         super().__init__()
+        self.input_size = input_size
         self.backbone = backbone
         self.attention = create_attn("cbam", backbone.num_features) if cbam else nn.Identity()
         # Pooled width; differs from the feature map's where the head has its own conv (MobileNetV3).
@@ -76,6 +82,10 @@ class DefectClassifier(nn.Module):
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and max(x.shape[-2:]) != self.input_size:
+            scale = self.input_size / max(x.shape[-2:])
+            size = [max(1, round(side * scale)) for side in x.shape[-2:]]
+            x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
         features = self.attention(self.backbone.forward_features(x))
         return self.head(self.backbone.forward_head(features, pre_logits=True))
 
@@ -118,7 +128,8 @@ def build_model(config, num_classes: int) -> DefectClassifier:
                 raise ModelError(f"model {config.model!r}: cannot load {path}: {error}") from error
     else:
         backbone = _timm_backbone(config.model, config.pretrained, config.pretrained_path)
-    return DefectClassifier(backbone, num_classes, config.cbam, config.head, config.head_hidden, config.head_dropout)
+    return DefectClassifier(backbone, num_classes, config.cbam, config.head, config.head_hidden, config.head_dropout,
+                            config.input_size)
 
 
 def set_backbone_trainable(model: DefectClassifier, trainable: bool) -> None:

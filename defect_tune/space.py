@@ -13,6 +13,7 @@
       loss: {choice: [bce, weighted_bce, focal]}
       focal_gamma: {uniform: [0.5, 4.0], when: {loss: focal}}   # conditional: sampled only then
     points_to_evaluate:                      # measured in every sweep (the seeds' own defaults)
+      - {name: baseline}                     # the plain recipe: every searched key at its default
       - {name: el_seed, params: {model: el_cnn, loss: weighted_bce, lr: 1.0e-3}}
 
 Distributions: `choice` (list), `uniform` / `loguniform` ([low, high]), `int` / `int_log`
@@ -30,6 +31,7 @@ import yaml
 
 from defect_tune.config import ConfigError, TrainConfig, load_config
 
+BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.baseline_params)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
 TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "cv", "fixed", "params", "points_to_evaluate",
              "description"}
@@ -79,8 +81,26 @@ class SearchSpace:
         return sampled
 
     def config_for(self, sampled: dict) -> TrainConfig:
-        """The full training config of a trial: fixed values, the sampled ones, the epoch budget."""
-        return load_config(None, {**self.fixed, **sampled, "epochs": self.max_epochs})
+        """The full training config of a trial: fixed values, the sampled ones, and the epoch budget
+        unless `epochs` is searched."""
+        return load_config(None, {**self.fixed, "epochs": self.max_epochs, **sampled})
+
+    def baseline_params(self, where: str = "baseline") -> dict:
+        """The plain recipe as a point of this space: every parameter its branch samples at
+        TrainConfig's default (`defect-tune train` with no keys); `fixed` and the epoch budget
+        apply as to every trial. A default the space cannot reach is an error, not a nearby value."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if not p.active(values):
+                continue
+            default = TrainConfig.model_fields[p.name].default
+            inside = default in p.values if p.kind == "choice" else (
+                default is not None and p.values[0] <= default <= p.values[1])
+            if not inside:
+                raise _fail(self.path, f"{where} ({BASELINE})",
+                            f"the recipe's {p.name} {default!r} is outside the searched {p.kind} {list(p.values)}")
+            values[p.name] = default
+        return values
 
     def values_of(self, key: str) -> list:
         """What `key` can be in this space's trials: a choice's values, a range's bounds, or its
@@ -218,6 +238,10 @@ def load_space(path: Path) -> SearchSpace:
         params[name] = _parse_param(path, name, spec, params)
     if not params:
         raise _fail(path, "params", "needs at least one parameter to search")
+    if "epochs" in fixed:
+        raise _fail(path, "fixed.epochs", "the epoch budget is max_epochs (or search epochs up to it)")
+    if "epochs" in params and max(params["epochs"].values) > raw["max_epochs"]:
+        raise _fail(path, "params.epochs", f"{list(params['epochs'].values)} exceeds max_epochs {raw['max_epochs']} (ASHA's max_t)")
     space = SearchSpace(
         path=str(path), objective=raw.get("objective", "val_guarded_macro_recall"), mode=mode,
         num_samples=raw["num_samples"], max_epochs=raw["max_epochs"], grace_period=grace,
@@ -226,8 +250,10 @@ def load_space(path: Path) -> SearchSpace:
     points = []
     for index, point in enumerate(raw.get("points_to_evaluate") or []):
         where = f"points_to_evaluate[{index}]"
+        if point == {"name": BASELINE}:
+            point = {"name": BASELINE, "params": space.baseline_params(where)}
         if not isinstance(point, dict) or set(point) - {"name", "params"} or "params" not in point:
-            raise _fail(path, where, "expected {name: ..., params: {...}}")
+            raise _fail(path, where, f"expected {{name: ..., params: {{...}}}}, or {{name: {BASELINE}}}")
         values = point["params"]
         active = {}
         for p in space.params:  # a point must set exactly the parameters its own branch samples

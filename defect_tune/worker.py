@@ -65,6 +65,7 @@ class WorkerHooks(Hooks):
         self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop_config["meta"], parts, stopper, drop_last
         self.rank, self.world, self.train_shard, self.val_data = rank, world, train_shard, val_data
         self.node, self.report = node, report
+        self.stop_after = loop_config.get("stop_after", config.epochs)
         self.validate = loop_config.get("validate", True)
         self.reproducible = loop_config.get("reproducible", False)
         self.keep = loop_config.get("keep_train", False) or config.oversample_power > 0
@@ -141,7 +142,9 @@ class WorkerHooks(Hooks):
             if "startup/first_batch_s" not in self.timing and self.first_batch:
                 self.timing["startup/first_batch_s"] = self.first_batch[0] - self.model_ready
             row.update(self.timing)
-        row.update(node_id=self.node, epoch_s=row["seconds"], timestamp_s=time.time())
+        # planned_epochs: a trial that ends before the space's max_epochs by its own epoch budget
+        # completed; one that ASHA stopped there did not (search.AshaAwareOptunaSearch).
+        row.update(node_id=self.node, epoch_s=row["seconds"], timestamp_s=time.time(), planned_epochs=self.stop_after)
         parts, stopper = self.parts, self.stopper
         # Every epoch: Train keeps the best (by the objective) and always the latest, which a
         # retried or resumed trial continues from.

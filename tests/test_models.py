@@ -1,7 +1,8 @@
 import pytest
 import torch
+from pydantic import ValidationError
 
-from defect_tune.config import load_config
+from defect_tune.config import TrainConfig, load_config
 from defect_tune.models import ElCNN, ModelError, SteelCNN, build_model, parameter_counts, set_backbone_trainable
 
 
@@ -74,3 +75,17 @@ def test_pretrained_from_a_local_file(tmp_path):
     assert torch.equal(loaded.backbone.features[0][0].weight, el.features[0][0].weight)
     with pytest.raises(ModelError, match="cannot load"):
         build_model(load_config(None, ["model=el_cnn", f"pretrained_path={tmp_path / 'missing.pt'}"]), 2)
+
+
+def test_input_size_resizes_stored_images_inside_the_network():
+    """One `prepare` at a high resolution serves every input size a search tries."""
+    sized = build_model(TrainConfig(model="el_cnn", input_size=32), 2).eval()
+    plain = build_model(TrainConfig(model="el_cnn"), 2).eval()
+    plain.load_state_dict(sized.state_dict())
+    x = torch.randn(3, 1, 64, 48)
+    small = torch.nn.functional.interpolate(x, size=(32, 24), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        assert torch.allclose(sized(x), plain(small), atol=1e-5)  # longer side to 32, aspect kept
+        assert torch.allclose(sized(small), plain(small), atol=1e-6)  # already that size: untouched
+    with pytest.raises(ValidationError):
+        TrainConfig(input_size=4)

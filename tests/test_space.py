@@ -3,20 +3,40 @@ from pathlib import Path
 import optuna
 import pytest
 
+from defect_tune.config import TrainConfig
 from defect_tune.space import DefineByRun, SpaceError, load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.mark.parametrize("name", ["quick", "el_solar", "steel", "full"])
+@pytest.mark.parametrize("name", ["quick", "defects", "el_solar", "steel", "full"])
 def test_shipped_spaces_load_and_their_seed_points_are_valid_configs(name):
     space = load_space(SPACES / f"{name}.yaml")
     assert space.objective == "val_guarded_macro_recall" and space.mode == "max"
     for point_name, params in space.points:
         config = space.config_for(params)
-        assert config.epochs == space.max_epochs
+        assert config.epochs == params.get("epochs", space.max_epochs)
         assert all(getattr(config, key) == value for key, value in params.items()), point_name
+    # Every shipped space measures the plain recipe first: `train` with no keys, but for `fixed`.
+    name, params = space.points[0]
+    assert name == "baseline"
+    recipe = TrainConfig()
+    config = space.config_for(params)
+    differs = {key for key in TrainConfig.model_fields if getattr(config, key) != getattr(recipe, key)}
+    assert differs <= set(space.fixed) | {"epochs"}, differs
+
+
+def test_a_baseline_point_is_the_recipe_and_must_be_reachable(tmp_path):
+    body = ("num_samples: 4\nmax_epochs: 3\nparams:\n  model: {choice: [el_cnn, resnet18]}\n"
+            "  loss: {choice: [bce, weighted_bce, focal]}\n  focal_gamma: {uniform: [1.0, 3.0], when: {loss: focal}}\n"
+            "  lr: {loguniform: [1.0e-4, 1.0e-2]}\npoints_to_evaluate:\n  - name: baseline\n")
+    space = load_space(write(tmp_path, body))
+    assert space.points == (("baseline", {"model": "resnet18", "loss": "weighted_bce", "lr": 1e-3}),)  # no gamma: not focal
+    with pytest.raises(SpaceError, match=r"baseline.*lr 0.001 is outside the searched loguniform \[0.01, 0.1\]"):
+        load_space(write(tmp_path, body.replace("[1.0e-4, 1.0e-2]", "[1.0e-2, 1.0e-1]")))
+    with pytest.raises(SpaceError, match="params.epochs"):
+        load_space(write(tmp_path, body.replace("  lr:", "  epochs: {choice: [2, 5]}\n  lr:")))
 
 
 def sample_many(space, n=60, seed=0):

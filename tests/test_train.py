@@ -14,7 +14,7 @@ from defect_tune.models import build_model
 from defect_tune.engine import NonFiniteLoss, build_parts, train_one_epoch
 from defect_tune.train import OBJECTIVE, fit, load_checkpoint
 
-FAST = ["batch_size=32", "lr=0.003", "augment=light", "warmup_epochs=0"]
+FAST = ["model=el_cnn", "batch_size=32", "lr=0.003", "augment=light", "schedule=cosine", "warmup_epochs=0"]
 
 
 def test_objective_improves_and_beats_trivial_predictors(synthetic_data, tmp_path):

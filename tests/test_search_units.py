@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,10 +18,11 @@ import pandas as pd
 import pytest
 
 from defect_tune.leaderboard import build_leaderboard, error_reason
-from defect_tune.search import (GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, SearchError, SearchOptions,
-                                bundled_spaces, check_gpu_options, fit_on_gpu, folds_side_by_side, gpu_share, gpus_for_workers,
-                                refuse_second_local_cluster, resolve_cv, resolve_space, start_ray, trials_at_once,
-                                wait_for_release)
+from defect_tune.search import (BUDGET_RECORD, GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, BudgetCutoffs,
+                                SearchError, SearchOptions, budget_end_note, budget_for_sweep, bundled_spaces, check_gpu_options,
+                                check_time_budget, cut_off_trials, fit_on_gpu, folds_side_by_side, format_duration, gpu_share,
+                                gpus_for_workers, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray,
+                                trials_at_once, wait_for_release)
 from defect_tune.post import ReportPost
 from defect_tune.space import DefineByRun, SpaceError, load_space
 from defect_tune.trial import diverged_report
@@ -84,6 +86,89 @@ def test_trials_per_gpu_values_that_cannot_work_are_refused_before_ray_starts():
         check_gpu_options(options(trials_per_gpu=4, gpus_per_worker=0.25))
 
 
+def test_a_time_budget_is_a_positive_duration_in_seconds_minutes_or_hours():
+    from defect_tune.cli import parse_duration
+
+    for text, seconds in (("90s", 90), ("20m", 1200), ("1.5h", 5400), ("600", 600), ("0.5", 0.5), (" 2H ", 7200), (".5m", 30)):
+        assert parse_duration(text) == seconds
+    for text in ("0", "0s", "-5", "-5m", "abc", "nan", "inf", "1e3", "", "5 m", "5d", "9" * 400):
+        with pytest.raises(ValueError, match=r"expected a positive duration such as 90s, 20m, 1\.5h or 600 \(seconds\)"):
+            parse_duration(text)
+    assert [format_duration(s) for s in (5400, 1200, 3600, 90, 60.5, 0.5)] == ["90m", "20m", "1h", "90s", "60.5s", "0.5s"]
+    check_time_budget(options())
+    check_time_budget(options(time_budget_s=1))
+    for value in (0, -60, math.nan, math.inf, "20m", True):
+        with pytest.raises(SearchError, match=re.escape(f"--time-budget takes a positive number of seconds, got {value!r}")):
+            check_time_budget(options(time_budget_s=value))
+
+
+def test_a_time_budget_bounds_the_trial_count_unless_num_samples_is_given_and_resume_keeps_it(tmp_path):
+    space = load_space(QUICK)
+    assert budget_for_sweep(options(), space, tmp_path / "none") == (space, None, None)
+    assert not (tmp_path / "none").exists()
+
+    bounded, seconds, note = budget_for_sweep(options(time_budget_s=1200), space, tmp_path / "a")
+    assert (bounded.num_samples, seconds, note) == (-1, 1200, None)  # -1: Tune starts trials until the budget runs out
+    assert json.loads((tmp_path / "a" / BUDGET_RECORD).read_text()) == {"seconds": 1200, "num_samples": -1, "cut_off": []}
+    counted, _, note = budget_for_sweep(options(time_budget_s=30, num_samples=5), replace(space, num_samples=5), tmp_path / "b")
+    assert counted.num_samples == 5  # whichever runs out first
+    assert note.startswith("note: a time budget of 30s is short") and f"ASHA's first rung at epoch {space.grace_period}" in note
+
+    resumed, seconds, note = budget_for_sweep(options(resume=True), space, tmp_path / "a")
+    assert (resumed.num_samples, seconds) == (-1, 1200) and "time budget of 20m starts again now" in note
+    assert budget_for_sweep(options(resume=True, time_budget_s=1200.0), space, tmp_path / "a")[1] == 1200
+    with pytest.raises(SearchError, match=r"--resume: sweep 'n' started with a time budget of 20m; Tune keeps it, so drop --time-budget"):
+        budget_for_sweep(options(resume=True, time_budget_s=600), space, tmp_path / "a")
+    with pytest.raises(SearchError, match=r"--resume: sweep 'n' started with no time budget; Tune keeps it"):
+        budget_for_sweep(options(resume=True, time_budget_s=600), space, tmp_path / "none")
+    assert budget_for_sweep(options(resume=True), space, tmp_path / "none") == (space, None, None)
+
+
+def test_the_trials_the_time_budget_cut_off_are_those_tune_ended_without_completing(tmp_path):
+    """Tune calls on_trial_complete for a trial that finished or that ASHA stopped, not for those
+    it ends when the budget runs out; a resumed run's trials finished before are not cut off."""
+    record = tmp_path / BUDGET_RECORD
+    record.write_text(json.dumps({"seconds": 60, "num_samples": -1, "cut_off": ["old"]}))
+
+    def trial(trial_id, status):
+        return SimpleNamespace(trial_id=trial_id, status=status)
+
+    cutoffs = BudgetCutoffs(record)
+    cutoffs.setup()
+    cutoffs.on_step_begin(0, [trial("old", "TERMINATED"), trial("done", "TERMINATED"), trial("again", "PENDING")])
+    cutoffs.on_step_begin(1, [])  # only the first step says which trials had finished
+    cutoffs.on_trial_complete(2, [], trial("finished", "RUNNING"))
+    cutoffs.on_trial_complete(3, [], trial("asha", "RUNNING"))
+    ended = [trial(i, "TERMINATED") for i in ("old", "done", "finished", "asha", "again", "running", "waiting")]
+    cutoffs.on_experiment_end(ended + [trial("crashed", "ERROR"), trial("interrupted", "RUNNING")])
+    assert cut_off_trials(tmp_path) == {"old", "again", "running", "waiting"}
+
+    resumed = BudgetCutoffs(record)  # a resumed sweep that had used up its budget: Tune runs no step
+    resumed.setup()
+    resumed.on_experiment_end([trial("done", "TERMINATED")])
+    assert cut_off_trials(tmp_path) == {"old", "again", "running", "waiting"}
+    assert cut_off_trials(tmp_path / "elsewhere") == frozenset()
+
+
+def test_a_trial_cut_off_by_the_time_budget_keeps_the_epochs_it_reported():
+    space = load_space(QUICK)
+    full = space.max_epochs
+    results = [
+        fake_result({"id": "a", "model": "el_cnn", "lr": 0.001}, full, [0.1 * (e + 1) for e in range(full)], index=1),
+        fake_result({"id": "b", "model": "el_cnn", "lr": 0.002}, full - 1, [0.3] * (full - 1), index=2),
+        fake_result({"id": "c", "model": "el_cnn", "lr": 0.003}, 1, [0.2], index=3),
+        SimpleNamespace(config={"model": "el_cnn", "lr": 0.0005}, metrics={"trial_id": "d"}, metrics_dataframe=None,
+                        error=None, path="/x/run_trial_d_4_lr=0.0005"),
+    ]
+    board = build_leaderboard(results, space, ["a"], cut_off=frozenset({"a", "b", "d"})).set_index("trial_id")
+    assert board["stop_reason"].to_dict() == {"a": "completed", "b": "time_budget", "c": "asha", "d": "time_budget"}
+    assert board.loc["b", "epochs"] == full - 1 and board.loc["b", "val_guarded_macro_recall"] == 0.3
+    assert board.loc["d", "epochs"] == 0 and board.loc["d", "status"] == "terminated"
+    assert budget_end_note(board, space) is None  # trials got past ASHA's first rung
+    early = build_leaderboard(results[3:], space, ["a"], cut_off=frozenset({"d"}))
+    assert "before any trial reached ASHA's first rung" in budget_end_note(early, space)
+
+
 def test_the_memory_measured_for_auto_is_each_backbone_at_the_spaces_largest_settings(tmp_path, synthetic_data):
     import torch
 
@@ -104,8 +189,8 @@ def test_the_memory_measured_for_auto_is_each_backbone_at_the_spaces_largest_set
     configs = load_space(path).largest_configs()
     assert [c.model for c in configs] == ["el_cnn", "resnet18"]
     assert {(c.batch_size, c.cbam, c.head, c.head_hidden) for c in configs} == {(32, True, "mlp", 48)}
-    fixed = load_space(QUICK).largest_configs()  # a space that searches none of them keeps its own values
-    assert [(c.model, c.batch_size, c.cbam) for c in fixed] == [(m, 64, False) for m in load_space(QUICK).values_of("model")]
+    fixed = load_space(QUICK).largest_configs()  # a space that searches none of them keeps the defaults
+    assert [(c.model, c.batch_size, c.cbam) for c in fixed] == [(m, 32, False) for m in load_space(QUICK).values_of("model")]
 
     # What the GPU measurement runs, run here on the CPU: the largest settings build and train,
     # on images of the data's size, with the backbone trainable even in a trial that freezes it.
@@ -350,7 +435,7 @@ def test_spaces_are_found_by_name_or_path_and_a_missing_one_lists_the_bundled(tm
     mine = tmp_path / "el_solar.yaml"  # a file of the user's wins over the bundled space of that name
     mine.write_text("num_samples: 1\n")
     assert resolve_space(Path("el_solar.yaml")) == Path("el_solar.yaml")
-    with pytest.raises(SpaceError, match=r"^steel2: no such search space file \(bundled spaces, usable by name: el_solar, full, quick, steel\)"):
+    with pytest.raises(SpaceError, match=r"^steel2: no such search space file \(bundled spaces, usable by name: defects, el_solar, full, quick, steel\)"):
         resolve_space("steel2")
     with pytest.raises(SpaceError, match="^configs/quick: no such search space file"):
         resolve_space("configs/quick")  # a path is a path, never a bundled name

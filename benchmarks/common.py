@@ -13,6 +13,31 @@ def machine() -> str:
     return f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. Date: {date.today().isoformat()}."
 
 
+def machine_details() -> str:
+    """The machine in more words than `machine()`: CPU model, cores, memory, GPU, torch version. Date."""
+    import shutil
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = "no GPU"
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = ", ".join(query.stdout.split("\n")[:-1]) or gpu
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return (f"Machine: {cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch}. Date: {date.today().isoformat()}.")
+
+
 def emit(lines: list[str], write: Path | None) -> None:
     """Print the table; also write it as Markdown to `write` when given."""
     text = "\n".join(lines) + "\n"

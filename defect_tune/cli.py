@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -185,10 +187,11 @@ def _default_data() -> Path:
 @app.command()
 def search(
     data: Annotated[str | None, typer.Option(help="A `prepare` output: a path every node reads, or a URI (s3://, gs://); default: the embedded synthetic set")] = None,
-    space: Annotated[Path | None, typer.Option(help="Search space YAML, or a bundled space by name: quick (default), el_solar, steel, full")] = None,
+    space: Annotated[Path | None, typer.Option(help="Search space YAML, or a bundled space by name: quick (default), defects, el_solar, steel, full")] = None,
     name: Annotated[str | None, typer.Option(help="Sweep name (default: <space>-<timestamp>); --resume needs it")] = None,
     out: Annotated[Path | None, typer.Option(help="Results folder (default: results/<name>)")] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Trial budget (default: the space's)")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Trial budget (default: the space's; with --time-budget, as many as fit in it)")] = None,
+    time_budget: Annotated[str | None, typer.Option(metavar="DURATION", help="End the sweep after this long: 90s, 20m, 1.5h, or seconds. Trials still running keep the epochs they reported (stopped by: time_budget); without --num-samples, trials start until it runs out. --resume keeps the sweep's own budget and starts it again")] = None,
     workers_per_trial: Annotated[int, typer.Option(help="TorchTrainer workers per trial")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per training worker (fractions pack trials on a GPU)")] = 0.0,
@@ -209,6 +212,7 @@ def search(
     # Before importing Ray and torch: a mistyped option fails at once.
     folds = _count_or_auto("--cv", cv, "a number of folds")
     per_gpu = _count_or_auto("--trials-per-gpu", trials_per_gpu, "a number of workers per GPU")
+    budget = _time_budget(time_budget)
     if resume and not name:
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
         raise typer.Exit(2)
@@ -227,7 +231,7 @@ def search(
             data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
             workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
             trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
-            max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb,
+            max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
         )
         summary = run_search(options, console=console)
     except (SearchError, SpaceError, DataError, TrackingError) as error:
@@ -254,6 +258,32 @@ def _count_or_auto(option: str, text: str | None, what: str) -> int | str | None
         return int(text)
     except ValueError:
         console.print(f"error: {option} takes {what} or auto, got {text!r}", style="red", markup=False)
+        raise typer.Exit(2) from None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration: `90s`, `20m`, `1.5h`, or a plain number of seconds.
+
+    Raises:
+        ValueError: anything else, zero, or a value too large to be finite.
+    Example:
+        >>> parse_duration("1.5h")
+        5400.0
+    """
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smh]?)", text.strip().lower())
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{text!r}: expected a positive duration such as 90s, 20m, 1.5h or 600 (seconds)")
+    return seconds
+
+
+def _time_budget(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        console.print(f"error: --time-budget {error}", style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from defect_tune.config import OBJECTIVE
 
-STOP_REASONS = ("completed", "early_stopping", "asha", "error", "no_result")
+STOP_REASONS = ("completed", "early_stopping", "asha", "time_budget", "error", "no_result")
 
 
 def _clean(value):
@@ -42,11 +42,14 @@ def error_reason(error: BaseException | str) -> str:
     return f"{name}: {message}"[:500]
 
 
-def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool) -> str:
-    """Why a trial ended: an error, its epoch budget, its own early stopping, or ASHA, which
-    stops a trial between epochs without telling it."""
+def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool, cut_off: bool = False) -> str:
+    """Why a trial ended: an error, its epoch budget, its own early stopping, the sweep's time
+    budget (`cut_off`: it was still running when that ran out), or ASHA, which stops a trial
+    between epochs without telling it."""
     if failed:
         return "error"
+    if cut_off and epochs < max_epochs and not early_stopped:
+        return "time_budget"
     if epochs == 0:
         return "no_result"
     if epochs >= max_epochs:
@@ -54,9 +57,9 @@ def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool)
     return "early_stopping" if early_stopped else "asha"
 
 
-def trial_row(result, space, classes: list[str]) -> dict:
+def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = frozenset()) -> dict:
     """One `ray.tune.Result` as a leaderboard row: sampled parameters, how the trial ended, and
-    its best epoch's validation figures."""
+    its best epoch's validation figures. `cut_off`: the trials the sweep's time budget ended."""
     from defect_tune.metrics import wilson_interval  # scipy: here, not for the W&B actor, which imports stop_reason
 
     sampled = {name: value for name, value in (result.config or {}).items() if not name.startswith("_")}
@@ -75,7 +78,7 @@ def trial_row(result, space, classes: list[str]) -> dict:
     # which is what it failed of: it counts as failed everywhere a failed trial does.
     diverged = metrics.get("diverged") or None
     failed = result.error is not None or diverged is not None
-    reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), failed)
+    reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), failed, row["trial_id"] in cut_off)
     row.update(status="error" if failed else "terminated", stop_reason=reason, epochs=epochs)
     row["error"] = diverged if result.error is None else error_reason(result.error)
     key = space.objective
@@ -109,8 +112,8 @@ def trial_row(result, space, classes: list[str]) -> dict:
     return row
 
 
-def build_leaderboard(results, space, classes: list[str]) -> pd.DataFrame:
-    rows = [trial_row(result, space, classes) for result in results]
+def build_leaderboard(results, space, classes: list[str], cut_off: frozenset[str] = frozenset()) -> pd.DataFrame:
+    rows = [trial_row(result, space, classes, cut_off) for result in results]
     board = pd.DataFrame(rows)
     if board.empty:
         return board

@@ -50,6 +50,7 @@ STOPS = {  # stop_reason: (legend label, colour), in the order legends list them
     "completed": ("ran every epoch", "#1f77b4"),
     "early_stopping": ("early stopping", "#2ca02c"),
     "asha": ("stopped by ASHA", "#ff7f0e"),
+    "time_budget": ("cut off by the time budget", "#9467bd"),
     "error": ("error", "#d62728"),
     "no_result": ("no epoch finished", "#7f7f7f"),
 }
@@ -226,8 +227,8 @@ def _sampled(row: pd.Series, sweep: Sweep, space) -> dict:
 def rebuild_study(sweep: Sweep) -> tuple[optuna.Study, list[str]]:
     """The sweep as an Optuna study, trials in the order they started, plus notes on what was
     approximated. Completed and early-stopped trials are COMPLETE, ASHA-stopped ones PRUNED with
-    their best value as an intermediate value (as `AshaAwareOptunaSearch` told TPE), errors and
-    trials without a value FAIL."""
+    their best value as an intermediate value (as `AshaAwareOptunaSearch` told TPE), and so are
+    those the time budget cut off; errors and trials without a value FAIL."""
     notes = []
     space_path = sweep.summary.get("space")
     try:
@@ -256,7 +257,7 @@ def rebuild_study(sweep: Sweep) -> tuple[optuna.Study, list[str]]:
         value, reason = _plain(row[sweep.objective]), row["stop_reason"]
         if value is None or reason in ("error", "no_result"):
             state, kwargs = optuna.trial.TrialState.FAIL, {}
-        elif reason == "asha":
+        elif reason in ("asha", "time_budget"):
             epoch = _plain(row.get("best_epoch")) or _plain(row.get("epochs")) or 1
             state, kwargs = optuna.trial.TrialState.PRUNED, {"intermediate_values": {int(epoch): float(value)}}
         else:
@@ -316,7 +317,7 @@ def history_figure(sweep: Sweep, path: Path) -> Path:
         if reason in ("error", "no_result"):
             ax.scatter(x[mask], np.full(mask.sum(), floor), marker="x", s=60, color=colour, label=f"{label} (no value)", zorder=3)
         else:
-            hollow = reason == "asha"
+            hollow = reason in ("asha", "time_budget")
             ax.scatter(x[mask], y[mask], s=55, zorder=3, label=label, edgecolors=colour, linewidths=1.6,
                        facecolors="white" if hollow else colour)
     if len(finite):
@@ -754,6 +755,17 @@ def _section_html(section: Section) -> str:
     return "".join(parts) + "</section>"
 
 
+def _trials(count: int, summary: dict) -> str:
+    """The trials run and what bounded them: a number of trials, a time budget (sweep.json's
+    num_samples is None when only that did), or both."""
+    parts = [str(count)]
+    if summary.get("num_samples", "?") is not None:
+        parts.append(f"of a budget of {summary.get('num_samples', '?')}")
+    if (summary.get("time_budget") or {}).get("seconds"):
+        parts.append(f"within a time budget of {_duration(summary['time_budget']['seconds'])}")
+    return " ".join(parts)
+
+
 def _header(sweep: Sweep, notes: list[str]) -> str:
     s = sweep.summary
     reasons = ", ".join(f"{STOPS.get(r, (r,))[0]} {n}" for r, n in (s.get("stop_reasons") or {}).items()) or "none"
@@ -768,7 +780,7 @@ def _header(sweep: Sweep, notes: list[str]) -> str:
         ("objective", f"{sweep.objective} ({'higher' if sweep.mode == 'max' else 'lower'} is better)", False),
         ("definition", definition, True),
         ("search space", s.get("space", "unknown"), False),
-        ("trials", f"{len(sweep.board)} of a budget of {s.get('num_samples', '?')}, up to {sweep.max_epochs} epochs each", True),
+        ("trials", f"{_trials(len(sweep.board), s)}, up to {sweep.max_epochs} epochs each", True),
         ("stop reasons", reasons, True), ("wall time", _duration(s.get("seconds")), True), ("best", best, True),
         ("Tune experiment", s.get("experiment", "unknown"), False),
     ]

@@ -44,7 +44,9 @@ class SearchOptions:
     space: Path
     name: str
     out: Path | None = None  # default results/<name>
-    num_samples: int | None = None  # default: the space's budget
+    num_samples: int | None = None  # default: the space's budget, or until the time budget runs out
+    # Seconds after which Tune stops the sweep; trials still running keep the epochs they reported.
+    time_budget_s: float | None = None
     workers_per_trial: int = 1
     # A scheduling share: Ray gives a worker with one CPU or less one torch thread either way, and
     # half a CPU lets two trials train side by side on a 2-core laptop with a core left for Data.
@@ -81,7 +83,8 @@ class AshaAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped_by_scheduler = (
             not error and result is not None and not result.get("early_stopped")
-            and result.get("epoch", self._max_epochs) < self._max_epochs
+            # A trial whose own (searched) epoch budget ended before max_epochs completed.
+            and result.get("epoch", self._max_epochs) < result.get("planned_epochs", self._max_epochs)
         )
         super().on_trial_complete(trial_id, None if stopped_by_scheduler else result, error)
 
@@ -121,7 +124,8 @@ class ProgressTable(tune.Callback):
         self.console.print(f"[error] {trial.trial_id}: see {trial.local_path}", highlight=False, markup=False)
 
     def table(self) -> Table:
-        table = Table(title=f"trials ({len(self.rows)} of {self.space.num_samples})")
+        of = f" of {self.space.num_samples}" if self.space.num_samples > 0 else ""  # -1: until the time budget runs out
+        table = Table(title=f"trials ({len(self.rows)}{of})")
         for column in ("trial", "status", "epoch", "objective"):
             table.add_column(column, no_wrap=True)
         table.add_column("config")
@@ -177,6 +181,109 @@ def folds_for_sweep(options: SearchOptions, space: SearchSpace, meta: dict, out:
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"folds": cv, "seed": options.seed}) + "\n")
     return cv, options.seed, advice
+
+
+BUDGET_RECORD = "time_budget.json"  # in the results folder: a sweep's time budget, trial count and the trials it cut off
+UNTIL_BUDGET = -1  # Tune's num_samples for "new trials until the time budget runs out"
+# Below this, a budget goes mostly to starting Ray and each trial's TorchTrainer, workers and
+# data (the leaderboard's startup_seconds), before any epoch: a note says so.
+SHORT_BUDGET_S = 60.0
+
+
+def format_duration(seconds: float) -> str:
+    """`2h`, `20m` or `90.5s`: the largest unit that gives a whole number, else seconds."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def check_time_budget(options: SearchOptions) -> None:
+    """Refuse a time budget that is not a positive, finite number of seconds, before Ray starts."""
+    value = options.time_budget_s
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise SearchError(f"--time-budget takes a positive number of seconds, got {value!r}")
+
+
+def budget_for_sweep(options: SearchOptions, space: SearchSpace, out: Path) -> tuple[SearchSpace, float | None, str | None]:
+    """The space with the sweep's trial count, its time budget, and what to tell the user.
+
+    A new sweep with a budget and no --num-samples starts trials until the budget runs out, and
+    records both in BUDGET_RECORD. A resumed one keeps them, as Tuner.restore does: it restores
+    the TuneConfig the sweep started with, whatever --time-budget says now, and starts the
+    budget's clock again; a sweep that had used up its budget starts no new trials (Tune recorded
+    its searcher as finished)."""
+    record = out / BUDGET_RECORD
+    if options.resume:
+        started = json.loads(record.read_text()) if record.is_file() else {"seconds": None}
+        if options.time_budget_s is not None and options.time_budget_s != started["seconds"]:
+            was = f"a time budget of {format_duration(started['seconds'])}" if started["seconds"] else "no time budget"
+            raise SearchError(f"--resume: sweep {options.name!r} started with {was}; Tune keeps it, so drop --time-budget")
+        if not started["seconds"]:
+            return space, None, None
+        note = (f"--resume: the sweep's time budget of {format_duration(started['seconds'])} starts again now; "
+                "a sweep that used it up starts no new trials")
+        return dataclasses.replace(space, num_samples=started["num_samples"]), started["seconds"], note
+    if options.time_budget_s is None:
+        return space, None, None
+    samples = space.num_samples if options.num_samples is not None else UNTIL_BUDGET
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"seconds": options.time_budget_s, "num_samples": samples, "cut_off": []}) + "\n")
+    note = None
+    if options.time_budget_s < SHORT_BUDGET_S:
+        note = (f"note: a time budget of {format_duration(options.time_budget_s)} is short: every trial starts a TorchTrainer, "
+                "its workers and its data before its first epoch (the leaderboard's startup_seconds says how long), so few "
+                f"trials may reach ASHA's first rung at epoch {space.grace_period}")
+    return dataclasses.replace(space, num_samples=samples), options.time_budget_s, note
+
+
+class BudgetCutoffs(tune.Callback):
+    """Adds the trials that the time budget cut off to the sweep's BUDGET_RECORD.
+
+    When the budget runs out, Tune ends every trial still running (or waiting to start) as
+    TERMINATED without calling on_trial_complete, which it calls for the trials that finished or
+    that ASHA stopped. So a trial that ends TERMINATED and was never completed was cut off.
+    """
+
+    def __init__(self, record: Path):
+        self.record = record
+        self.completed: set[str] = set()
+        self.ended_before: set[str] | None = None
+
+    def setup(self, **info):
+        self.completed, self.ended_before = set(), None
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.ended_before is None:  # the trials a resumed sweep had finished before
+            self.ended_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed.add(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info):
+        if self.ended_before is None:  # no step ran: nothing was left to cut off
+            return
+        known = self.completed | self.ended_before
+        cut = {t.trial_id for t in trials if t.status == "TERMINATED" and t.trial_id not in known}
+        if cut:
+            record = json.loads(self.record.read_text())
+            record["cut_off"] = sorted(set(record["cut_off"]) | cut)
+            self.record.write_text(json.dumps(record) + "\n")
+
+
+def cut_off_trials(out: Path) -> frozenset[str]:
+    record = out / BUDGET_RECORD
+    return frozenset(json.loads(record.read_text())["cut_off"]) if record.is_file() else frozenset()
+
+
+def budget_end_note(board, space: SearchSpace) -> str | None:
+    """A note when the time budget ran out before any trial reached ASHA's first rung."""
+    if not len(board) or "time_budget" not in set(board["stop_reason"]) or board["epochs"].max() >= space.grace_period:
+        return None
+    return (f"note: the time budget ran out before any trial reached ASHA's first rung (epoch {space.grace_period}), "
+            "so no trial was compared with another; a longer --time-budget gives ASHA something to compare")
 
 
 def cpus_for_workers(cpus: float) -> float:
@@ -433,6 +540,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     """Run (or resume) a sweep; write the leaderboard and best config; return a summary."""
     console = console or Console(stderr=True)
     check_gpu_options(options)
+    check_time_budget(options)
     space = load_space(options.space)
     if options.num_samples is not None:
         space = SearchSpace(**{**space.__dict__, "num_samples": options.num_samples})
@@ -456,6 +564,9 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     cv, fold_seed, advice = folds_for_sweep(options, space, meta, out)
     if advice:
         console.print(advice, style="yellow" if advice.startswith("warning") else None, highlight=False, markup=False)
+    space, budget, budget_note = budget_for_sweep(options, space, out)
+    if budget_note:
+        console.print(budget_note, highlight=False, markup=False, soft_wrap=True)
     folds = make_folds(options.data, meta, cv, fold_seed) if cv else []
     started = time.perf_counter()
     start_ray(options.address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
@@ -477,6 +588,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         # bundle asks for a token of memory instead).
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 2**20})
         progress = ProgressTable(space, console)
+        cutoffs = [BudgetCutoffs(out / BUDGET_RECORD)] if budget else []
         if options.resume:
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -497,10 +609,11 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                 tune_config=tune.TuneConfig(
                     search_alg=searcher, scheduler=scheduler,
                     num_samples=space.num_samples, max_concurrent_trials=concurrent, reuse_actors=False,
+                    time_budget_s=budget,
                 ),
                 run_config=tune.RunConfig(
                     name=options.name, storage_path=storage, verbose=0,
-                    callbacks=[progress, *wandb_callbacks(options.wandb_project, options.name, out, space, meta, console)],
+                    callbacks=[progress, *cutoffs, *wandb_callbacks(options.wandb_project, options.name, out, space, meta, console)],
                     failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 ),
             )
@@ -509,31 +622,40 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
             if fold_note:
                 console.print(fold_note, highlight=False, markup=False)
         per_trial = f", each on {cv} folds of train+val" if cv else ""
+        count = f"{space.num_samples} trials" if space.num_samples > 0 else "trials"
+        until = f" until its time budget of {format_duration(budget)} runs out" if budget else ""
         console.print(
-            f"sweep {options.name}: {space.num_samples} trials of {Path(space.path).name}{per_trial}, {concurrent} at a time on "
+            f"sweep {options.name}: {count} of {Path(space.path).name}{per_trial}{until}, {concurrent} at a time on "
             f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs; Tune experiment {experiment}",
             highlight=False,
         )
         results = tuner.fit()
         ray.kill(reports)  # every trial has ended
-        board = build_leaderboard(results, space, meta["classes"])
+        cut_off = cut_off_trials(out)
+        board = build_leaderboard(results, space, meta["classes"], cut_off)
         free = wait_for_release(resources)
     finally:
         ray.shutdown()
+    if budget and (end_note := budget_end_note(board, space)):
+        console.print(end_note, style="yellow", highlight=False, markup=False, soft_wrap=True)
     cv_record = {"folds": cv, "seed": fold_seed} if cv else None
+    budget_record = {"seconds": budget, "cut_off": sorted(cut_off)} if budget else None
     return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv_record,
-                         gpu_memory)
+                         gpu_memory, budget_record)
 
 
 def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
-                  seconds: float, free: dict, total: dict, cv: dict | None = None, gpu_memory: dict | None = None) -> dict:
+                  seconds: float, free: dict, total: dict, cv: dict | None = None, gpu_memory: dict | None = None,
+                  time_budget: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
     summary = {
         "name": options.name, "space": space.path, "data": data_location(options.data),
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
-        "objective": space.objective, "mode": space.mode, "num_samples": space.num_samples,
+        "objective": space.objective, "mode": space.mode,
+        "num_samples": space.num_samples if space.num_samples > 0 else None,  # None: until the time budget ran out
+        "time_budget": time_budget,  # {"seconds", "cut_off": trial ids} of a sweep run with --time-budget
         "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
         "cv": cv,  # {"folds", "seed"} of a cross-validated sweep
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},

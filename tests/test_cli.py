@@ -44,6 +44,9 @@ def test_search_refuses_counts_that_cannot_work_before_starting_ray(synthetic_da
         (["--trials-per-gpu", "four"], "--trials-per-gpu takes a number of workers per GPU or auto, got 'four'"),
         (["--trials-per-gpu", "0"], "--trials-per-gpu takes a positive number of workers per GPU or auto, got 0"),
         (["--trials-per-gpu", "4", "--gpus-per-worker", "0.5"], "--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.5"),
+        (["--time-budget", "0"], "--time-budget '0': expected a positive duration such as 90s, 20m, 1.5h or 600 (seconds)"),
+        (["--time-budget", "-5m"], "--time-budget '-5m': expected a positive duration"),
+        (["--time-budget", "abc"], "--time-budget 'abc': expected a positive duration"),
     )):
         out = tmp_path / str(index)
         result = defect_tune("search", "--data", synthetic_data, *args, "--out", out)

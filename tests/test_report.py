@@ -221,6 +221,19 @@ def test_the_study_is_rebuilt_as_the_searcher_saw_it(tmp_path):
     assert sum(values.values()) == pytest.approx(1.0)
 
 
+def test_a_sweep_bounded_by_its_time_budget_says_so_and_counts_cut_off_trials_as_pruned(tmp_path):
+    cut = dict(index=3, stop="time_budget", epochs=2, objective=0.45, params=dict(model="el_cnn", loss="bce", lr=1e-3))
+    results = make_results(tmp_path, trials=[*TRIALS[:3], cut])
+    summary = json.loads((results / "sweep.json").read_text())
+    summary.update(num_samples=None, time_budget={"seconds": 1200, "cut_off": [trial_id(cut)]})  # no --num-samples
+    (results / "sweep.json").write_text(json.dumps(summary))
+    study, _ = rebuild_study(load_sweep(results))
+    assert study.trials[-1].state.name == "PRUNED" and study.trials[-1].intermediate_values == {2: 0.45}
+    page = write_report(results).read_text()
+    assert "<dd class=text>4 within a time budget of 20 min 00 s, up to 4 epochs each</dd>" in page
+    assert "cut off by the time budget 1" in page
+
+
 def test_a_conditional_choice_of_none_is_told_apart_from_not_sampled(tmp_path):
     # focal_alpha: null is a real choice of focal trials; the leaderboard stores it as None, as it
     # does for trials whose branch never sampled focal_alpha. The space tells them apart.

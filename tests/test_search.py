@@ -1,5 +1,5 @@
 """Real sweeps on real local Ray clusters: ASHA without leaks (logging to W&B offline), resume after a
-killed driver, two nodes.
+killed driver, a time budget, two nodes.
 
 Slow (minutes: each trial starts a TorchTrainer, about 25 s on this CPU); CI runs them.
 """
@@ -262,6 +262,42 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     assert len(board) == 2 and (board["epochs"] == 2).all()
     for name, before in finished.items():  # finished trials were kept, not rerun
         assert (experiment / name / "progress.csv").read_bytes() == before
+
+
+@pytest.mark.timeout(600)  # about 90 s alone on 2 cores: a 60 s budget, Ray's start and stop
+def test_a_time_budget_ends_the_sweep_on_time_and_keeps_every_trial(synthetic_data, tmp_path):
+    """Without --num-samples, trials start until the budget runs out: more than the space's 2. ASHA's
+    grace is the 2 epochs, so a trial runs both or the budget cuts it off: the first two (two at a
+    time) finish within it, later ones are cut off and keep what they reported."""
+    out = tmp_path / "out"
+    budget = 60
+    started = time.monotonic()
+    result = subprocess.run(
+        search_command("--data", synthetic_data, "--space", write_space(tmp_path, 2, 2, grace=2), "--name", "budget",
+                       "--out", out, "--time-budget", "1m"),
+        capture_output=True, text=True, timeout=600,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "until its time budget of 1m runs out" in result.stderr and "best: trial" in result.stderr
+    assert elapsed < budget + 75, f"the sweep took {elapsed:.0f} s on a {budget} s budget"  # plus Ray's start and stop
+
+    board = pd.read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
+    experiment = out / "tune" / "budget"
+    assert len(board) == len(list(experiment.glob("run_trial_*"))) > 2  # every trial Tune started is kept
+    reasons = board["stop_reason"]
+    assert set(reasons) == {"completed", "time_budget"}
+    assert (board.loc[reasons == "completed", "epochs"] == 2).all() and (board.loc[reasons == "time_budget", "epochs"] < 2).all()
+    for trial_dir in experiment.glob("run_trial_*"):  # a trial cut off keeps the epochs it reported
+        history = read_progress(trial_dir / "progress.csv")
+        trial_id = trial_dir.name.split("_")[2]
+        assert board.loc[trial_id, "epochs"] == (0 if history is None else history["epoch"].max())
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["num_samples"] is None and summary["time_budget"]["seconds"] == budget
+    assert summary["time_budget"]["cut_off"] == sorted(board.loc[reasons == "time_budget", "trial_id"])
+    assert summary["stop_reasons"] == reasons.value_counts().to_dict()
+    assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]  # cut-off trials gave theirs back
+    assert load_config(out / "best_config.yaml").epochs == 2
 
 
 def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request, monkeypatch):

@@ -265,15 +265,18 @@ def test_asha_stopped_trials_reach_optuna_as_pruned():
     searcher.suggest("finished")
     searcher.suggest("patience")
     searcher.suggest("crashed")
+    searcher.suggest("short")
     searcher.on_trial_result("stopped", {space.objective: 0.3, "training_iteration": 1, "epoch": 1})
     searcher.on_trial_complete("stopped", {space.objective: 0.3, "training_iteration": 1, "epoch": 1})
     # Restarted from a checkpoint at epoch 2: Tune's iteration says 2, the trial's epoch says 4.
     searcher.on_trial_complete("finished", {space.objective: 0.5, "training_iteration": 2, "epoch": space.max_epochs})
     searcher.on_trial_complete("patience", {space.objective: 0.4, "training_iteration": 2, "epoch": 2, "early_stopped": True})
     searcher.on_trial_complete("crashed", None, error=True)
+    # Its own searched epoch budget (2) ended before max_epochs: complete, not pruned.
+    searcher.on_trial_complete("short", {space.objective: 0.45, "training_iteration": 2, "epoch": 2, "planned_epochs": 2})
     states = [t.state for t in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
-                      optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+                      optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert searcher._ot_study.trials[1].value == 0.5
 
 

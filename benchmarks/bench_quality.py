@@ -396,9 +396,13 @@ def render(rows: list[dict]) -> list[str]:
     configs = [r for r in rows if r["row"] == "config"]
     lines = ["# Quality: does the sweep's pick train a better model than the plain recipe?", "",
              run.get("machine", "Machine: not recorded."),
-             f"Command: `{run.get('command', 'not recorded')}`",
+             # Rows of several runs appended into one file render together: each run's command is listed.
+             *(f"Command: `{r.get('command', 'not recorded')}` (started {r.get('started', '?')})"
+               for r in rows if r["row"] == "run"),
              f"Started {run.get('started', '?')}; "
-             + (f"the whole run took {_wall(end['run_s'])}" if end else "not finished when this was written (or killed)")
+             + (f"the whole run took {_wall(end['run_s'])}" if end and sum(r["row"] == "run" for r in rows) == 1 else
+                "several runs' rows, listed above; see each one's rows for its times" if end
+                else "not finished when this was written (or killed)")
              + f"; rows in `{settings.get('rows', '?')}`, scratch in `{settings.get('work', '?')}`.", "",
              f"Settings: space `{settings.get('space')}`, split seeds {settings.get('seeds')}, image size "
              f"{settings.get('image_size')} px, time budget of the sweep = {settings.get('budget_factor')} x the baseline's "
@@ -588,8 +592,8 @@ def main() -> None:
            "settings": {"datasets": datasets, "seeds": seeds, "image_size": args.image_size, "space": str(space_path),
                         "budget_factor": args.budget_factor, "num_samples": args.num_samples, "keys": args.keys,
                         "work": str(args.work), "rows": str(rows_file), "time_budget_option": use_budget}})
-    for dataset in datasets:
-        for seed in seeds:
+    for seed in seeds:  # every dataset once before any twice: a run cut short still covers them all
+        for dataset in datasets:
             run_block(dataset, seed, args, space_path, use_budget, write)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text("\n".join(render(rows)) + "\n")  # a killed run leaves the tables so far

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +132,7 @@ def _to_device(parts: Parts, x: torch.Tensor, y: torch.Tensor):
 
 
 def train_one_epoch(parts: Parts, config: TrainConfig, batches: Iterable, epoch: int, rng: np.random.Generator,
-                    on_batch: Callable[[], None] | None = None, finish_on_nonfinite: bool = False) -> dict:
+                    finish_on_nonfinite: bool = False) -> dict:
     """One pass over `batches` of (images, labels); `epoch` counts from 0.
 
     A non-finite training loss raises `NonFiniteLoss` at once; with `finish_on_nonfinite` the
@@ -171,8 +171,6 @@ def train_one_epoch(parts: Parts, config: TrainConfig, batches: Iterable, epoch:
             parts.scheduler.step()
         total += loss.item() * len(x)
         seen += len(x)
-        if on_batch is not None:
-            on_batch()
     row = {"train_loss": total / max(seen, 1), "lr": parts.optimizer.param_groups[-1]["lr"]}
     return row if nonfinite is None else {**row, "nonfinite": nonfinite}
 
@@ -271,7 +269,7 @@ class Hooks:
         so that all of them step their schedules and stop alike."""
         return decision
 
-    def end_epoch(self, row: dict, improved: bool, scored: tuple[np.ndarray, np.ndarray] | None, stop: bool) -> None:
+    def end_epoch(self, row: dict, improved: bool, scored: tuple[np.ndarray, np.ndarray] | None) -> None:
         """The epoch's row is complete: report it, checkpoint. `improved`: the best objective so far;
         `scored`: the validation (probabilities, targets) behind the row."""
 
@@ -325,6 +323,6 @@ def run_epochs(parts: Parts, config: TrainConfig, classes: list[str], hooks: Hoo
         if parts.scheduler is not None and not parts.per_batch_schedule:
             parts.scheduler.step(decision["plateau"])
         row["seconds"] = round(time.perf_counter() - started, 3)
-        hooks.end_epoch(row, improved, scored, decision["stop"])
+        hooks.end_epoch(row, improved, scored)
         if decision["stop"]:
             return

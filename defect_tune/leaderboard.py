@@ -43,9 +43,10 @@ def error_reason(error: BaseException | str) -> str:
 
 
 def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool, cut_off: bool = False) -> str:
-    """Why a trial ended: an error, its epoch budget, its own early stopping, the sweep's time
-    budget (`cut_off`: it was still running when that ran out), or ASHA, which stops a trial
-    between epochs without telling it."""
+    """Why a trial ended: an error, its epoch budget (`max_epochs`: the epochs this trial was to
+    run, which a space that searches `epochs` sets per trial), its own early stopping, the
+    sweep's time budget (`cut_off`: it was still running when that ran out), or ASHA, which
+    stops a trial between epochs without telling it."""
     if failed:
         return "error"
     if cut_off and epochs < max_epochs and not early_stopped:
@@ -78,7 +79,8 @@ def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = froze
     # which is what it failed of: it counts as failed everywhere a failed trial does.
     diverged = metrics.get("diverged") or None
     failed = result.error is not None or diverged is not None
-    reason = stop_reason(epochs, space.max_epochs, bool(metrics.get("early_stopped")), failed, row["trial_id"] in cut_off)
+    planned = metrics.get("planned_epochs", space.max_epochs)  # the trial's own epoch budget, as its worker reports it
+    reason = stop_reason(epochs, planned, bool(metrics.get("early_stopped")), failed, row["trial_id"] in cut_off)
     row.update(status="error" if failed else "terminated", stop_reason=reason, epochs=epochs)
     row["error"] = diverged if result.error is None else error_reason(result.error)
     key = space.objective

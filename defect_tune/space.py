@@ -51,6 +51,12 @@ class Param:
     def active(self, sampled: dict) -> bool:
         return all(sampled.get(key) in allowed for key, allowed in self.when.items())
 
+    def contains(self, value) -> bool:
+        """Whether a trial of this parameter can take `value`."""
+        if self.kind == "choice":
+            return value in self.values
+        return isinstance(value, int | float) and self.values[0] <= value <= self.values[1]
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -94,9 +100,7 @@ class SearchSpace:
             if not p.active(values):
                 continue
             default = TrainConfig.model_fields[p.name].default
-            inside = default in p.values if p.kind == "choice" else (
-                default is not None and p.values[0] <= default <= p.values[1])
-            if not inside:
+            if not p.contains(default):
                 raise _fail(self.path, f"{where} ({BASELINE})",
                             f"the recipe's {p.name} {default!r} is outside the searched {p.kind} {list(p.values)}")
             values[p.name] = default
@@ -261,8 +265,7 @@ def load_space(path: Path) -> SearchSpace:
                 if p.name not in values:
                     raise _fail(path, f"{where}.params.{p.name}", "missing: this branch samples it")
                 value = values[p.name]
-                inside = value in p.values if p.kind == "choice" else p.values[0] <= value <= p.values[1]
-                if not inside:
+                if not p.contains(value):
                     raise _fail(path, f"{where}.params.{p.name}", f"{value!r} is outside the searched {p.kind} {list(p.values)}")
                 active[p.name] = value
         stray = sorted(set(values) - set(active))

@@ -134,6 +134,7 @@ class SweepRuns(WandbLoggerCallback):
         if epoch is not None:
             seen["epochs"] = max(seen["epochs"], int(epoch))
             seen["early_stopped"] = bool(result.get("early_stopped"))
+            seen["planned"] = result.get("planned_epochs", self.max_epochs)  # a searched `epochs` sets it per trial
         if result.get("diverged"):  # the trial ends itself with this report: it failed of it
             seen["diverged"] = result["diverged"]
             return
@@ -154,7 +155,7 @@ class SweepRuns(WandbLoggerCallback):
         seen = self.progress.get(trial_id, {"epochs": 0, "best": None, "early_stopped": False})
         best = seen["best"] or {}
         summary = {
-            "stop_reason": stop_reason(seen["epochs"], self.max_epochs, seen["early_stopped"], failed or "diverged" in seen),
+            "stop_reason": stop_reason(seen["epochs"], seen.get("planned", self.max_epochs), seen["early_stopped"], failed or "diverged" in seen),
             "epochs": seen["epochs"], "best_epoch": best.get("epoch"),
         }
         if "diverged" in seen:

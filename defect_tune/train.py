@@ -129,7 +129,7 @@ class LoaderHooks(Hooks):
     def val_batches(self):
         return self.val_loader
 
-    def end_epoch(self, row: dict, improved: bool, scored, stop: bool) -> None:
+    def end_epoch(self, row: dict, improved: bool, scored) -> None:
         self.history.append(row)
         if improved:
             self.best_state = copy.deepcopy(self.parts.model.state_dict())

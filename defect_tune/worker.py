@@ -56,36 +56,28 @@ class WorkerHooks(Hooks):
     """One Train worker's side of the engine.
 
     Training batches stream from the worker's Ray Data shard, or come from the shard kept in
-    memory (`keep_train`: after the first epoch; oversampling: from the start, since a weighted
-    draw needs every image at hand). Rank 0 validates, checkpoints and reports; the other ranks
+    memory (`keep_train`: after the first epoch; an oversampling config: from the start, since a
+    weighted draw needs every image at hand). Rank 0 validates, checkpoints and reports; the other ranks
     report nothing, the same number of times."""
 
     def __init__(self, loop_config: dict, config: TrainConfig, parts, stopper: EarlyStopping, drop_last: bool,
-                 rank: int, world: int, train_shard, val_data, node: str, report=ray.train.report):
+                 rank: int, world: int, train_shard, val_data, node: str, report=ray.train.report,
+                 timing: dict | None = None, model_ready: float = 0.0):
         self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop_config["meta"], parts, stopper, drop_last
         self.rank, self.world, self.train_shard, self.val_data = rank, world, train_shard, val_data
         self.node, self.report = node, report
         self.stop_after = loop_config.get("stop_after", config.epochs)
         self.validate = loop_config.get("validate", True)
         self.reproducible = loop_config.get("reproducible", False)
-        self.keep = loop_config.get("keep_train", False) or config.oversample_power > 0
+        self.keep = loop_config.get("keep_train", False)  # the trial sets it for an oversampling config too
         self.val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled
         self.shape = (self.meta["image"]["height"], self.meta["image"]["width"])
         self.rng = np.random.default_rng(config.seed + self.rank)
         self.kept: list | None = None  # filled by the first epoch when keeping a streamed shard
         self.shard: tuple[np.ndarray, np.ndarray] | None = None
-        self.timing: dict = {}
+        self.timing = timing or {}  # sweeps: where the trial's start-up went, reported by rank 0
         self.first_batch: list[float] = []
-        self.model_ready = time.time()
-
-    def note_startup(self, loop_config: dict, loop_started: float) -> None:
-        """Sweeps: rank 0 reports where the trial's start-up went (`startup/*`, seconds, disjoint)."""
-        if "trial_started_s" in loop_config:
-            built = loop_config.get("datasets_built_s", loop_config["trial_started_s"])
-            self.timing = {"trial_started_s": loop_config["trial_started_s"],
-                           "startup/datasets_s": built - loop_config["trial_started_s"],
-                           "startup/trainer_s": loop_started - built,
-                           "startup/model_s": self.model_ready - loop_started}
+        self.model_ready = model_ready  # when the model was built: the first batch's wait counts from here
 
     def train_batches(self, epoch: int):
         config = self.config
@@ -134,7 +126,7 @@ class WorkerHooks(Hooks):
         torch.distributed.broadcast_object_list(shared, src=0)
         return shared[0]
 
-    def end_epoch(self, row: dict, improved: bool, scored, stop: bool) -> None:
+    def end_epoch(self, row: dict, improved: bool, scored) -> None:
         if self.rank != 0:
             self.report({})
             return
@@ -182,6 +174,14 @@ def run(loop_config: dict, loop_started: float) -> None:
     parts.net = ray.train.torch.prepare_model(
         parts.model, parallel_strategy_kwargs={"find_unused_parameters": config.freeze_epochs > 0}
     )
+    model_ready = time.time()
+    timing = {}
+    if "trial_started_s" in loop_config:  # sweeps: where the trial's start-up went (`startup/*`, seconds, disjoint)
+        built = loop_config.get("datasets_built_s", loop_config["trial_started_s"])
+        timing = {"trial_started_s": loop_config["trial_started_s"],
+                  "startup/datasets_s": built - loop_config["trial_started_s"],
+                  "startup/trainer_s": loop_started - built,
+                  "startup/model_s": model_ready - loop_started}
     progress = Progress(EarlyStopping(config.early_stopping_patience))
     stopper = progress.stopper
     checkpoint = ray.train.get_checkpoint()
@@ -202,8 +202,8 @@ def run(loop_config: dict, loop_started: float) -> None:
             parts.scheduler.load_state_dict(state["scheduler"])
     validate = loop_config.get("validate", True)
     hooks = WorkerHooks(loop_config, config, parts, stopper, drop_last, rank, world, ray.train.get_dataset_shard("train"),
-                        ray.train.get_dataset_shard("val") if validate else None, ray.get_runtime_context().get_node_id())
-    hooks.note_startup(loop_config, loop_started)
+                        ray.train.get_dataset_shard("val") if validate else None, ray.get_runtime_context().get_node_id(),
+                        timing=timing, model_ready=model_ready)
     try:
         run_epochs(parts, config, meta["classes"], hooks, progress, stop_after, hooks.rng, finish_on_nonfinite=world > 1)
     except NonFiniteLoss as error:

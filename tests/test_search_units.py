@@ -280,7 +280,7 @@ def test_asha_stopped_trials_reach_optuna_as_pruned():
     assert searcher._ot_study.trials[1].value == 0.5
 
 
-def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None, index=0):
+def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None, index=0, planned=None):
     history = pd.DataFrame({
         "training_iteration": list(range(1, epochs + 1)),
         "epoch": list(range(1, epochs + 1)),
@@ -296,13 +296,23 @@ def fake_result(config, epochs, objective, error=None, early=False, checkpoint=N
         "time_total_s": [10.0 * (i + 1) for i in range(epochs)],
     })
     metrics = {"trial_id": config["id"], "early_stopped": early}
+    if planned is not None:
+        metrics["planned_epochs"] = planned
     return SimpleNamespace(config={k: v for k, v in config.items() if k != "id"}, metrics=metrics,
                            metrics_dataframe=history, error=error,
                            path=f"/x/run_trial_{config['id']}_{index}_lr={config.get('lr')}")
 
 
+def test_a_trial_that_ran_its_own_searched_epochs_completed_and_one_stopped_short_of_them_did_not():
+    space = load_space(QUICK)  # max_epochs 4
+    results = [fake_result({"id": "own", "model": "el_cnn", "epochs": 2, "lr": 0.001}, 2, [0.3, 0.4], planned=2),
+               fake_result({"id": "cut", "model": "el_cnn", "epochs": 3, "lr": 0.002}, 2, [0.3, 0.5], planned=3)]
+    board = build_leaderboard(results, space, ["a"]).set_index("trial_id")
+    assert board["stop_reason"].to_dict() == {"own": "completed", "cut": "asha"}
+
+
 def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
-    space = load_space(QUICK)  # max_epochs 3
+    space = load_space(QUICK)  # max_epochs 4
     seed = {"model": "el_cnn", "loss": "weighted_bce", "class_weight_exponent": 0.5, "lr": 1.0e-3}
     results = [
         fake_result({"id": "a", **seed}, 4, [0.2, 0.5, 0.7, 0.6], checkpoint="/ckpt/a", index=1),

@@ -240,8 +240,13 @@ def worker(rank, data, out):
     batches = [(torch.from_numpy(rng.random((8, 1, size, size), dtype=np.float32)),
                 torch.from_numpy((rng.random((8, len(meta["classes"]))) < 0.3).astype(np.float32))) for _ in range(5)]
     steps = []
-    row = train_one_epoch(parts, load_config(None, ["batch_size=8"]), batches, 0, rng,
-                          on_batch=lambda: steps.append(1), finish_on_nonfinite=True)
+
+    def counted():  # a batch is taken only once the step before it has finished
+        for batch in batches:
+            yield batch
+            steps.append(1)
+
+    row = train_one_epoch(parts, load_config(None, ["batch_size=8"]), counted(), 0, rng, finish_on_nonfinite=True)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"steps": len(steps), "nonfinite": row.get("nonfinite")}, f)
     dist.destroy_process_group()

@@ -29,6 +29,28 @@ OBJECTIVE_DEFINITION = (
     "is), averaged over those classes. Predicting every defect everywhere scores 0 on every class "
     "rarer than the floor."
 )
+# What every choice ranks by (best epoch, kept checkpoint, Optuna, ASHA, leaderboard, export):
+# the objective, ties broken by validation macro AP. Ties are common: when validation separates
+# every class, the good configs and epochs all score a guarded recall of 1.0, and without a
+# tie-break the first to get there would win. The AP term is below any step of a macro recall
+# (1 / (classes x positives of a class)) on a validation set of under a million positives per
+# class, so it never outweighs one more image recalled.
+SELECTION = "val_selection_score"
+TIE_BREAK_WEIGHT = 1e-6
+
+
+def selection_score(objective: float, average_precision: float | None) -> float:
+    """The objective plus TIE_BREAK_WEIGHT x validation macro AP (0 where AP is undefined)."""
+    ap = average_precision if average_precision is not None and average_precision == average_precision else 0.0
+    return objective + TIE_BREAK_WEIGHT * ap
+
+
+def selection_metric(objective: str) -> str:
+    """The column a sweep ranks by: SELECTION for the built-in objective; a space's own
+    objective (any metric its trials report) as it is."""
+    return SELECTION if objective == OBJECTIVE else objective
+
+
 # Beside each checkpoint: the epoch's validation probabilities and targets, for reports. Here for
 # the same reason: the report reads them without importing Ray Train.
 PREDICTIONS_FILE = "val_predictions.npz"

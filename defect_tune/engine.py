@@ -21,7 +21,7 @@ from torch import nn
 
 from defect_tune.augment import mixup
 from defect_tune.class_stats import ClassCounts
-from defect_tune.config import OBJECTIVE, TrainConfig
+from defect_tune.config import OBJECTIVE, SELECTION, TrainConfig, selection_score
 from defect_tune.data import sample_weights, to_tensor
 from defect_tune.losses import build_loss
 from defect_tune.metrics import evaluate, learn_thresholds
@@ -50,7 +50,8 @@ class Parts:
 
 
 class EarlyStopping:
-    """Patience on the objective (higher is better); patience 0 never stops."""
+    """Patience on the selection score (the objective, ties broken by AP; higher is better);
+    patience 0 never stops."""
 
     def __init__(self, patience: int):
         self.patience, self.best, self.best_epoch, self.waited = patience, float("-inf"), 0, 0
@@ -214,6 +215,7 @@ def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig, cla
         "val_macro_ap": guarded["macro"]["average_precision"],
         "val_macro_recall@0.5": plain["macro"]["recall"],
     }
+    row[SELECTION] = selection_score(row[OBJECTIVE], row["val_macro_ap"])
     row.update({f"val_recall/{c}": guarded["per_class"][c]["recall"] for c in classes})
     # The counts behind each recall (5 of 6), from which the leaderboard gives its Wilson interval.
     row.update({f"val_recalled/{c}": guarded["per_class"][c]["tp"] for c in classes})
@@ -316,10 +318,10 @@ def run_epochs(parts: Parts, config: TrainConfig, classes: list[str], hooks: Hoo
         if val is not None:
             probs, targets, row["val_loss"] = predict(parts, val)
             row.update(score_epoch(probs, targets, config, classes))
-            improved = stopper.update(row[OBJECTIVE], epoch + 1)
+            improved = stopper.update(row[SELECTION], epoch + 1)
             row.update(best_epoch=stopper.best_epoch, early_stopped=stopper.should_stop)
             scored = (probs, targets)
-        decision = hooks.agree({"stop": stopper.should_stop, "plateau": row.get(OBJECTIVE, -row["train_loss"])})
+        decision = hooks.agree({"stop": stopper.should_stop, "plateau": row.get(SELECTION, -row["train_loss"])})
         if parts.scheduler is not None and not parts.per_batch_schedule:
             parts.scheduler.step(decision["plateau"])
         row["seconds"] = round(time.perf_counter() - started, 3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from defect_tune.leaderboard import plain
+from defect_tune.leaderboard import plain, ranked_by
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
 
 EXPORT_FORMAT = 1
@@ -77,8 +77,9 @@ def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) ->
 def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: str | None = None) -> dict:
     results = Path(results)
     sweep, board, configs = _read(results)
-    metric = metric or sweep["objective"]
-    mode = mode or (sweep["mode"] if metric == sweep["objective"] else "min" if "loss" in metric else "max")
+    metric = metric or ranked_by(board, sweep["objective"])
+    objective = metric in (sweep["objective"], ranked_by(board, sweep["objective"]))
+    mode = mode or (sweep["mode"] if objective else "min" if "loss" in metric else "max")
     row = pick(board, metric, mode, rank, results / "leaderboard.parquet")
     trial_id = row["trial_id"]
     if trial_id not in configs:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from defect_tune.config import OBJECTIVE
+from defect_tune.config import OBJECTIVE, SELECTION, selection_metric
 
 STOP_REASONS = ("completed", "early_stopping", "asha", "time_budget", "error", "no_result")
 
@@ -40,6 +40,13 @@ def error_reason(error: BaseException | str) -> str:
         name = type(error).__name__ if isinstance(error, BaseException) else "Error"
         message = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{name}: {message}"[:500]
+
+
+def ranked_by(table: pd.DataFrame, objective: str) -> str:
+    """The column to rank a trial's epochs or a sweep's trials by: the selection score (the
+    objective, ties broken by AP) where the table has it; sweeps from before it, by the objective."""
+    column = selection_metric(objective)
+    return column if column in table else objective
 
 
 def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool, cut_off: bool = False) -> str:
@@ -85,8 +92,10 @@ def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = froze
     row["error"] = diverged if result.error is None else error_reason(result.error)
     key = space.objective
     if epochs and key in history:
-        best = history.loc[history[key].idxmax() if space.mode == "max" else history[key].idxmin()]
+        rank = ranked_by(history, key)
+        best = history.loc[history[rank].idxmax() if space.mode == "max" else history[rank].idxmin()]
         row[key] = float(best[key])
+        row[rank] = float(best[rank])
         row["best_epoch"] = int(best["epoch"])
         for column in dict.fromkeys((OBJECTIVE, f"{OBJECTIVE}_low", f"{OBJECTIVE}_high", "val_macro_precision",
                                      "val_macro_f2", "val_macro_ap", "val_macro_recall@0.5", "val_loss")):
@@ -120,7 +129,7 @@ def build_leaderboard(results, space, classes: list[str], cut_off: frozenset[str
     if board.empty:
         return board
     ascending = space.mode == "min"
-    board = board.sort_values(space.objective, ascending=ascending, na_position="last", kind="stable")
+    board = board.sort_values(ranked_by(board, space.objective), ascending=ascending, na_position="last", kind="stable")
     # A failed trial ranks after every other, whatever its best epoch before it failed.
     board = board.sort_values("status", key=lambda status: status == "error", kind="stable").reset_index(drop=True)
     board.insert(0, "rank", range(1, len(board) + 1))

@@ -38,7 +38,7 @@ from defect_tune.export import package_versions, read_export
 from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
 from defect_tune.models import build_model
 from defect_tune.search import SearchError, start_ray
-from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig, validate_config
+from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, SELECTION, TrainConfig, validate_config
 from defect_tune.engine import build_parts, pick_device, predict
 from defect_tune.train import make_loader
 from defect_tune.ingest import build_datasets, data_tasks_at_once
@@ -105,7 +105,7 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
         dataset_config=dataset_config(options.workers),
         run_config=RunConfig(
             name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max")
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION, checkpoint_score_order="max")
             if validate else CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -113,7 +113,7 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
     if result.error is not None:
         raise RetrainError(f"training failed: {error_reason(result.error)}")
     if validate:
-        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION])
     else:
         checkpoint, metrics = result.checkpoint, result.metrics
     with checkpoint.as_directory() as directory:

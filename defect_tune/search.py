@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from defect_tune.data import check_shards, data_location, read_meta
+from defect_tune.config import selection_metric
 from defect_tune.export import ExportError, package_versions, pick
 from defect_tune.folds import make_folds
-from defect_tune.leaderboard import build_leaderboard, plain
+from defect_tune.leaderboard import build_leaderboard, plain, ranked_by
 from defect_tune.post import start_report_post
 from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.tracking import wandb_callbacks
@@ -593,7 +594,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
             searcher = AshaAwareOptunaSearch(
-                space=DefineByRun(space), metric=space.objective, mode=space.mode,
+                space=DefineByRun(space), metric=selection_metric(space.objective), mode=space.mode,
                 points_to_evaluate=[dict(p) for _, p in space.points] or None,
                 seed=options.seed, study_name=options.name, max_epochs=space.max_epochs,
             )
@@ -601,7 +602,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                 # Our own epoch count, not Tune's training_iteration: a trial restarted from its
                 # Train checkpoint (after a failure or --resume) reports from where it left off,
                 # while Tune's counter starts again at 1.
-                time_attr="epoch", metric=space.objective, mode=space.mode, max_t=space.max_epochs,
+                time_attr="epoch", metric=selection_metric(space.objective), mode=space.mode, max_t=space.max_epochs,
                 grace_period=space.grace_period, reduction_factor=space.reduction_factor,
             )
             tuner = tune.Tuner(
@@ -654,6 +655,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         "name": options.name, "space": space.path, "data": data_location(options.data),
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
         "objective": space.objective, "mode": space.mode,
+        "ranked_by": ranked_by(board, space.objective),  # the objective, ties broken by validation AP
         "num_samples": space.num_samples if space.num_samples > 0 else None,  # None: until the time budget ran out
         "time_budget": time_budget,  # {"seconds", "cut_off": trial ids} of a sweep run with --time-budget
         "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
@@ -670,7 +672,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         configs[row["trial_id"]] = space.config_for(sampled).model_dump()
     (out / "trial_configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     try:  # the trial `export` would pick: the best that finished an epoch without error
-        best = pick(board, space.objective, space.mode, 1, out) if len(board) else None
+        best = pick(board, ranked_by(board, space.objective), space.mode, 1, out) if len(board) else None
     except ExportError:  # no such trial
         best = None
     if best is not None:

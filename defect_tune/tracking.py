@@ -22,6 +22,7 @@ import ray
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 from ray.air.util.node import _force_on_current_node
 
+from defect_tune.config import selection_metric
 from defect_tune.leaderboard import stop_reason
 
 FINAL = "_defect_tune_final"  # result key of the item queued when a trial ends
@@ -130,7 +131,9 @@ class SweepRuns(WandbLoggerCallback):
     def note(self, trial_id: str, result: dict) -> None:
         """Keep a trial's epoch count and its best epoch's figures for the end-of-trial summary."""
         seen = self.progress.setdefault(trial_id, {"epochs": 0, "best": None, "early_stopped": False})
-        epoch, value = result.get("epoch"), result.get(self.objective)
+        # Ranked as the leaderboard does: by the selection score (the objective, ties broken by
+        # AP) where the trial reports one.
+        epoch, value = result.get("epoch"), result.get(selection_metric(self.objective), result.get(self.objective))
         if epoch is not None:
             seen["epochs"] = max(seen["epochs"], int(epoch))
             seen["early_stopped"] = bool(result.get("early_stopped"))
@@ -140,10 +143,10 @@ class SweepRuns(WandbLoggerCallback):
             return
         if value is None:
             return
-        best = seen["best"] and seen["best"][self.objective]
+        best = seen.get("best_value")
         if best is None or (value > best if self.objective_mode == "max" else value < best):
             keys = [self.objective, "epoch", *(f"{kind}/{c}" for kind in ("val_recall", "threshold") for c in self.classes)]
-            seen["best"] = {k: result.get(k) for k in keys}
+            seen["best"], seen["best_value"] = {k: result.get(k) for k in keys}, value
 
     def log_trial_end(self, trial, failed: bool = False):
         if trial in self._trial_queues:  # queued ahead of Ray's END, so the run has it before finishing

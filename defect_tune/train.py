@@ -202,7 +202,7 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
     results.update(
         status="completed",
         best_epoch=stopper.best_epoch,
-        best_objective=stopper.best,
+        best_objective=next(row[OBJECTIVE] for row in results["history"] if row["epoch"] == stopper.best_epoch),
         epochs_run=len(results["history"]),
         stopped_early=len(results["history"]) < config.epochs,
         baselines=baselines,

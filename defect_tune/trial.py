@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from defect_tune.config import OBJECTIVE, PREDICTIONS_FILE, TrainConfig
+from defect_tune.config import PREDICTIONS_FILE, SELECTION, TrainConfig, selection_metric
 from defect_tune.data import filesystem_for
 from defect_tune.ingest import build_datasets, data_tasks_at_once
 from defect_tune.post import trial_mailbox
@@ -88,7 +88,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def diverged_report(objective: str, mode: str) -> dict:
     """The objective a diverged trial reports: its worst value. Every metric a sweep maximises
     (recall, precision, F2, AP) is at least 0; one it minimises (a loss) is at most infinity."""
-    return {objective: 0.0 if mode == "max" else math.inf}
+    worst = 0.0 if mode == "max" else math.inf
+    return {objective: worst, selection_metric(objective): worst}
 
 
 def dataset_config(workers: int) -> DataConfig:
@@ -119,7 +120,7 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
             name=name,
             storage_path=_train_storage(setup),
             callbacks=callbacks,
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=setup.max_failures),
         ),
     )

@@ -138,7 +138,7 @@ class WorkerHooks(Hooks):
         # completed; one that ASHA stopped there did not (search.AshaAwareOptunaSearch).
         row.update(node_id=self.node, epoch_s=row["seconds"], timestamp_s=time.time(), planned_epochs=self.stop_after)
         parts, stopper = self.parts, self.stopper
-        # Every epoch: Train keeps the best (by the objective) and always the latest, which a
+        # Every epoch: Train keeps the best (by the selection score) and always the latest, which a
         # retried or resumed trial continues from.
         with tempfile.TemporaryDirectory() as directory:
             state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),

@@ -17,7 +17,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from defect_tune.leaderboard import build_leaderboard, error_reason
+from defect_tune.config import SELECTION, selection_score
+from defect_tune.leaderboard import build_leaderboard, error_reason, ranked_by
 from defect_tune.search import (BUDGET_RECORD, GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, BudgetCutoffs,
                                 SearchError, SearchOptions, budget_end_note, budget_for_sweep, bundled_spaces, check_gpu_options,
                                 check_time_budget, cut_off_trials, fit_on_gpu, folds_side_by_side, format_duration, gpu_share,
@@ -280,7 +281,9 @@ def test_asha_stopped_trials_reach_optuna_as_pruned():
     assert searcher._ot_study.trials[1].value == 0.5
 
 
-def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None, index=0, planned=None):
+def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None, index=0, planned=None, ap=None):
+    """A Tune result with one history row per epoch; `ap`: each epoch's validation macro AP, which
+    adds the selection score (a sweep from before it has neither)."""
     history = pd.DataFrame({
         "training_iteration": list(range(1, epochs + 1)),
         "epoch": list(range(1, epochs + 1)),
@@ -295,6 +298,9 @@ def fake_result(config, epochs, objective, error=None, early=False, checkpoint=N
         "node_id": ["n1"] * epochs,
         "time_total_s": [10.0 * (i + 1) for i in range(epochs)],
     })
+    if ap is not None:
+        history["val_macro_ap"] = ap
+        history[SELECTION] = [selection_score(o, a) for o, a in zip(objective, ap)]
     metrics = {"trial_id": config["id"], "early_stopped": early}
     if planned is not None:
         metrics["planned_epochs"] = planned
@@ -357,8 +363,27 @@ def test_a_diverged_trial_is_a_failed_row_naming_its_loss_and_is_never_exported(
     assert pick(board.reset_index(drop=True), space.objective, space.mode, 1, tmp_path)["trial_id"] == "b"
 
 
+def test_trials_and_epochs_tied_on_the_objective_rank_by_validation_ap(tmp_path):
+    """Two trials that both reach a guarded recall of 1.0: the one whose best epoch has the higher
+    validation AP ranks first, its best epoch is the tied one with the higher AP (not the first to
+    reach 1.0), and a higher recall still beats any AP."""
+    from defect_tune.export import pick
+
+    space = load_space(QUICK)
+    results = [fake_result({"id": "first", "model": "el_cnn", "lr": 0.001}, 3, [0.9, 1.0, 1.0], ap=[0.99, 0.90, 0.93], index=0),
+               fake_result({"id": "later", "model": "el_cnn", "lr": 0.002}, 3, [1.0, 1.0, 0.95], ap=[0.91, 0.97, 0.99], index=1),
+               fake_result({"id": "lower", "model": "el_cnn", "lr": 0.003}, 2, [0.5, 0.98], ap=[1.0, 1.0], index=2)]
+    board = build_leaderboard(results, space, ["a"])
+    assert board["trial_id"].tolist() == ["later", "first", "lower"]
+    best = board.set_index("trial_id")
+    assert best.loc["later", "best_epoch"] == 2 and best.loc["first", "best_epoch"] == 3
+    assert best.loc["later", "val_guarded_macro_recall"] == 1.0 and best.loc["later", "val_macro_ap"] == 0.97
+    assert ranked_by(board, space.objective) == SELECTION
+    assert pick(board, ranked_by(board, space.objective), space.mode, 1, tmp_path)["trial_id"] == "later"
+
+
 def test_a_diverged_trial_reports_its_objectives_worst_value():
-    assert diverged_report("val_guarded_macro_recall", "max") == {"val_guarded_macro_recall": 0.0}
+    assert diverged_report("val_guarded_macro_recall", "max") == {"val_guarded_macro_recall": 0.0, "val_selection_score": 0.0}
     assert diverged_report("val_loss", "min") == {"val_loss": math.inf}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from defect_tune import engine as train_module
-from defect_tune.config import load_config
+from defect_tune.config import SELECTION, load_config, selection_score
 from defect_tune.data import load_split, read_meta, sample_weights, to_tensor
 from defect_tune.metrics import guarded_macro_recall
 from defect_tune.models import build_model
@@ -61,14 +61,34 @@ def test_training_is_reproducible_on_cpu(synthetic_data, tmp_path):
     assert strip(c["history"]) != strip(a["history"])
 
 
+def scripted_scores(monkeypatch, scores: list[tuple[float, float]]) -> None:
+    """Each epoch's (objective, validation macro AP), in order, in place of the measured ones."""
+    scripted, real = iter(scores), train_module.score_epoch
+
+    def score(*args):
+        objective, ap = next(scripted)
+        return {**real(*args), OBJECTIVE: objective, "val_macro_ap": ap, SELECTION: selection_score(objective, ap)}
+
+    monkeypatch.setattr(train_module, "score_epoch", score)
+
+
 def test_early_stopping_restores_the_best_epoch(synthetic_data, tmp_path, monkeypatch):
-    scripted = iter([0.1, 0.5, 0.4, 0.3, 0.9])
-    real = train_module.score_epoch
-    monkeypatch.setattr(train_module, "score_epoch", lambda *a: {**real(*a), OBJECTIVE: next(scripted)})
+    scripted_scores(monkeypatch, [(0.1, 0.5), (0.5, 0.1), (0.4, 0.9), (0.3, 0.9), (0.9, 0.9)])
     config = load_config(None, [*FAST, "epochs=5", "early_stopping_patience=2"])
     results = fit(config, synthetic_data, tmp_path / "run", device="cpu")
-    assert [row[OBJECTIVE] for row in results["history"]] == [0.1, 0.5, 0.4, 0.3]
+    assert [row[OBJECTIVE] for row in results["history"]] == [0.1, 0.5, 0.4, 0.3]  # AP does not outweigh recall
     assert results["best_epoch"] == 2 and results["best_objective"] == 0.5 and results["stopped_early"]
+
+
+def test_a_tie_on_the_objective_goes_to_the_epoch_with_the_higher_validation_ap(synthetic_data, tmp_path, monkeypatch):
+    """A saturated objective (every class recalled in full at the floor) must not keep the first
+    epoch to reach it: the later one that ranks the validation images better is kept, and a tie
+    won on AP counts as progress for patience."""
+    scripted_scores(monkeypatch, [(0.8, 0.7), (1.0, 0.8), (1.0, 0.95), (1.0, 0.9), (1.0, 0.85)])
+    config = load_config(None, [*FAST, "epochs=5", "early_stopping_patience=2"])
+    results = fit(config, synthetic_data, tmp_path / "run", device="cpu")
+    assert len(results["history"]) == 5 and results["stopped_early"] is False
+    assert results["best_epoch"] == 3 and results["best_objective"] == 1.0
 
 
 def test_non_finite_loss_fails_the_run_with_a_clear_status(synthetic_data, tmp_path, monkeypatch):

@@ -1,3 +1,3 @@
-from defect_tune.cli import app
+from defect_tune.cli import run
 
-app()
+run()

@@ -21,9 +21,30 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+# A message longer than this is cut: a validator that echoes its input (a YAML alias bomb under
+# one key) would otherwise print megabytes.
+MAX_MESSAGE = 2000
+
+
 def _fail(error: Exception, code: int = 2):
-    console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+    text = str(error)
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]} ... ({len(text) - MAX_MESSAGE} more characters left out)"
+    console.print(f"error: {text}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def run() -> None:
+    """The `defect-tune` console script: bad input (any `UserError`, from whichever stage) is
+    one line on stderr and exit 2, caught here once; any other exception is ours and keeps its
+    traceback."""
+    from defect_tune.errors import UserError
+
+    try:
+        app()
+    except UserError as error:
+        exit_code = _fail(error).exit_code
+        raise SystemExit(exit_code) from None
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -296,11 +317,12 @@ def export(
     mode: Annotated[str | None, typer.Option(help="max | min (default: the objective's; min for *loss columns)")] = None,
 ) -> None:
     """Export a trial's full config plus what production needs (thresholds, best epoch, data fingerprint)."""
-    from defect_tune.export import ExportError, build_export, write_export
+    from defect_tune.export import ExportError, build_export, check_export_out, write_export
 
     if mode not in (None, "max", "min"):
         raise _fail(ValueError(f"--mode {mode!r}: choose max or min"))
     try:
+        check_export_out(out)
         exported = build_export(results, rank, metric, mode)
     except ExportError as error:
         raise _fail(error) from None
@@ -356,10 +378,11 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Per-class probabilities and thresholded decisions for images, preprocessed as `prepare` did."""
-    from defect_tune.predict import PredictError, predict_images
+    from defect_tune.predict import PredictError, check_predictions_out, predict_images
     from defect_tune.retrain import RetrainError
 
     try:
+        check_predictions_out(out)  # before the work, which a bad --out would otherwise lose
         table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device)
     except (PredictError, RetrainError) as error:
         raise _fail(error) from None

@@ -14,9 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from defect_tune.augment import parse_augment
+from defect_tune.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message names the key (and the file)."""
 
 
@@ -63,7 +64,8 @@ class TrainConfig(BaseModel):
     stopping (the epoch with the best validation objective is kept). Chosen as a strong generic recipe for small grayscale defect
     sets, not fitted to any dataset here."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    # allow_inf_nan: an infinite warmup or MixUp alpha would train on in silence or fail as a NaN loss.
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     # model: any timm backbone by name, or the seeds' own CNNs ("el_cnn", "steel_cnn")
     model: str = "resnet18"
@@ -113,7 +115,7 @@ class TrainConfig(BaseModel):
     # Epochs without a better objective; 0: off. Off by default: a one-cycle schedule's best
     # weights come at its end, after the high-rate middle that early stopping would cut into.
     early_stopping_patience: int = Field(0, ge=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and torch take 32-bit seeds
     num_workers: int = Field(0, ge=0)  # DataLoader processes for `defect-tune train`
 
     @field_validator("augment")
@@ -142,7 +144,9 @@ def _explain(error: ValidationError, where: str) -> ConfigError:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"{key}: unknown key{hint}")
         else:
-            lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
+            shown = repr(problem.get("input"))
+            shown = shown if len(shown) <= 80 else f"{shown[:80]}... ({len(shown)} characters)"  # e.g. a YAML alias bomb
+            lines.append(f"{key}: {problem['msg']} (got {shown})")
     return ConfigError(f"{where}: " + "; ".join(lines))
 
 

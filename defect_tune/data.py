@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from defect_tune.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 MEAN, STD = 0.449, 0.226
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Prepared data that cannot be used; the message names the file."""
 
 
@@ -69,9 +71,20 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path}: cannot read: {error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}; not a `defect-tune prepare` output")
     for key in ("classes", "image", "splits"):
         if key not in meta:
             raise DataError(f"{path}: missing {key!r}; not a `defect-tune prepare` output")
+    classes, image = meta["classes"], meta["image"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise DataError(f"{path}: 'classes' must be a list of distinct class names")
+    sizes = [image.get(key) for key in ("height", "width")] if isinstance(image, dict) else [None]
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+        raise DataError(f"{path}: 'image' needs a positive integer 'height' and 'width'")
+    if not isinstance(meta["splits"], dict):
+        raise DataError(f"{path}: 'splits' must be an object of split -> shards")
     return meta
 
 

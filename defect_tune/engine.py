@@ -22,6 +22,7 @@ from torch import nn
 from defect_tune.augment import mixup
 from defect_tune.class_stats import ClassCounts
 from defect_tune.config import OBJECTIVE, SELECTION, TrainConfig, selection_score
+from defect_tune.errors import UserError
 from defect_tune.data import sample_weights, to_tensor
 from defect_tune.losses import build_loss
 from defect_tune.metrics import evaluate, learn_thresholds
@@ -76,9 +77,18 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """`--device`: auto (a GPU when there is one), cpu, cuda or cuda:N; UserError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name!r}: no such CUDA GPU is visible here ({torch.cuda.device_count()} found)")
+    return device
 
 
 def _schedule(config: TrainConfig, optimizer, steps_per_epoch: int):

@@ -7,9 +7,11 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
+from defect_tune.errors import UserError
 from defect_tune.leaderboard import plain, ranked_by
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
 
@@ -17,7 +19,7 @@ EXPORT_FORMAT = 1
 PACKAGES = ("defect-tune", "torch", "torchvision", "timm", "ray", "optuna", "albumentations", "numpy", "pyarrow")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A sweep result that cannot be exported; the message names the file."""
 
 
@@ -67,11 +69,19 @@ def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) ->
     if metric not in board.columns:
         close = [c for c in board.columns if c.startswith(("val_", "param/"))]
         raise ExportError(f"{where}: no column {metric!r} in the leaderboard; columns include {', '.join(close)}")
-    usable = board[(board["status"] != "error") & board[metric].notna()]
+    missing = [c for c in ("trial_id", "status", "stop_reason", "epochs", "best_epoch") if c not in board.columns]
+    if missing:
+        raise ExportError(f"{where}: no column(s) {missing}; not a leaderboard that `search` wrote")
+    values = pd.to_numeric(board[metric], errors="coerce")
+    if board[metric].notna().any() and values.isna().all():
+        raise ExportError(f"{where}: column {metric!r} holds no numbers")
+    epochs = pd.to_numeric(board["best_epoch"], errors="coerce")
+    # A trial with an infinite or missing figure, or no best epoch, has nothing to hand on.
+    usable = board[(board["status"] != "error") & np.isfinite(values) & np.isfinite(epochs) & (epochs >= 1)]
     if rank < 1 or rank > len(usable):
         raise ExportError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) have a {metric} value")
-    ordered = usable.sort_values(metric, ascending=mode == "min", kind="stable")
-    return ordered.iloc[rank - 1]
+    order = values[usable.index].sort_values(ascending=mode == "min", kind="stable").index
+    return usable.loc[order].iloc[rank - 1]
 
 
 def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: str | None = None) -> dict:
@@ -121,7 +131,27 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     }
 
 
+def check_export_out(out: Path) -> None:
+    """Refuse an --out that is a folder or a file other than an earlier export (the sweep's own
+    sweep.json, a leaderboard, a config a user wrote): writing there would destroy it."""
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out}: --out is a folder; name the export file to write, e.g. {out / 'best.yaml'}")
+    if not out.exists():
+        for parent in out.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ExportError(f"{out}: --out lies under {parent}, which is a file")
+        return
+    try:
+        earlier = yaml.safe_load(out.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("format") != EXPORT_FORMAT or "sweep" not in earlier:
+        raise ExportError(f"{out}: exists and is not an earlier export; refusing to overwrite it (choose another --out)")
+
+
 def write_export(export: dict, out: Path) -> None:
+    check_export_out(out)
     sweep = export["sweep"]
     header = (
         f"# defect-tune export: trial {sweep['trial_id']} (rank {sweep['rank']} by {sweep['ranked_by']['metric']}) "

@@ -43,13 +43,23 @@ class DecodeResult:
 
 
 def to_gray_uint8(image: Image.Image) -> np.ndarray:
-    """8-bit grayscale, keeping 16-bit EL images' full range (scaled, not clipped)."""
+    """8-bit grayscale, keeping a deeper image's full range (scaled, not clipped).
+
+    An integer image is scaled by the smallest whole bit depth that holds its brightest pixel:
+    a 12-bit sensor's frame in a 16-bit PNG uses 0..4095, and dividing it by 65535 would leave
+    it about 16 grey levels. A bit depth, not the image's own maximum, so that a dark frame stays
+    dark. A float image is stretched over its own range; a non-finite pixel is refused
+    (ValueError), since one NaN would otherwise turn the whole image black."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
-        maximum = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        brightest = max(float(array.max()), 255.0)
+        maximum = 2.0 ** int(np.ceil(np.log2(brightest + 1))) - 1
         return np.clip(np.rint(array * (255.0 / maximum)), 0, 255).astype(np.uint8)
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
+        bad = int((~np.isfinite(array)).sum())
+        if bad:
+            raise ValueError(f"{bad} non-finite pixel(s) (NaN or infinity) in a floating-point image")
         low, high = float(array.min()), float(array.max())
         scale = 255.0 / (high - low) if high > low else 0.0
         return np.rint((array - low) * scale).astype(np.uint8)
@@ -82,8 +92,11 @@ def _coverage(region: Region, height: int, width: int, along_width: bool) -> np.
     covered = np.zeros(length, dtype=bool)
     if region.box is not None:
         xmin, ymin, xmax, ymax = region.box
+        if xmax < 1 or ymax < 1 or xmin > width or ymin > height or xmin > xmax or ymin > ymax:
+            # Negative ends would wrap around in the slice below and label the wrong tiles.
+            raise ValueError(f"{region.label} box {region.box} lies outside the {width}x{height} image")
         low, high = (xmin, xmax) if along_width else (ymin, ymax)
-        covered[max(low - 1, 0) : min(high, length)] = True
+        covered[max(low - 1, 0) : min(high, length)] = True  # a box reaching past an edge stops there
     elif region.rle is not None:
         covered = _rle_mask(region.rle, height, width).any(axis=0 if along_width else 1)
     return covered

@@ -9,6 +9,7 @@ and after them the same way for all of them.
 from __future__ import annotations
 
 import difflib
+import pickle
 from pathlib import Path
 
 import timm
@@ -16,8 +17,10 @@ import torch
 from timm.layers import create_attn
 from torch import nn
 
+from defect_tune.errors import UserError
 
-class ModelError(ValueError):
+
+class ModelError(UserError):
     """A model that cannot be built; the message says why and what to do."""
 
 
@@ -124,8 +127,10 @@ def build_model(config, num_classes: int) -> DefectClassifier:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 backbone.load_state_dict(state)
-            except (OSError, RuntimeError) as error:
-                raise ModelError(f"model {config.model!r}: cannot load {path}: {error}") from error
+            except (OSError, RuntimeError, pickle.UnpicklingError, ValueError, EOFError) as error:
+                # weights_only refuses arbitrary pickles; its message runs to a page, the first line says why.
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ModelError(f"{path}: cannot load it as weights for {config.model!r}: {first}") from None
     else:
         backbone = _timm_backbone(config.model, config.pretrained, config.pretrained_path)
     return DefectClassifier(backbone, num_classes, config.cbam, config.head, config.head_hidden, config.head_dropout,

@@ -16,23 +16,42 @@ import pandas as pd
 import torch
 
 from defect_tune.data import to_tensor
+from defect_tune.errors import UserError
 from defect_tune.images import decode_or_reason
-from defect_tune.readers import IMAGE_SUFFIXES, Item
+from defect_tune.readers import IMAGE_SUFFIXES, Item, walk_files
 from defect_tune.retrain import load_model
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Inputs that cannot be predicted at all; the message names them."""
 
 
+def check_predictions_out(out: Path) -> None:
+    """Refuse an --out that predictions cannot be written to, or that is a file other than an
+    earlier predictions CSV."""
+    out = Path(out)
+    if out.is_dir():
+        raise PredictError(f"{out}: --out is a folder; name the CSV to write, e.g. {out / 'preds.csv'}")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PredictError(f"{out}: --out lies under {parent}, which is a file")
+    if out.exists():
+        with open(out, "rb") as handle:
+            first = handle.readline()
+        if not first.startswith(b"path,"):
+            raise PredictError(f"{out}: exists and is not an earlier predictions CSV; refusing to overwrite it")
+
+
 def expand(inputs: list[str]) -> list[Path]:
-    """Files, folders (searched recursively for images) and globs, in the order given, each once."""
+    """Files, folders (searched recursively, through symlinked folders) and globs, in the order
+    given, each once. A folder's files that are not images are kept too: each becomes a row
+    saying so, rather than vanishing; hidden files (".DS_Store") are left out."""
     found: dict[Path, None] = {}
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not matches:
+            matches = [p for p in walk_files(path) if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in matches):
                 raise PredictError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
         elif path.is_file():
             matches = [path]
@@ -57,6 +76,9 @@ def _probabilities(model, images: np.ndarray, device: torch.device, tta: bool) -
 
 def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int]) -> Iterator[tuple[Path, np.ndarray | str]]:
     for path in paths:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            yield path, f"not an image file (suffix {path.suffix or 'none'}); images are {', '.join(IMAGE_SUFFIXES)}"
+            continue
         result = decode_or_reason((Item(id=str(path), path=path, labels=()), size, fit))
         if isinstance(result, str):
             yield path, result
@@ -74,6 +96,8 @@ def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta
     """One row per image: path, tiles, prob/<class>, pred/<class>, defects, error."""
     from defect_tune.engine import pick_device
 
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
     target = pick_device(device)
     model, info = load_model(model_dir, target)
     classes, thresholds = info["classes"], np.array([info["thresholds"][c] for c in info["classes"]])

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import ctypes
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -45,6 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defect_tune import __version__
+from defect_tune.errors import UserError
 from defect_tune.images import FITS, decode_or_reason
 from defect_tune.readers import (
     BadInput,
@@ -60,10 +64,15 @@ from defect_tune.splits import SPLITS, long_tail_subsample, stratified_split
 from defect_tune.synthetic import SyntheticSpec, generate_voc
 
 FORMATS = ("voc", "severstal", "folders", "csv", "elpv", "synthetic")
+# Far above any defect image a CPU-side pipeline streams; above it a typo (50000) would ask for
+# gigabytes per image before the first decode.
+MAX_IMAGE_SIZE = 8192
+# What prepare writes in --out; --overwrite replaces a folder holding nothing else.
+OUTPUT_ENTRIES = frozenset({"meta.json", "bad_inputs.csv", *SPLITS})
 META_FORMAT_VERSION = 1
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A dataset that cannot be prepared; the message names the file and the problem."""
 
 
@@ -99,12 +108,18 @@ class PrepareOptions:
             raise PrepareError(f"unknown --format {self.format!r}; choose one of {FORMATS}")
         if self.resolved_fit not in FITS:
             raise PrepareError(f"unknown --fit {self.fit!r}; choose one of {FITS}")
-        if self.image_size < 8:
-            raise PrepareError(f"--image-size must be at least 8 pixels, got {self.image_size}")
-        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
-            raise PrepareError(f"--split needs three fractions >= 0 that sum to 1, got {self.split}")
-        if self.split[0] <= 0:
-            raise PrepareError("--split needs a train fraction above 0")
+        if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise PrepareError(f"--image-size must be between 8 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        fractions = self.split
+        if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise PrepareError(f"--split needs three finite fractions >= 0 that sum to 1, got {'/'.join(map(str, fractions))}")
+        if fractions[0] <= 0 or fractions[1] <= 0:
+            # Training without a validation split has nothing to pick its epoch, thresholds or trial by.
+            raise PrepareError(f"--split needs train and validation fractions above 0, got {'/'.join(map(str, fractions))}")
+        if self.long_tail is not None and not (math.isfinite(self.long_tail) and self.long_tail >= 1):
+            raise PrepareError(f"--long-tail is the ratio of the most to the least frequent class, at least 1; got {self.long_tail}")
+        if not 0 <= self.seed < 2**32:
+            raise PrepareError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.shard_rows < 1:
             raise PrepareError(f"--shard-rows must be at least 1, got {self.shard_rows}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -144,6 +159,10 @@ def _apply_classes(catalog: Catalog, classes: tuple[str, ...] | None) -> list[st
     if classes is None:
         return sorted({label for item in catalog.items for label in item.labels})
     known = set(classes)
+    carried = {label for item in catalog.items for label in item.labels}
+    absent = [name for name in classes if name not in carried]
+    if absent:
+        raise PrepareError(f"--classes names {absent}, which no image carries; the classes found are {sorted(carried)}")
     kept = []
     for item in catalog.items:
         unknown = sorted(set(item.labels) - known)
@@ -163,13 +182,44 @@ def _fail_if_strict(options: PrepareOptions, bad: list[BadInput]) -> None:
 
 
 def _check_out_dir(options: PrepareOptions) -> None:
-    out = options.out
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    """Refuse an --out that would put the source at risk, or that --overwrite may not replace:
+    only a folder holding nothing but an earlier prepare's output, apart from the source."""
+    out = options.out.resolve()
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{options.out}: --out is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PrepareError(f"{options.out}: --out lies under {parent}, which is a file")
+    if options.source is not None and options.format != "synthetic":
+        source = options.source.resolve()
+        if out == source or out in source.parents:
+            raise PrepareError(f"{options.out}: --out holds the source {options.source}; choose a folder outside it")
+        if options.overwrite and source in out.parents and out.exists():
+            raise PrepareError(f"{options.out}: --overwrite would replace a folder inside the source {options.source}; "
+                               "choose an --out outside it")
+    if not out.exists() or not any(out.iterdir()):
         return
     if not options.overwrite:
-        raise PrepareError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    if not (out / "meta.json").is_file():
-        raise PrepareError(f"{out} is not the output of a previous prepare (no meta.json); refusing to delete it")
+        raise PrepareError(f"{options.out} already exists and is not empty; pass --overwrite to replace it")
+    problem = _not_a_prepare_output(out)
+    if problem:
+        raise PrepareError(f"{options.out}: {problem}; --overwrite only replaces an earlier prepare's output, refusing to delete it")
+
+
+def _not_a_prepare_output(folder: Path) -> str | None:
+    """Why `folder` is not recognisably an earlier prepare's output; None when it is."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return "no meta.json"
+    except (OSError, ValueError):
+        return "its meta.json is not readable JSON"
+    if not isinstance(meta, dict) or not {"format_version", "classes", "splits"} <= meta.keys():
+        return "its meta.json is not one prepare wrote"
+    others = sorted(entry.name for entry in folder.iterdir() if entry.name not in OUTPUT_ENTRIES)
+    if others:
+        return f"it holds files prepare did not write: {', '.join(others[:5])}"
+    return None
 
 
 @dataclass
@@ -203,6 +253,34 @@ def _decode_chunk(job: tuple[list[Item], int, str, Path]) -> list[tuple[str, lis
     return results
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a decode worker is killed when the prepare that started it dies, however
+    it dies (a SIGKILLed parent cannot shut its pool down, and orphans held their memory)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _clear_dead_staging(out: Path, console: Console | None) -> None:
+    """Remove the staging folders (`.OUT.tmp-PID`) of earlier runs for this --out whose process
+    is gone: a prepare killed outright (SIGKILL, out of memory) cannot remove its own."""
+    for folder in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another prepare of the same --out is running; leave its folder alone
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, under another user
+        shutil.rmtree(folder, ignore_errors=True)
+        if console is not None:
+            console.print(f"removed {folder}, the staging folder of an earlier prepare (process {pid}) that did not finish")
+
+
 def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catalog: Catalog, console: Console | None):
     """Decode every item in parallel into staging Parquet files; return the rows' metadata."""
     workers = options.workers or os.cpu_count() or 1
@@ -216,7 +294,8 @@ def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catal
         # fork on Linux: no re-import of the caller's main module, and workers start at once. The
         # pool is started before the progress bar's thread exists, so no lock is copied mid-hold.
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context)
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                   initializer=_die_with_parent, initargs=(os.getpid(),))
         results = pool.map(_decode_chunk, jobs)
     else:
         results = map(_decode_chunk, jobs)
@@ -258,6 +337,42 @@ def _common_shape(rows: list[_Row], catalog: Catalog, options: PrepareOptions) -
     _fail_if_strict(options, mismatched)
     catalog.bad.extend(mismatched)
     return shape, usable
+
+
+def _conflicting_labels(rows: list[_Row], usable: np.ndarray, catalog: Catalog, options: PrepareOptions) -> np.ndarray:
+    """Leave out every copy of an image whose identical copies carry different labels (the same
+    file in two class folders, `./img/a.jpg` beside `img/a.jpg` in a manifest with other labels):
+    which labels are true is the user's call, and storing both would teach the model both."""
+    labels: dict[str, set[tuple[str, ...]]] = {}
+    sources: dict[str, list[str]] = {}
+    for row, ok in zip(rows, usable):
+        if ok and "#t" not in row.id:
+            labels.setdefault(row.group, set()).add(row.labels)
+            sources.setdefault(row.group, []).append(row.source)
+    conflicted = {group for group, sets in labels.items() if len(sets) > 1}
+    bad = []
+    for group in sorted(conflicted):
+        shown = " vs ".join(sorted(";".join(s) or "(defect-free)" for s in labels[group]))
+        for source in sources[group]:
+            others = ", ".join(s for s in sources[group] if s != source)
+            bad.append(BadInput(source, f"identical bytes to {others} but labelled differently ({shown}); label the image once"))
+    _fail_if_strict(options, bad)
+    catalog.bad.extend(bad)
+    return usable & np.array([row.group not in conflicted for row in rows], dtype=bool)
+
+
+def _check_class_names(classes: list[str], source) -> None:
+    """Refuse class names that would split one class in two or break the files they end up in."""
+    for name in classes:
+        if not name.strip() or any(ch in name for ch in ",;\n\r\t") or not name.isprintable():
+            raise PrepareError(f"{source}: class name {name!r} is empty or holds a separator (, ;), a line break or "
+                               "another unprintable character; rename it")
+    folded: dict[str, str] = {}
+    for name in classes:
+        other = folded.setdefault(name.strip().casefold(), name)
+        if other != name:
+            raise PrepareError(f"{source}: classes {other!r} and {name!r} differ only in case or spaces; "
+                               "name one class one way (or list the one you mean with --classes)")
 
 
 def _assign_splits(rows: list[_Row], usable: np.ndarray, classes: list[str], options: PrepareOptions, meta_columns: tuple[str, ...]) -> np.ndarray:
@@ -353,6 +468,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
     started = time.perf_counter()
     catalog = read_catalog(options)
     classes = _apply_classes(catalog, options.classes)
+    _check_class_names(classes, options.source)
     _fail_if_strict(options, catalog.bad)
     if not catalog.items:
         raise PrepareError(f"{options.source}: no usable images found ({len(catalog.bad)} skipped)")
@@ -364,6 +480,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
 
     out = options.out.absolute()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _clear_dead_staging(out, console)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -371,6 +488,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
         rows = _decode_all(options, items, tmp / "staging", catalog, console)
         decode_seconds = time.perf_counter() - decode_started
         shape, usable = _common_shape(rows, catalog, options)
+        usable = _conflicting_labels(rows, usable, catalog, options)
         split_of = _assign_splits(rows, usable, classes, options, catalog.meta_columns)
         shards = _write_shards(tmp / "staging", rows, split_of, classes, catalog.meta_columns, tmp, options)
         shutil.rmtree(tmp / "staging")

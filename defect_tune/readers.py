@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,34 @@ def _require(layout: str, *paths: Path, check=Path.exists) -> None:
     for path in paths:
         if not check(path):
             raise FileNotFoundError(f"{path}: not found; {layout}")
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Every file below `root`, sorted, following symlinked folders (a shared drive often links
+    class folders in from elsewhere; `rglob` does not follow them). A link back up the tree is
+    entered once."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for directory, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders.sort()
+        files.extend(Path(directory) / name for name in names)
+    return sorted(path for path in files if path.is_file())
+
+
+def read_text(path: Path) -> io.StringIO:
+    """A CSV's text for `csv`: UTF-8, with or without a byte-order mark (Excel writes one, which
+    made the first column `\ufeffpath`); anything else is refused naming the file."""
+    data = Path(path).read_bytes()
+    try:
+        return io.StringIO(data.decode("utf-8-sig"), newline="")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
+                         "save it as UTF-8") from None
 
 
 def _is_image(path: Path) -> bool:
@@ -203,7 +232,7 @@ def read_severstal(root: Path) -> Catalog:
     catalog = Catalog()
     regions: dict[str, list[Region]] = {}
     broken: dict[str, str] = {}
-    with open(table, newline="") as handle:
+    with read_text(table) as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or ())
         old_layout = "ImageId_ClassId" in columns
@@ -269,7 +298,7 @@ def read_folders(root: Path, defect_free: tuple[str, ...] = (), exclude: tuple[s
     if missing:
         raise ValueError(f"{root}: defect-free folder(s) {missing} not found; folders are {sorted(folders)}")
     catalog = Catalog()
-    for path in sorted(root.rglob("*")):
+    for path in walk_files(root):
         relative = path.relative_to(root)
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
             continue
@@ -284,6 +313,10 @@ def read_folders(root: Path, defect_free: tuple[str, ...] = (), exclude: tuple[s
         folder = relative.parts[0]
         labels = () if folder in defect_free else (folder,)
         catalog.items.append(Item(id=str(relative.with_suffix("")), path=path, labels=labels, origin=str(path.parent)))
+    used = {Path(item.id).parts[0] for item in catalog.items}
+    for folder in sorted(name for name in folders if not name.startswith(".") and name not in used):
+        if not any(PurePath(folder, "x").match(pattern) or PurePath(folder).match(pattern) for pattern in exclude):
+            catalog.skip(root / folder, "class folder holds no images: the class would have no examples")
     return catalog
 
 
@@ -299,7 +332,7 @@ def read_manifest(manifest: Path) -> Catalog:
     base = manifest.parent
     catalog = Catalog()
     seen: dict[str, int] = {}
-    with open(manifest, newline="") as handle:
+    with read_text(manifest) as handle:
         reader = csv.reader(handle)
         header = [h.strip() for h in next(reader, [])]
         if "path" not in header or "labels" not in header:
@@ -317,11 +350,19 @@ def read_manifest(manifest: Path) -> Catalog:
             if not record["path"]:
                 catalog.skip(where, "empty path")
                 continue
-            if record["path"] in seen:
-                catalog.skip(where, f"duplicate row for {record['path']!r} (first at line {seen[record['path']]})")
+            key = os.path.normpath(record["path"])  # ./img/a.jpg and img/a.jpg are one file
+            if key in seen:
+                catalog.skip(where, f"duplicate row for {record['path']!r} (first at line {seen[key]})")
                 continue
-            seen[record["path"]] = line
-            path = Path(record["path"]) if os.path.isabs(record["path"]) else base / record["path"]
+            seen[key] = line
+            if os.path.isabs(record["path"]):
+                path = Path(record["path"])  # a file elsewhere, named in full: the user's choice
+            else:
+                path = base / record["path"]
+                if _inside(base.absolute(), record["path"]) is None:
+                    catalog.skip(where, f"{record['path']!r} leaves the manifest's folder {base}; "
+                                        "give an absolute path to use a file elsewhere")
+                    continue
             labels = tuple(sorted({name.strip() for name in record["labels"].split(";") if name.strip()}))
             catalog.items.append(
                 Item(

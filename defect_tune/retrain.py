@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from defect_tune.class_stats import ClassCounts
 from defect_tune.data import MEAN, STD, check_shards, data_location, load_split, read_meta
+from defect_tune.errors import UserError
 from defect_tune.export import package_versions, read_export
 from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
 from defect_tune.models import build_model
@@ -51,7 +52,7 @@ WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
 RARE = 10  # fewer training positives than this: the model card calls the class too rare to trust
 
 
-class RetrainError(ValueError):
+class RetrainError(UserError):
     """A retraining that cannot start or finish; the message says why."""
 
 
@@ -314,6 +315,27 @@ def model_card(info: dict, metrics: dict, table: str) -> str:
     return "\n".join(lines)
 
 
+PREPROCESSING_KEYS = ("image_size", "fit", "height", "width")
+
+
+def check_model_info(info: dict, path: Path) -> None:
+    """Refuse a model.json whose thresholds or preprocessing predict cannot use as they are: a
+    NaN threshold would flag no defect anywhere and exit 0."""
+    thresholds = info.get("thresholds")
+    if not isinstance(thresholds, dict):
+        raise RetrainError(f"{path}: no thresholds (a class -> threshold object)")
+    bad = [c for c in info["classes"]
+           if isinstance(thresholds.get(c), bool) or not isinstance(thresholds.get(c), int | float)
+           or not 0 <= thresholds[c] <= PREDICT_NOTHING]  # NaN fails the comparison
+    if bad:
+        raise RetrainError(f"{path}: thresholds for {bad} are missing or not a number between 0 and 1 "
+                           f"(or {PREDICT_NOTHING!r}: never predict the class)")
+    pre = info.get("preprocessing")
+    missing = [key for key in PREPROCESSING_KEYS if not isinstance(pre, dict) or key not in pre]
+    if missing:
+        raise RetrainError(f"{path}: preprocessing lacks {missing}; predict cannot prepare images as training did")
+
+
 def load_model(model_dir: Path, device: torch.device | None = None):
     """A model directory's network (eval mode) and its model.json."""
     model_dir = Path(model_dir)
@@ -326,6 +348,7 @@ def load_model(model_dir: Path, device: torch.device | None = None):
         raise RetrainError(f"{path}: not readable JSON: {error}") from None
     if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
         raise RetrainError(f"{path}: no list of classes; not a `defect-tune retrain` model.json")
+    check_model_info(info, path)
     from defect_tune.config import ConfigError, load_config
 
     try:

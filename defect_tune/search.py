@@ -23,6 +23,7 @@ from rich.table import Table
 
 from defect_tune.data import check_shards, data_location, read_meta
 from defect_tune.config import selection_metric
+from defect_tune.errors import UserError
 from defect_tune.export import ExportError, package_versions, pick
 from defect_tune.folds import make_folds
 from defect_tune.leaderboard import build_leaderboard, plain, ranked_by
@@ -35,7 +36,7 @@ from defect_tune.trial import TrialSetup, run_trial
 SPACES_DIR = Path(str(importlib.resources.files("defect_tune.search_spaces")))
 
 
-class SearchError(ValueError):
+class SearchError(UserError):
     """A sweep that cannot start; the message says why."""
 
 

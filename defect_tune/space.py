@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from defect_tune.config import ConfigError, TrainConfig, load_config
+from defect_tune.errors import UserError
 
 BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.baseline_params)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
@@ -37,7 +38,7 @@ TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "cv", "fi
              "description"}
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search space that cannot be used; the message names the file and the key."""
 
 

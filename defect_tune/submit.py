@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from defect_tune.errors import UserError
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CHECKOUT = Path(__file__).resolve().parent.parent
 # gitignore patterns, relative to the working directory, as Ray matches them (pathspec): what a
@@ -47,7 +49,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SUBMITTED_BY = "defect-tune"
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError):
     """A submission or job request that cannot go through; the message says why (never the token)."""
 
 

@@ -23,12 +23,13 @@ from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLo
 from ray.air.util.node import _force_on_current_node
 
 from defect_tune.config import selection_metric
+from defect_tune.errors import UserError
 from defect_tune.leaderboard import stop_reason
 
 FINAL = "_defect_tune_final"  # result key of the item queued when a trial ends
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError):
     """W&B tracking that cannot start; the message says why."""
 
 

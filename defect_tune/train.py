@@ -21,6 +21,7 @@ from defect_tune import __version__
 from defect_tune.augment import augment_batch, build_augmentation
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
 from defect_tune.data import check_shards, data_location, load_split, read_meta, to_tensor
+from defect_tune.errors import UserError
 from defect_tune.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, draw_order, pick_device,
                                 predict, run_epochs, seed_everything, train_one_epoch)
 from defect_tune.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
@@ -144,6 +145,23 @@ def load_checkpoint(path: Path, model: nn.Module) -> None:
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
+# What `train` writes in --out; it writes again over an earlier train's output and nothing else.
+TRAIN_OUTPUTS = frozenset({"config.yaml", "results.json", "best.pt", "per_class.txt"})
+
+
+def check_train_out(out: Path) -> None:
+    """Refuse an --out that is a file, or a folder holding anything train did not write (a
+    retrained model directory, a prepare output): its files would be overwritten or mixed."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out}: --out lies under {parent}, which is a file")
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in TRAIN_OUTPUTS) if out.is_dir() else []
+    if others:
+        raise UserError(f"{out}: --out holds files train did not write ({', '.join(others[:5])}); choose a new folder")
+
+
 def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto", on_epoch=None, on_batch=None) -> dict:
     """Train one configuration on `prepare`'s output, in this process; write OUT/results.json,
     OUT/per_class.txt, OUT/config.yaml and OUT/best.pt. A NaN/inf loss ends the run as failed."""
@@ -151,6 +169,7 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
     meta = read_meta(data_dir)
     check_shards(data_dir, meta)  # before anything is written to OUT
     out_dir = Path(out_dir)
+    check_train_out(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config.to_yaml())
     seed_everything(config.seed)

@@ -99,3 +99,21 @@ def test_an_oversized_image_is_a_reason_not_a_crash(tmp_path, monkeypatch, side)
     Image.fromarray(np.zeros((side, side), np.uint8)).save(path)
     reason = decode_or_reason((item(path=path), 8, "pad"))
     assert isinstance(reason, str) and reason.startswith("cannot decode image: too many pixels for a defect image")
+
+
+def test_a_12_bit_frame_in_a_16_bit_png_keeps_its_grey_levels():
+    """A 12-bit sensor fills 0..4095 of a 16-bit PNG: scaled by its bit depth (4095), not 65535,
+    which left it about 16 grey levels."""
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    gray = to_gray_uint8(Image.fromarray(ramp))
+    assert gray.max() == 255 and len(np.unique(gray)) == 256
+    # Scaled by a bit depth, not stretched to the frame's own maximum: 3000 of 4095 stays 187.
+    dim = to_gray_uint8(Image.fromarray(np.minimum(ramp, 3000).astype(np.uint16)))
+    assert dim.max() == round(3000 * 255 / 4095)
+
+
+def test_a_float_image_with_a_nan_pixel_is_refused_with_the_count():
+    pixels = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    pixels[2, 3] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite pixel"):
+        to_gray_uint8(Image.fromarray(pixels, mode="F"))

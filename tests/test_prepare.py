@@ -1,6 +1,11 @@
 import csv
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +174,40 @@ def test_second_prepare_refuses_unless_overwrite(small_voc, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(PrepareError, match="not the output of a previous prepare"):
+    with pytest.raises(PrepareError, match="mine: no meta.json; --overwrite only replaces an earlier prepare's output"):
         run(small_voc, foreign, overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
+    (out / "notes.txt").write_text("mine")  # an earlier output that a user has added to
+    with pytest.raises(PrepareError, match="out: it holds files prepare did not write: notes.txt"):
+        run(small_voc, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "meta.json").is_file()
+
+
+def test_overwrite_never_replaces_the_source_or_a_folder_that_holds_it(small_voc, tmp_path):
+    """What deleted a user's raw data: --out the source itself, or a parent of it, holding a
+    meta.json. Refused, whatever that meta.json says, and the source is left as it was."""
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    (small_voc / "meta.json").write_text("{}")
+    for out in (small_voc, tmp_path):
+        with pytest.raises(PrepareError, match="--out holds the source"):
+            run(small_voc, out, overwrite=True)
+    nested = small_voc / "prepared"
+    run(small_voc, nested)  # a new folder inside the source is fine ...
+    with pytest.raises(PrepareError, match="--overwrite would replace a folder inside the source"):
+        run(small_voc, nested, overwrite=True)  # ... replacing one there is not
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if nested not in p.parents and p != nested)
+    assert after == sorted([*before, (small_voc / "meta.json").relative_to(tmp_path)])
+
+
+def test_a_dead_prepares_staging_folder_is_removed_and_a_live_ones_kept(small_voc, tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".out.tmp-{dead.pid}" / "staging").mkdir(parents=True)
+    alive = tmp_path / f".out.tmp-{os.getppid()}"  # pytest's parent: a live process that is not this one
+    alive.mkdir()
+    run(small_voc, out)
+    assert not (tmp_path / f".out.tmp-{dead.pid}").exists() and alive.is_dir() and (out / "meta.json").is_file()
 
 
 def test_empty_dataset_is_an_error(tmp_path):
@@ -190,7 +226,7 @@ def test_option_errors(small_voc, tmp_path):
         run(small_voc, tmp_path / "o", classes=("a", "a"))
     with pytest.raises(PrepareError, match="stratify-by"):
         run(small_voc, tmp_path / "o", stratify_by=("cell_type",))
-    with pytest.raises(PrepareError, match="--image-size must be at least 8 pixels, got 7"):
+    with pytest.raises(PrepareError, match="--image-size must be between 8 and 8192 pixels, got 7"):
         run(small_voc, tmp_path / "o", image_size=7)
     with pytest.raises(PrepareError, match="--shard-rows must be at least 1, got 0"):
         run(small_voc, tmp_path / "o", shard_rows=0)
@@ -288,3 +324,30 @@ def test_neu_det_long_tail_follows_the_ratio(tmp_path):
     assert counts == [round(p) for p in profile]
     for split in SPLITS:  # even the rarest class (6 images) reaches val and test
         assert all(n > 0 for n in meta["splits"][split]["positives"].values())
+
+
+def test_decode_workers_die_with_a_killed_prepare_and_the_next_run_clears_its_staging(tmp_path):
+    """SIGKILL leaves no cleanup to run: the workers must not live on as orphans holding their
+    memory, and the staging folder is removed by the next prepare of the same --out."""
+    import psutil
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "defect_tune", "prepare", str(tmp_path / "voc"), "--format", "synthetic",
+               "--out", str(out), "--image-size", "96", "--synthetic-images", "4000", "--workers", "2"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    workers: list = []
+    while not workers and parent.poll() is None and time.monotonic() < deadline:
+        workers = [c for c in psutil.Process(parent.pid).children() if c.is_running()]
+        time.sleep(0.2)
+    assert workers, "prepare ended before its decode workers were seen"
+    staging = tmp_path / f".out.tmp-{parent.pid}"
+    assert staging.is_dir()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"decode workers outlived their killed parent: {[p.pid for p in alive]}"
+    assert staging.is_dir()  # nothing could remove it ...
+    done = subprocess.run([*command[:-2], "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not staging.exists() and f"removed {staging}" in done.stderr.replace("\n", "")  # ... until the next run

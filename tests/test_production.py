@@ -319,3 +319,20 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
     with pytest.raises(RetrainError, match="exists and is not empty; --overwrite"):
         retrain(RetrainOptions(export=best, data=synthetic_data, out=model))
     assert ray.is_initialized()  # a caller's Ray session survives every retrain
+
+
+def test_predict_reads_webp_and_keeps_a_folders_other_files_as_rows_saying_why(tmp_path, synthetic_data):
+    from defect_tune.predict import predict_images
+
+    classes = read_meta(synthetic_data)["classes"]
+    model_dir = write_model_dir(tmp_path, synthetic_data, [0.5] * len(classes))
+    folder = tmp_path / "line3"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32), 120, np.uint8)).save(folder / "a.webp")
+    Image.fromarray(np.full((32, 32), 60, np.uint8)).save(folder / "b.gif")
+    (folder / "notes.txt").write_text("shift 2")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    table = predict_images(model_dir, [str(folder)]).set_index("path")
+    assert sorted(Path(p).name for p in table.index) == ["a.webp", "b.gif", "notes.txt"]
+    assert table.loc[str(folder / "a.webp"), "tiles"] == 1 and table.loc[str(folder / "b.gif"), "tiles"] == 1
+    assert table.loc[str(folder / "notes.txt"), "error"].startswith("not an image file (suffix .txt)")

@@ -230,3 +230,18 @@ def test_elpv_threshold_and_metadata(tmp_path):
     }
     assert all(b.file.startswith(f"{tmp_path / 'labels.csv'}:") for b in catalog.bad)
     assert read_elpv(tmp_path, threshold=1 / 3).items[1].labels == ("defective",)
+
+
+def test_folders_follow_symlinked_class_folders_once(tmp_path):
+    """Class folders linked in from elsewhere (a shared drive) are read like real ones; a link
+    back up the tree does not loop."""
+    elsewhere = tmp_path / "share" / "scratch"
+    for k in range(3):
+        write_image(elsewhere / f"s{k}.png", k)
+    root = tmp_path / "root"
+    write_image(root / "crack" / "c0.png", 10)
+    (root / "scratch").symlink_to(elsewhere, target_is_directory=True)
+    (root / "crack" / "loop").symlink_to(root / "crack", target_is_directory=True)
+    catalog = read_folders(root)
+    assert sorted(item.id for item in catalog.items) == ["crack/c0", "scratch/s0", "scratch/s1", "scratch/s2"]
+    assert {item.labels for item in catalog.items} == {("crack",), ("scratch",)} and not catalog.bad

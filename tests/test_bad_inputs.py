@@ -1,0 +1,310 @@
+"""Bad inputs through the real command line, one subprocess each, as a careless or unlucky user
+would type them. Each row asserts the exit code, no traceback, the file or option named in the
+message, and that nothing outside the command's own output changed (checksums before and after).
+
+The table below is also the "Command line" section of tests/BAD_INPUTS.md:
+`python tests/test_bad_inputs.py` writes it there, and a test fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+
+PAGE = Path(__file__).with_name("BAD_INPUTS.md")
+BEGIN, END = "<!-- begin: tests/test_bad_inputs.py -->", "<!-- end: tests/test_bad_inputs.py -->"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    bad_input: str  # what the user did, for BAD_INPUTS.md
+    command: Callable[[dict], list[str]]  # the defect-tune arguments, from the workspace's paths
+    says: str  # a part of the one-line message: it names the file or option and the problem
+    code: int = 2
+    setup: Callable[[dict], None] = lambda w: None
+    listed: str | None = None  # the run succeeds and OUT/bad_inputs.csv lists this file with `says`
+    changed: Callable[[dict], list[Path]] = lambda w: []  # paths the command may write (its --out)
+
+
+def _meta_json(w: dict, text: str) -> None:
+    (w["tmp"] / "badmeta").mkdir()
+    (w["tmp"] / "badmeta" / "meta.json").write_text(text)
+
+
+def _model_json(w: dict, change: Callable[[dict], None]) -> None:
+    path = w["model"] / "model.json"
+    info = json.loads(path.read_text())
+    change(info)
+    path.write_text(json.dumps(info, allow_nan=True))
+
+
+def _with_meta(w: dict) -> None:
+    (w["raw"] / "meta.json").write_text("{}")
+
+
+def _under_raw(w: dict) -> None:
+    subprocess.run([sys.executable, "-m", "defect_tune", "prepare", str(w["raw"]), "--format", "folders",
+                    "--out", str(w["raw"] / "prepared"), "--image-size", "16"], check=True, capture_output=True)
+
+
+def _prepared_with_notes(w: dict) -> None:
+    out = w["tmp"] / "prepared"
+    subprocess.run([sys.executable, "-m", "defect_tune", "prepare", str(w["raw"]), "--format", "folders",
+                    "--out", str(out), "--image-size", "16"], check=True, capture_output=True)
+    (out / "notes.txt").write_text("what the line operator told me")
+
+
+def _voc_tiles(w: dict) -> None:
+    """Wide images for --fit tile; one box lies wholly left of its image (negative coordinates)."""
+    from conftest import voc_xml
+
+    root = w["tmp"] / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    for k in range(10):
+        write_image(root / "JPEGImages" / f"w{k}.png", 300 + k, size=(24, 72))
+        box = (-30, 2, -5, 20) if k == 0 else (2, 2, 20, 20)
+        (root / "Annotations" / f"w{k}.xml").write_text(voc_xml(f"w{k}.png", [("crack", box)], size=(24, 72)))
+
+
+def _float_tiff_with_nan(w: dict) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).random((24, 24)).astype(np.float32)
+    pixels[3, 4] = np.nan
+    Image.fromarray(pixels, mode="F").save(w["raw"] / "crack" / "nan.tif")
+
+
+def _same_bytes_two_folders(w: dict) -> None:
+    (w["raw"] / "scratch" / "c0-copy.png").write_bytes((w["raw"] / "crack" / "c0.png").read_bytes())
+
+
+def _class_folder(name: str, images: int = 2) -> Callable[[dict], None]:
+    def make(w: dict) -> None:
+        (w["raw"] / name).mkdir()
+        for k in range(images):
+            write_image(w["raw"] / name / f"x{k}.png", 400 + k)
+    return make
+
+
+def _manifest(w: dict, text: str, encoding: str = "utf-8") -> None:
+    (w["raw"] / "labels.csv").write_bytes(text.encode(encoding))
+
+
+def _file(w: dict) -> None:
+    (w["tmp"] / "afile").write_text("not a folder")
+
+
+PREPARE = ["--format", "folders", "--image-size", "16"]
+
+CASES = [
+    # Data loss
+    Case("prepare-out-is-source", "`prepare RAW --out RAW --overwrite`, RAW holding a `meta.json`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["raw"]), "--overwrite"],
+         "--out holds the source", setup=_with_meta),
+    Case("prepare-out-holds-source", "`prepare PROJ/raw --out PROJ --overwrite`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"]), "--overwrite"], "--out holds the source"),
+    Case("prepare-overwrite-inside-source", "`prepare RAW --out RAW/prepared --overwrite`, over an earlier output there",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["raw"] / "prepared"), "--overwrite"],
+         "--overwrite would replace a folder inside the source", setup=_under_raw),
+    Case("prepare-overwrite-user-files", "`prepare --overwrite` of an earlier output a user added `notes.txt` to",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "prepared"), "--overwrite"],
+         "it holds files prepare did not write: notes.txt", setup=_prepared_with_notes),
+    Case("train-out-model-dir", "`train --out` a retrained model directory",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["model"]), "epochs=1"],
+         "--out holds files train did not write"),
+    Case("export-out-sweep-json", "`export RESULTS --out RESULTS/sweep.json`",
+         lambda w: ["export", str(w["results"]), "--out", str(w["results"] / "sweep.json")],
+         "sweep.json: exists and is not an earlier export"),
+    Case("predict-out-folder", "`predict --out` an existing folder",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"])], "--out is a folder"),
+    # Silently wrong before
+    Case("split-nan", "`prepare --split nan/0.5/0.5`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--split", "nan/0.5/0.5"],
+         "--split needs three finite fractions"),
+    Case("split-no-val", "`prepare --split 1/0/0`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--split", "1/0/0"],
+         "--split needs train and validation fractions above 0"),
+    Case("model-nan-threshold", "`model.json` with a NaN threshold, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "model.json: thresholds for ['black_core'] are missing or not a number",
+         setup=lambda w: _model_json(w, lambda info: info["thresholds"].update(black_core=math.nan))),
+    Case("model-no-preprocessing", "`model.json` without `preprocessing`, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "model.json: preprocessing lacks", setup=lambda w: _model_json(w, lambda info: info.pop("preprocessing"))),
+    Case("tile-box-outside", "`--fit tile`, a VOC box wholly outside its image (negative coordinates)",
+         lambda w: ["prepare", str(w["tmp"] / "voc"), "--format", "voc", "--fit", "tile", "--image-size", "24",
+                    "--out", str(w["tmp"] / "o")],
+         "crack box (-30, 2, -5, 20) lies outside the 72x24 image", code=0, setup=_voc_tiles, listed="w0.png",
+         changed=lambda w: [w["tmp"] / "o"]),
+    Case("float-tiff-nan", "a float TIFF with one NaN pixel in a class folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "1 non-finite pixel(s) (NaN or infinity)", code=0, setup=_float_tiff_with_nan, listed="nan.tif",
+         changed=lambda w: [w["tmp"] / "o"]),
+    Case("same-bytes-two-labels", "the same image bytes in two class folders",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "but labelled differently (crack vs scratch); label the image once", code=0, setup=_same_bytes_two_folders,
+         listed="c0-copy.png", changed=lambda w: [w["tmp"] / "o"]),
+    Case("empty-class-folder", "an empty class folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "class folder holds no images", code=0, setup=_class_folder("dent", 0), listed="dent",
+         changed=lambda w: [w["tmp"] / "o"]),
+    Case("class-case-variants", "class folders `Crack` and `crack`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "classes 'Crack' and 'crack' differ only in case", setup=_class_folder("Crack")),
+    Case("class-name-separator", "a class folder named `crack;dent`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "class name 'crack;dent' is empty or holds a separator", setup=_class_folder("crack;dent")),
+    Case("classes-absent", "`prepare --classes crack,dent`, no image of `dent`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--classes", "crack,dent"],
+         "--classes names ['dent'], which no image carries"),
+    Case("manifest-bom", "a manifest CSV saved by Excel (UTF-8 with a byte-order mark)",
+         lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "16 images, 1 classes", code=0,
+         setup=lambda w: _manifest(w, "\ufeffpath,labels\n" + "".join(f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(8))),
+         changed=lambda w: [w["tmp"] / "o"]),
+    Case("manifest-latin-1", "a manifest CSV in latin-1 (`défaut` as one byte)",
+         lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "labels.csv: not UTF-8 text (byte 0xe9", setup=lambda w: _manifest(w, "path,labels\ncrack/c0.png,défaut\n", "latin-1")),
+    Case("manifest-path-leaves", "a manifest row `../../etc/x.png`",
+         lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "leaves the manifest's folder", code=0, listed="labels.csv:2",
+         setup=lambda w: _manifest(w, "path,labels\n../../etc/x.png,crack\n" + "".join(
+             f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(8))),
+         changed=lambda w: [w["tmp"] / "o"]),
+    # Tracebacks before
+    Case("long-tail-below-1", "`prepare --long-tail 0.5`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--long-tail", "0.5"], "--long-tail"),
+    Case("long-tail-nan", "`prepare --long-tail nan`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--long-tail", "nan"], "--long-tail"),
+    Case("seed-negative", "`prepare --seed -1`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--seed", "-1"], "--seed must be"),
+    Case("image-size-huge", "`prepare --image-size 50000`",
+         lambda w: ["prepare", str(w["raw"]), "--format", "folders", "--out", str(w["tmp"] / "o"), "--image-size", "50000"],
+         "--image-size must be between 8 and 8192"),
+    Case("prepare-out-under-file", "`prepare --out` a path under a file",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "afile" / "o")], "which is a file", setup=_file),
+    Case("train-warmup-inf", "`train warmup_epochs=inf`",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "warmup_epochs=inf"],
+         "warmup_epochs: Input should be a finite number", changed=lambda w: [w["tmp"] / "t"]),
+    Case("train-mixup-inf", "`train mixup_alpha=inf`",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "mixup_alpha=inf"],
+         "mixup_alpha: Input should be a finite number", changed=lambda w: [w["tmp"] / "t"]),
+    Case("train-seed-2-32", "`train seed=4294967296`",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "seed=4294967296"],
+         "seed: Input should be less than or equal to 4294967295", changed=lambda w: [w["tmp"] / "t"]),
+    Case("train-device-gpu", "`train --device gpu`",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "--device", "gpu"],
+         "--device 'gpu': choose auto, cpu, cuda or cuda:N", changed=lambda w: [w["tmp"] / "t"]),
+    Case("train-pretrained-pickle", "`train pretrained_path=` a pickle that is not a weights file",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "model=el_cnn",
+                    f"pretrained_path={w['tmp'] / 'w.pkl'}"],
+         "w.pkl: cannot load it as weights for 'el_cnn'",
+         setup=lambda w: (w["tmp"] / "w.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4)),
+         changed=lambda w: [w["tmp"] / "t"]),
+    Case("train-out-file", "`train --out` a file",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "afile")], "--out is a file", setup=_file),
+    Case("train-meta-42", "`train` on a `meta.json` holding `42`",
+         lambda w: ["train", "--data", str(w["tmp"] / "badmeta"), "--out", str(w["tmp"] / "t")],
+         "meta.json: expected a JSON object, got int", setup=lambda w: _meta_json(w, "42")),
+    Case("train-meta-no-height", "`train` on a `meta.json` whose `image` lacks `height`",
+         lambda w: ["train", "--data", str(w["tmp"] / "badmeta"), "--out", str(w["tmp"] / "t")],
+         "meta.json: 'image' needs a positive integer 'height' and 'width'",
+         setup=lambda w: _meta_json(w, '{"classes": ["a"], "image": {"width": 8}, "splits": {}}')),
+    Case("predict-batch-0", "`predict --batch-size 0`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv"), "--batch-size", "0"],
+         "--batch-size"),
+    Case("predict-device-gpu", "`predict --device gpu`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv"), "--device", "gpu"],
+         "--device 'gpu'"),
+    Case("report-out-file", "`report --out` a file",
+         lambda w: ["report", str(w["results"]), "--out", str(w["tmp"] / "afile")], "afile", setup=_file),
+]
+
+
+def table_markdown() -> str:
+    rows = ["| Bad input | Exit | What the user gets | Row id |", "|---|---:|---|---|"]
+    def gets(case: Case) -> str:
+        if case.listed:
+            return f"skipped, listed in `bad_inputs.csv`: `{case.says}`"
+        return f"read as meant: `{case.says}`" if case.code == 0 else f"one line: `{case.says}`"
+
+    rows += [f"| {case.bad_input} | {case.code} | {gets(case)} | `{case.id}` |" for case in CASES]
+    return "\n".join([BEGIN, *rows, END])
+
+
+def checksums(root: Path, skip: list[Path]) -> dict[str, str]:
+    skip = [path.resolve() for path in skip]
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()
+            and not any(path.resolve() == s or s in path.resolve().parents for s in skip)}
+
+
+@pytest.fixture
+def workspace(tmp_path, synthetic_data):
+    """A factory folder of class folders (`raw`), a prepared folder, a model directory and a
+    sweep's results, all under tmp_path."""
+    from test_production import make_results, write_model_dir
+
+    raw = tmp_path / "raw"
+    for k in range(8):
+        write_image(raw / "crack" / f"c{k}.png", k)
+        write_image(raw / "scratch" / f"s{k}.png", 100 + k)
+        write_image(raw / "ok" / f"o{k}.png", 200 + k)
+    data = tmp_path / "data"
+    data.symlink_to(synthetic_data)
+    classes = json.loads((synthetic_data / "meta.json").read_text())["classes"]
+    assert classes[0] == "black_core"  # the class the NaN-threshold row names
+    model = write_model_dir(tmp_path, synthetic_data, [0.5] * len(classes))
+    (tmp_path / "sweep").mkdir()
+    results = make_results(tmp_path / "sweep", synthetic_data)
+    return {"tmp": tmp_path, "raw": raw, "data": data, "model": model, "results": results}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_a_bad_input_is_one_line_naming_it_and_changes_nothing_else(case, workspace):
+    case.setup(workspace)
+    before = checksums(workspace["tmp"], case.changed(workspace))
+    done = subprocess.run([sys.executable, "-m", "defect_tune", *case.command(workspace)],
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == case.code, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    if case.listed:  # skipped, with its reason, and the rest prepared
+        with open(workspace["tmp"] / "o" / "bad_inputs.csv", newline="") as handle:
+            listed = [row for row in csv.DictReader(handle) if Path(row["file"]).name == case.listed]
+        assert len(listed) >= 1 and all(case.says in row["reason"] for row in listed), listed
+        assert json.loads((workspace["tmp"] / "o" / "meta.json").read_text())["bad_inputs"] >= len(listed)
+    elif case.code == 0:  # read as intended: the summary says so
+        assert case.says in " ".join(output.split()), output[-3000:]
+    else:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and case.says in " ".join(done.stderr.split()), done.stderr[-3000:]
+    assert checksums(workspace["tmp"], case.changed(workspace)) == before
+
+
+def test_bad_inputs_page_carries_this_table():
+    assert table_markdown() in PAGE.read_text(), "tests/BAD_INPUTS.md is out of date: run python tests/test_bad_inputs.py"
+
+
+if __name__ == "__main__":
+    text = PAGE.read_text()
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + table_markdown() + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Command line (tests/test_bad_inputs.py)\n\n" + table_markdown() + "\n"
+    PAGE.write_text(text)
+    print(f"wrote {len(CASES)} rows to {PAGE}")

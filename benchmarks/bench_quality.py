@@ -239,7 +239,7 @@ def train_model(row: dict, data: Path, block: Path, overrides: list[str], config
 
 def sweep_model(row: dict, data: Path, block: Path, space: Path, seed: int, budget: float | None, use_budget: bool,
                 num_samples: int | None, train_seed: int | None) -> np.ndarray | None:
-    from defect_tune.retrain import load_model
+    from defect_tune.model_dir import load_model
 
     results, export, model = block / "sweep", block / "sweep.yaml", block / "sweep-model"
     for path in (results, model):

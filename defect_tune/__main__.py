@@ -1,3 +1,3 @@
-from defect_tune.cli import run
+from defect_tune.cli import app
 
-run()
+app()

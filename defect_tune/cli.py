@@ -10,9 +10,26 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 
+
+class _Commands(TyperGroup):
+    """Every command (and `jobs ...` below it), with bad input caught here, once: any
+    `UserError`, from whichever stage, is one line on stderr and exit 2. Any other exception
+    is a fault of ours and keeps its traceback."""
+
+    def invoke(self, ctx):
+        from defect_tune.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            raise _fail(error) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Find the best training configuration for industrial visual-defect classifiers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -32,19 +49,6 @@ def _fail(error: Exception, code: int = 2):
         text = f"{text[:MAX_MESSAGE]} ... ({len(text) - MAX_MESSAGE} more characters left out)"
     console.print(f"error: {text}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
-
-
-def run() -> None:
-    """The `defect-tune` console script: bad input (any `UserError`, from whichever stage) is
-    one line on stderr and exit 2, caught here once; any other exception is ours and keeps its
-    traceback."""
-    from defect_tune.errors import UserError
-
-    try:
-        app()
-    except UserError as error:
-        exit_code = _fail(error).exit_code
-        raise SystemExit(exit_code) from None
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -98,7 +102,7 @@ def prepare(
     synthetic_imbalance: Annotated[float, typer.Option(help="synthetic: most / least frequent class ratio")] = 30.0,
 ) -> None:
     """Turn a raw dataset into preprocessed Parquet shards plus meta.json (decode once, never per epoch)."""
-    from defect_tune.prepare import PrepareError, PrepareOptions, summary_table
+    from defect_tune.prepare import PrepareOptions, summary_table
     from defect_tune.prepare import prepare as run_prepare
 
     options = PrepareOptions(
@@ -123,10 +127,7 @@ def prepare(
         synthetic_imbalance=synthetic_imbalance,
         command=shlex.join(["defect-tune", *sys.argv[1:]]),
     )
-    try:
-        meta = run_prepare(options, console=console)
-    except PrepareError as error:
-        raise _fail(error) from None
+    meta = run_prepare(options, console=console)
     console.print(summary_table(meta))
     console.print(f"wrote {out}/meta.json and {sum(len(s['shards']) for s in meta['splits'].values())} shards")
 
@@ -142,15 +143,12 @@ def train(
     """Train one configuration in this process (no Ray): `defect-tune train --data D --out O [key=value ...]`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from defect_tune.config import ConfigError, load_config
+    from defect_tune.config import load_config
     from defect_tune.data import DataError
     from defect_tune.models import ModelError
     from defect_tune.train import OBJECTIVE, NonFiniteLoss, fit
 
-    try:
-        settings = load_config(config, ctx.args)
-    except ConfigError as error:
-        raise _fail(error) from None
+    settings = load_config(config, ctx.args)
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
     )
@@ -238,25 +236,17 @@ def search(
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
         raise typer.Exit(2)
 
-    from defect_tune.data import DataError
-    from defect_tune.search import SearchError, SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
-    from defect_tune.space import SpaceError, load_space
-    from defect_tune.tracking import TrackingError
-    try:
-        space = resolve_space(space)
-    except SpaceError as error:
-        raise _fail(error) from None
+    from defect_tune.search import SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
+    from defect_tune.space import load_space
+    space = resolve_space(space)
     name = name or f"{space.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    try:
-        options = SearchOptions(
-            data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
-            workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-            trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
-            max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
-        )
-        summary = run_search(options, console=console)
-    except (SearchError, SpaceError, DataError, TrackingError) as error:
-        raise _fail(error) from None
+    options = SearchOptions(
+        data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
+        workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
+        max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
+    )
+    summary = run_search(options, console=console)
     results = Path(out or Path("results") / name)
     board = load_leaderboard(results)
     console.print(leaderboard_table(board, load_space(space)))
@@ -317,15 +307,12 @@ def export(
     mode: Annotated[str | None, typer.Option(help="max | min (default: the objective's; min for *loss columns)")] = None,
 ) -> None:
     """Export a trial's full config plus what production needs (thresholds, best epoch, data fingerprint)."""
-    from defect_tune.export import ExportError, build_export, check_export_out, write_export
+    from defect_tune.export import build_export, check_export_out, write_export
 
     if mode not in (None, "max", "min"):
         raise _fail(ValueError(f"--mode {mode!r}: choose max or min"))
-    try:
-        check_export_out(out)
-        exported = build_export(results, rank, metric, mode)
-    except ExportError as error:
-        raise _fail(error) from None
+    check_export_out(out)
+    exported = build_export(results, rank, metric, mode)
     write_export(exported, out)
     sweep = exported["sweep"]
     console.print(
@@ -352,19 +339,13 @@ def retrain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
 ) -> None:
     """Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, model card."""
-    from defect_tune.config import ConfigError
-    from defect_tune.data import DataError
-    from defect_tune.export import ExportError
-    from defect_tune.retrain import RetrainError, RetrainOptions
+    from defect_tune.retrain import RetrainOptions
     from defect_tune.retrain import retrain as run_retrain
 
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
                              overwrite=overwrite)
-    try:
-        run_retrain(options, console=console)
-    except (ExportError, DataError, RetrainError, ConfigError) as error:
-        raise _fail(error) from None
+    run_retrain(options, console=console)
     console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -378,14 +359,10 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Per-class probabilities and thresholded decisions for images, preprocessed as `prepare` did."""
-    from defect_tune.predict import PredictError, check_predictions_out, predict_images
-    from defect_tune.retrain import RetrainError
+    from defect_tune.predict import check_predictions_out, predict_images
 
-    try:
-        check_predictions_out(out)  # before the work, which a bad --out would otherwise lose
-        table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device)
-    except (PredictError, RetrainError) as error:
-        raise _fail(error) from None
+    check_predictions_out(out)  # before the work, which a bad --out would otherwise lose
+    table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table["error"].notna()
@@ -406,12 +383,9 @@ def report(
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from defect_tune.report import ReportError, write_report
+    from defect_tune.report import write_report
 
-    try:
-        path = write_report(results, out)
-    except ReportError as error:
-        raise _fail(error) from None
+    path = write_report(results, out)
     figures = len(list(path.parent.glob("*.png")))
     console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False, soft_wrap=True)
 
@@ -423,12 +397,9 @@ app.add_typer(jobs_app, name="jobs")
 
 
 def _connect(address: str | None):
-    from defect_tune.submit import SubmitError, connect
+    from defect_tune.submit import connect
 
-    try:
-        return connect(address)
-    except SubmitError as error:
-        raise _fail(error) from None
+    return connect(address)
 
 
 def _follow_to_end(cluster, job_id: str) -> None:
@@ -473,25 +444,19 @@ def submit(
     """
     import os
 
-    from defect_tune.submit import SubmitError, check_command, default_working_dir, entrypoint, kept_back, path_notes
+    from defect_tune.submit import check_command, default_working_dir, entrypoint, kept_back, path_notes
     from defect_tune.submit import submit as submit_job
 
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} - {"submit"}
-    try:
-        check_command(command, commands)
-        code = None if no_working_dir else (working_dir or default_working_dir())
-    except SubmitError as error:
-        raise _fail(error) from None
+    check_command(command, commands)
+    code = None if no_working_dir else (working_dir or default_working_dir())
     cluster = _connect(address)
     for note in path_notes(command):
         console.print(f"note: {note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     for name in kept_back(os.environ):
         console.print(f"note: {name} is not sent with the job (Ray logs a job's environment in plain text); "
                       "the cluster's head node needs its own, e.g. from a Kubernetes Secret", style="yellow", markup=False, soft_wrap=True)
-    try:
-        job = submit_job(cluster, command, code, job_id)
-    except SubmitError as error:
-        raise _fail(error) from None
+    job = submit_job(cluster, command, code, job_id)
     print(job, flush=True)
     where = "" if address is None else f" --address {address}"
     console.print(f"submitted {job} to {cluster.address}: {entrypoint(command)}"
@@ -509,44 +474,35 @@ Address = Annotated[str | None, typer.Option(help=ADDRESS_HELP)]
 @jobs_app.command("status")
 def jobs_status(job_id: JobId, address: Address = None) -> None:
     """A job's status, when it started, and Ray's message."""
-    from defect_tune.submit import SubmitError, describe, info
+    from defect_tune.submit import describe, info
 
     cluster = _connect(address)
-    try:
-        print(describe(info(cluster, job_id)))
-    except SubmitError as error:
-        raise _fail(error) from None
+    print(describe(info(cluster, job_id)))
 
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: JobId, address: Address = None,
               follow: Annotated[bool, typer.Option(help="Keep streaming until the job ends; exit 0 if it succeeded, 1 if not")] = False) -> None:
     """A job's output so far (or, with --follow, until it ends)."""
-    from defect_tune.submit import SubmitError, logs
+    from defect_tune.submit import logs
 
     cluster = _connect(address)
     if follow:
         _follow_to_end(cluster, job_id)
         return
-    try:
-        sys.stdout.write(logs(cluster, job_id))
-    except SubmitError as error:
-        raise _fail(error) from None
+    sys.stdout.write(logs(cluster, job_id))
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: JobId, address: Address = None,
               wait: Annotated[bool, typer.Option(help="Wait (up to 60 s) until the job has stopped")] = True) -> None:
     """Stop a job: SIGTERM to its driver, SIGKILL a few seconds later; its trials end with it."""
-    from defect_tune.submit import SubmitError, describe, stop
+    from defect_tune.submit import describe, stop
     from defect_tune.submit import wait as wait_for
 
     cluster = _connect(address)
-    try:
-        was_running = stop(cluster, job_id)
-        details = wait_for(cluster, job_id, timeout=60) if wait else None
-    except SubmitError as error:
-        raise _fail(error) from None
+    was_running = stop(cluster, job_id)
+    details = wait_for(cluster, job_id, timeout=60) if wait else None
     if details is None:
         console.print(f"asked job {job_id} to stop", markup=False)
         return
@@ -562,13 +518,10 @@ def jobs_stop(job_id: JobId, address: Address = None,
 def jobs_list(address: Address = None,
               every: Annotated[bool, typer.Option("--all", help="Every job on the cluster, not only defect-tune's")] = False) -> None:
     """Jobs on the cluster that defect-tune submitted, oldest first."""
-    from defect_tune.submit import SubmitError, describe, list_jobs
+    from defect_tune.submit import describe, list_jobs
 
     cluster = _connect(address)
-    try:
-        jobs = list_jobs(cluster, everything=every)
-    except SubmitError as error:
-        raise _fail(error) from None
+    jobs = list_jobs(cluster, everything=every)
     for details in jobs:
         print(describe(details))
     if not jobs:

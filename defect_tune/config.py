@@ -7,6 +7,7 @@ command line overrides any of them with `key=value`.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Literal
 
@@ -135,6 +136,10 @@ class TrainConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
 def _explain(error: ValidationError, where: str) -> ConfigError:
     lines = []
     for problem in error.errors():
@@ -144,8 +149,9 @@ def _explain(error: ValidationError, where: str) -> ConfigError:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"{key}: unknown key{hint}")
         else:
-            shown = repr(problem.get("input"))
-            shown = shown if len(shown) <= 80 else f"{shown[:80]}... ({len(shown)} characters)"  # e.g. a YAML alias bomb
+            # Bounded while it is built: a YAML alias bomb under one key is small as shared
+            # objects but gigabytes as a full repr.
+            shown = _SHORT.repr(problem.get("input"))
             lines.append(f"{key}: {problem['msg']} (got {shown})")
     return ConfigError(f"{where}: " + "; ".join(lines))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -85,6 +85,12 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path}: 'image' needs a positive integer 'height' and 'width'")
     if not isinstance(meta["splits"], dict):
         raise DataError(f"{path}: 'splits' must be an object of split -> shards")
+    for split, entry in meta["splits"].items():
+        for shard in (entry or {}).get("shards", []) if isinstance(entry, dict) else []:
+            name = shard.get("file") if isinstance(shard, dict) else None
+            # A shard is read from the data folder only: a meta.json naming /etc/x or ../x is refused.
+            if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in PurePosixPath(name).parts:
+                raise DataError(f"{path}: {split} shard {name!r} is not a file inside the data folder")
     return meta
 
 
@@ -154,7 +160,11 @@ def load_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.
     if any(len(p) != height * width for p in pixels):
         raise DataError(f"{data_dir}/{split}: an image's pixel count is not {height}x{width} as meta.json says")
     images = np.frombuffer(bytearray(b"".join(pixels)), np.uint8).reshape(-1, height, width)  # writable
-    labels = np.array(table.column("labels").to_pylist(), dtype=np.float32).reshape(-1, classes)
+    rows = table.column("labels").to_pylist()
+    if any(len(row) != classes for row in rows):
+        raise DataError(f"{data_dir}/{split}: the shards' labels have {len(rows[0]) if rows else 0} columns, "
+                        f"meta.json lists {classes} classes; meta.json does not belong to these shards")
+    labels = np.array(rows, dtype=np.float32).reshape(-1, classes)
     return images, labels, table.column("id").to_pylist()
 
 

@@ -19,7 +19,7 @@ from defect_tune.data import to_tensor
 from defect_tune.errors import UserError
 from defect_tune.images import decode_or_reason
 from defect_tune.readers import IMAGE_SUFFIXES, Item, walk_files
-from defect_tune.retrain import load_model
+from defect_tune.model_dir import load_model
 
 
 class PredictError(UserError):

@@ -15,8 +15,6 @@ Either way the test split is untouched until the end, and its metrics go into th
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -29,15 +27,13 @@ import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from rich.console import Console
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from defect_tune.class_stats import ClassCounts
 from defect_tune.data import MEAN, STD, check_shards, data_location, load_split, read_meta
 from defect_tune.errors import UserError
 from defect_tune.export import package_versions, read_export
-from defect_tune.metrics import PREDICT_NOTHING, evaluate, guarded_macro_recall, per_class_table
-from defect_tune.models import build_model
+from defect_tune.metrics import evaluate, guarded_macro_recall
+from defect_tune.model_dir import MODEL_JSON, format_figure, write_model_dir
 from defect_tune.search import SearchError, start_ray
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, SELECTION, TrainConfig, validate_config
 from defect_tune.engine import build_parts, pick_device, predict
@@ -48,8 +44,6 @@ from defect_tune.trial import dataset_config, train_loop_per_worker
 from defect_tune.worker import CHECKPOINT_FILE
 
 HOLDOUTS = ("val", "none")
-WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
-RARE = 10  # fewer training positives than this: the model card calls the class too rare to trust
 
 
 class RetrainError(UserError):
@@ -221,147 +215,10 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         "val": val_report,
         "sweep_val_objective": export["objective"]["value"],
     }
-    _write(out, parts.model, config, info, metrics_out)
+    write_model_dir(out, parts.model, config, info, metrics_out)
     console.print(
-        f"model: {out} (test macro recall {_fmt(metrics_out['test_macro_recall'])} at the {source} thresholds; "
-        f"the sweep's validation objective was {_fmt(export['objective']['value'])})",
+        f"model: {out} (test macro recall {format_figure(metrics_out['test_macro_recall'])} at the {source} thresholds; "
+        f"the sweep's validation objective was {format_figure(export['objective']['value'])})",
         highlight=False, markup=False, soft_wrap=True,
     )
     return info
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _write(out: Path, model, config: TrainConfig, info: dict, metrics: dict) -> None:
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS),
-              metadata={"format": "pt", "classes": json.dumps(info["classes"])})
-    (staging / "config.yaml").write_text(config.to_yaml())
-    (staging / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    table = per_class_table(metrics["test"], "TEST (untouched until now; thresholds fixed before it was read)") + "\n"
-    if metrics["val"] is not None:
-        table = per_class_table(metrics["val"], "VALIDATION (thresholds learned here)") + "\n" + table
-    (staging / "per_class.txt").write_text(table)
-    (staging / "MODEL_CARD.md").write_text(model_card(info, metrics, table))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-
-
-def _interval(report: dict) -> str:
-    interval = report["macro"].get("recall_interval")
-    return "" if not interval else f" (95 % interval {interval[0]:.3f}-{interval[1]:.3f}, bootstrap over the test images)"
-
-
-def model_card(info: dict, metrics: dict, table: str) -> str:
-    training, data, export = info["training"], info["data"], info["export"]
-    test = metrics["test"]
-    limits = []
-    for c in info["classes"]:
-        positives = training["train_positives"][c]
-        support = test["per_class"][c]["support"]
-        if info["thresholds"][c] >= PREDICT_NOTHING:
-            limits.append(f"- `{c}`: never predicted. No threshold reached the precision floor on validation.")
-        if positives < RARE:
-            limits.append(f"- `{c}`: {positives} training images. That is too rare to learn reliably; treat its scores as a hint.")
-        if support == 0:
-            limits.append(f"- `{c}`: no test images, so its test figures are undefined.")
-        elif support < 5:
-            row = test["per_class"][c]
-            low, high = row["recall_interval"]
-            limits.append(f"- `{c}`: {support} test image(s), so its test recall ({row['tp']}/{support}) is a coarse estimate: "
-                          f"95 % interval {low:.2f}-{high:.2f}.")
-    lines = [
-        f"# Model card: {export['name']} trial {export['trial_id']}",
-        "",
-        f"A multi-label defect classifier ({', '.join(info['classes'])}) trained by `defect-tune retrain` on "
-        f"{info['created']}.",
-        "",
-        "## Data",
-        f"- Prepared data `{data['dir']}`, fingerprint `{data['source_fingerprint']}`.",
-        f"- Images: {data['images']['train']} train, {data['images']['val']} val, {data['images']['test']} test. "
-        f"Trained on {' + '.join(training['train_splits'])}.",
-        f"- Preprocessing: grayscale, fit `{info['preprocessing']['fit']}` to "
-        f"{info['preprocessing']['height']}x{info['preprocessing']['width']}, normalised "
-        f"(x/255 - {info['preprocessing']['mean']}) / {info['preprocessing']['std']}.",
-        "",
-        "## Training",
-        f"- Configuration from `{export['file']}`: trial {export['trial_id']} of sweep `{export['name']}`. "
-        f"The sweep's validation objective was {_fmt(export['sweep_objective'])}.",
-        f"- {training['epochs_trained']} epochs, best epoch {training['best_epoch']}, seed {training['seed']}.",
-        f"- Holdout `{training['holdout']}`. Thresholds were {info['thresholds_from']}.",
-        "",
-        "## Metric",
-        f"The search objective is `{info['objective']['name']}`. {info['objective']['definition']}",
-        "",
-        f"On the test split this model has macro recall {_fmt(metrics['test_macro_recall'])}{_interval(test)} at its "
-        f"thresholds and macro precision {_fmt(test['macro']['precision'])}. The guarded macro recall on test, with thresholds "
-        f"chosen on test itself, is {_fmt(metrics['test_guarded_macro_recall'])}; compare it with the sweep's validation figure.",
-        "",
-        "```",
-        table.rstrip(),
-        "```",
-        "",
-        "## Limits",
-        *(limits or ["- None flagged by the checks on class counts and thresholds."]),
-        "- Validated on images prepared like these only: another camera, resolution or cell type needs its own test.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-PREPROCESSING_KEYS = ("image_size", "fit", "height", "width")
-
-
-def check_model_info(info: dict, path: Path) -> None:
-    """Refuse a model.json whose thresholds or preprocessing predict cannot use as they are: a
-    NaN threshold would flag no defect anywhere and exit 0."""
-    thresholds = info.get("thresholds")
-    if not isinstance(thresholds, dict):
-        raise RetrainError(f"{path}: no thresholds (a class -> threshold object)")
-    bad = [c for c in info["classes"]
-           if isinstance(thresholds.get(c), bool) or not isinstance(thresholds.get(c), int | float)
-           or not 0 <= thresholds[c] <= PREDICT_NOTHING]  # NaN fails the comparison
-    if bad:
-        raise RetrainError(f"{path}: thresholds for {bad} are missing or not a number between 0 and 1 "
-                           f"(or {PREDICT_NOTHING!r}: never predict the class)")
-    pre = info.get("preprocessing")
-    missing = [key for key in PREPROCESSING_KEYS if not isinstance(pre, dict) or key not in pre]
-    if missing:
-        raise RetrainError(f"{path}: preprocessing lacks {missing}; predict cannot prepare images as training did")
-
-
-def load_model(model_dir: Path, device: torch.device | None = None):
-    """A model directory's network (eval mode) and its model.json."""
-    model_dir = Path(model_dir)
-    path = model_dir / MODEL_JSON
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RetrainError(f"{path}: not found; is {model_dir} a `defect-tune retrain` output?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RetrainError(f"{path}: not readable JSON: {error}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
-        raise RetrainError(f"{path}: no list of classes; not a `defect-tune retrain` model.json")
-    check_model_info(info, path)
-    from defect_tune.config import ConfigError, load_config
-
-    try:
-        config = load_config(model_dir / "config.yaml", {"pretrained": False, "pretrained_path": None})
-    except ConfigError as error:
-        raise RetrainError(str(error)) from None
-    model = build_model(config, len(info["classes"]))
-    weights = model_dir / WEIGHTS
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except FileNotFoundError:
-        raise RetrainError(f"{weights}: not found; the model directory is incomplete") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:  # a torn file; a shape mismatch (RuntimeError)
-        raise RetrainError(f"{weights}: cannot load the weights: {str(error).splitlines()[0]}") from None
-    device = device or pick_device()
-    return model.to(device).eval(), info

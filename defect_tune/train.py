@@ -30,7 +30,7 @@ from defect_tune.models import parameter_counts
 
 # Device memory a CUDA process holds outside torch's allocator: its context and the kernels
 # loaded into it (lazily since CUDA 11.7). The process cannot see it without NVML, so this is an
-# allowance, not a measurement: no GPU was at hand when it was written (2026-12-01).
+# allowance, not a measurement; a GPU run should replace it with one.
 CUDA_CONTEXT_BYTES = 2**29
 
 

@@ -173,7 +173,7 @@ def test_retrain_refuses_a_bad_holdout_other_classes_or_a_bad_config_before_ray_
 
 def write_model_dir(tmp_path: Path, data: Path, thresholds: list[float]) -> Path:
     """A model directory as `retrain` writes it, around an untrained network (no Ray needed)."""
-    from defect_tune.retrain import _write
+    from defect_tune.model_dir import write_model_dir as _write
 
     meta = read_meta(data)
     config = TrainConfig(model="el_cnn", pretrained=False)
@@ -336,3 +336,14 @@ def test_predict_reads_webp_and_keeps_a_folders_other_files_as_rows_saying_why(t
     assert sorted(Path(p).name for p in table.index) == ["a.webp", "b.gif", "notes.txt"]
     assert table.loc[str(folder / "a.webp"), "tiles"] == 1 and table.loc[str(folder / "b.gif"), "tiles"] == 1
     assert table.loc[str(folder / "notes.txt"), "error"].startswith("not an image file (suffix .txt)")
+
+
+def test_serving_a_model_imports_no_ray():
+    """`predict` and the model directory it reads need torch and timm only: a production image
+    that serves the model does not carry Ray."""
+    import subprocess
+    import sys
+
+    code = "import sys, defect_tune.predict, defect_tune.model_dir; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -388,7 +388,7 @@ def test_a_diverged_trial_reports_its_objectives_worst_value():
 
 
 def test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_short(tmp_path, monkeypatch):
-    """What the resume test met on 2026-11-30: the driver was SIGKILLed while Tune copied its
+    """What the resume test once met: the driver was SIGKILLed while Tune copied its
     state to the storage folder, leaving `experiment_state-*.json` at 0 bytes, and Tune resumed
     from nothing (the two finished trials were gone from the leaderboard). The driver's staging
     folder under Ray's temp dir still held the whole copy, as laid out here (Ray 2.60's layout)."""

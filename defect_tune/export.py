@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from defect_tune.errors import UserError
+from defect_tune.errors import UserError, file_in_the_way
 from defect_tune.leaderboard import plain, ranked_by
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
 
@@ -138,9 +138,8 @@ def check_export_out(out: Path) -> None:
     if out.is_dir():
         raise ExportError(f"{out}: --out is a folder; name the export file to write, e.g. {out / 'best.yaml'}")
     if not out.exists():
-        for parent in out.parents:
-            if parent.exists() and not parent.is_dir():
-                raise ExportError(f"{out}: --out lies under {parent}, which is a file")
+        if (blocker := file_in_the_way(out)) is not None:
+            raise ExportError(f"{out}: --out lies under {blocker}, which is a file")
         return
     try:
         earlier = yaml.safe_load(out.read_text())

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from defect_tune.data import to_tensor
-from defect_tune.errors import UserError
+from defect_tune.errors import UserError, file_in_the_way
 from defect_tune.images import decode_or_reason
 from defect_tune.readers import IMAGE_SUFFIXES, Item, walk_files
 from defect_tune.model_dir import load_model
@@ -32,9 +32,8 @@ def check_predictions_out(out: Path) -> None:
     out = Path(out)
     if out.is_dir():
         raise PredictError(f"{out}: --out is a folder; name the CSV to write, e.g. {out / 'preds.csv'}")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise PredictError(f"{out}: --out lies under {parent}, which is a file")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise PredictError(f"{out}: --out lies under {blocker}, which is a file")
     if out.exists():
         with open(out, "rb") as handle:
             first = handle.readline()

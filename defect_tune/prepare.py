@@ -48,7 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defect_tune import __version__
-from defect_tune.errors import UserError
+from defect_tune.errors import UserError, file_in_the_way
 from defect_tune.images import FITS, decode_or_reason
 from defect_tune.readers import (
     BadInput,
@@ -187,9 +187,8 @@ def _check_out_dir(options: PrepareOptions) -> None:
     out = options.out.resolve()
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{options.out}: --out is a file, not a folder")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise PrepareError(f"{options.out}: --out lies under {parent}, which is a file")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise PrepareError(f"{options.out}: --out lies under {blocker}, which is a file")
     if options.source is not None and options.format != "synthetic":
         source = options.source.resolve()
         if out == source or out in source.parents:

@@ -34,7 +34,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from defect_tune.errors import UserError
+from defect_tune.errors import UserError, file_in_the_way
 from defect_tune.space import SpaceError, load_space
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, PREDICTIONS_FILE
 
@@ -794,10 +794,10 @@ def write_report(results: Path, out: Path | None = None) -> Path:
     """Write RESULTS/report/report.html (or OUT/report.html) and its PNGs; return the HTML's path."""
     sweep = load_sweep(results)
     out = Path(out) if out is not None else Path(results) / "report"
-    for folder in (out, *out.parents):
-        if folder.exists() and not folder.is_dir():
-            raise ReportError(f"{out}: --out is {'a file' if folder == out else f'under {folder}, which is a file'}; "
-                              "name a folder for report.html and its figures")
+    blocker = out if out.exists() and not out.is_dir() else file_in_the_way(out)
+    if blocker is not None:
+        raise ReportError(f"{out}: --out is {'a file' if blocker == out else f'under {blocker}, which is a file'}; "
+                          "name a folder for report.html and its figures")
     out.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_FILES:  # an earlier report's figure that this one cannot draw must not linger
         (out / name).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from defect_tune import __version__
 from defect_tune.augment import augment_batch, build_augmentation
 from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
 from defect_tune.data import check_shards, data_location, load_split, read_meta, to_tensor
-from defect_tune.errors import UserError
+from defect_tune.errors import UserError, file_in_the_way
 from defect_tune.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, draw_order, pick_device,
                                 predict, run_epochs, seed_everything, train_one_epoch)
 from defect_tune.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
@@ -154,9 +154,8 @@ def check_train_out(out: Path) -> None:
     retrained model directory, a prepare output): its files would be overwritten or mixed."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out is a file, not a folder")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{out}: --out lies under {parent}, which is a file")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise UserError(f"{out}: --out lies under {blocker}, which is a file")
     others = sorted(entry.name for entry in out.iterdir() if entry.name not in TRAIN_OUTPUTS) if out.is_dir() else []
     if others:
         raise UserError(f"{out}: --out holds files train did not write ({', '.join(others[:5])}); choose a new folder")

@@ -25,14 +25,22 @@ class ReportPost:
 
     def __init__(self):
         self._queues: dict[str, tuple[collections.deque, asyncio.Event]] = {}
+        self._closed: set[str] = set()  # a few dozen bytes per trial attempt
 
     def _queue(self, key: str) -> tuple[collections.deque, asyncio.Event]:
         return self._queues.setdefault(key, (collections.deque(), asyncio.Event()))
 
     async def put(self, key: str, item) -> None:
+        """Queues `item`; one for a closed key (a trial that has ended) is dropped."""
+        if key in self._closed:
+            return
         items, arrived = self._queue(key)
         items.append(item)
         arrived.set()
+
+    async def is_open(self, key: str) -> bool:
+        """False once the trial has closed `key`: its Train runs should stop (`--cv` folds)."""
+        return key not in self._closed
 
     async def take(self, key: str, timeout: float) -> list:
         """Every item queued under `key`, in order, waiting up to `timeout` seconds for the first."""
@@ -48,8 +56,9 @@ class ReportPost:
         return taken
 
     async def close(self, key: str) -> None:
-        """Forgets `key` (a trial that has taken its last report)."""
+        """Forgets `key` (a trial that has taken its last report, or ended) and drops what comes later."""
         self._queues.pop(key, None)
+        self._closed.add(key)
 
 
 def start_report_post():

@@ -98,7 +98,8 @@ def dataset_config(workers: int) -> DataConfig:
     return DataConfig(datasets_to_split=["train"] if workers > 1 else [])
 
 
-def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list) -> TorchTrainer:
+def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list,
+             trial_post: tuple | None = None) -> TorchTrainer:
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
     # A weighted draw needs the whole shard at hand: an oversampling worker keeps it whatever its size.
@@ -109,6 +110,8 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
                    "keep_train": keep}
     if setup.space is not None:
         loop_config["diverged"] = diverged_report(setup.space.objective, setup.space.mode)
+    if trial_post is not None:
+        loop_config["trial_post"] = trial_post
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -208,11 +211,25 @@ def _train_storage(setup: TrialSetup) -> str:
     return setup.storage_path.rstrip("/") + "/train"
 
 
+def stop_folds(reports, key: str, threads: list[threading.Thread], started: float) -> None:
+    """Closes the trial's key, so that each fold's workers stop after their current epoch
+    (`worker.WorkerHooks.agree`) and its Train run ends by itself, giving its placement group back
+    before the trial ends. Left to die with the trial's process, a run's placement group waits for
+    Train's detached cleaner, which polls the State API and can lag or fail on a loaded node.
+
+    Waits at most as long as the trial has run so far (an epoch takes less than the epochs before
+    it) and never under a minute; a fold still waiting for its workers is left to that cleaner."""
+    ray.get(reports.close.remote(key))
+    deadline = time.monotonic() + max(60.0, time.time() - started)
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+
+
 def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float) -> None:
     """One TorchTrainer per fold, side by side (each waits for its workers like any trial's), and
     one report to Tune per epoch: the fold-mean (`folds.FoldMean`), once every fold reached it.
     A fold that fails (after its own `--max-failures` retries) fails the trial; one that diverges
-    ends it with that fold's report (the other folds' Train runs end with the trial's process)."""
+    ends it with that fold's report, once the other folds have stopped (`stop_folds`)."""
     from defect_tune.folds import FoldMean
 
     errors: dict[int, BaseException] = {}
@@ -221,7 +238,7 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
         def fit(fold: int, meta: dict) -> None:
             try:
                 callback = QueueReportCallback(fold, reports, key, f"{_train_storage(setup)}/{name}-folds")
-                _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback]).fit()
+                _trainer(config, setup, meta, f"{name}-fold{fold}", started, [callback], (reports, key)).fit()
             except BaseException as error:  # noqa: BLE001 - handed to the trial's thread, which raises it
                 errors[fold] = error
 
@@ -235,6 +252,7 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
             # A fold's reports are all queued before its fit() returns: drain, then mark it ended.
             for fold, row in ray.get(reports.take.remote(key, 0 if ended else 1.0)):
                 if "diverged" in row:  # the configuration diverged on this fold: so ends the trial
+                    stop_folds(reports, key, threads, started)
                     ray.tune.report({**row, "diverged": f"fold {fold}: {row['diverged']}", "folds": len(threads)})
                     return
                 mean.add(fold, row)

@@ -66,6 +66,7 @@ class WorkerHooks(Hooks):
         self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop_config["meta"], parts, stopper, drop_last
         self.rank, self.world, self.train_shard, self.val_data = rank, world, train_shard, val_data
         self.node, self.report = node, report
+        self.trial_post = loop_config.get("trial_post")  # --cv folds: (the sweep's post, the trial's key)
         self.stop_after = loop_config.get("stop_after", config.epochs)
         self.validate = loop_config.get("validate", True)
         self.reproducible = loop_config.get("reproducible", False)
@@ -119,7 +120,16 @@ class WorkerHooks(Hooks):
         torch.distributed.all_gather_object(seen, message)
         return next((m for m in seen if m is not None), None)
 
+    def trial_ended(self) -> bool:
+        """A `--cv` fold: whether its trial has ended (another fold diverged, `trial.stop_folds`)."""
+        if self.trial_post is None:
+            return False
+        post, key = self.trial_post
+        return not ray.get(post.is_open.remote(key))
+
     def agree(self, decision: dict) -> dict:
+        if self.rank == 0 and not decision["stop"] and self.trial_ended():
+            decision = {**decision, "stop": True}
         if self.world == 1:
             return decision
         shared = [decision]  # every rank must step its schedule alike and report the same number of times

@@ -584,8 +584,12 @@ def test_the_report_post_hands_each_trial_its_own_reports_in_order_and_waits_for
         await asyncio.sleep(0.05)
         await reports.put("late", "epoch 1")
         assert await asyncio.wait_for(waiting, 10) == ["epoch 1"]  # woken by the put, well before its 30 s
+        assert await reports.is_open("other")
         await reports.close("other")
         assert await reports.take("other", 0) == []  # a closed trial's leftovers are gone
+        assert not await reports.is_open("other")  # its --cv folds stop after their epoch
+        await reports.put("other", "a fold's late epoch")
+        assert await reports.take("other", 0) == []  # dropped, not queued for nobody
 
     asyncio.run(run())
 

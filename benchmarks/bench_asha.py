@@ -31,8 +31,8 @@ import yaml
 
 from common import data_or_synthetic, emit, machine
 
-from defect_tune.config import OBJECTIVE
-from defect_tune.search import resolve_space
+from defect_tune.core.config import OBJECTIVE
+from defect_tune.search.sweep import resolve_space
 
 
 def write_space(path: Path, trials: int, epochs: int, grace: int, points: list[dict] | None) -> Path:

@@ -5,7 +5,7 @@ preset and per transform, and so how many cores it takes to keep a GPU's trainin
                                        [--write results/benchmarks/augment.md]
 
 A worker whose shard fits `--keep-train-gb` runs every epoch after its first from memory,
-augmenting each batch itself, image by image, with albumentations (`trial._kept_batches`, the
+augmenting each batch itself, image by image, with albumentations (`engine.memory_batches`, the
 code measured here), then normalising it into a float tensor. That work is on the worker's CPU
 while its GPU waits. This process is pinned to one core, so the figures are per core whatever
 threads OpenCV or torch would start; each setting runs `--epochs` passes over the train split,
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from common import emit, machine, neu_det_or_synthetic
-from defect_tune.augment import PRESETS, TRANSFORMS, build_augmentation
-from defect_tune.data import load_split, read_meta
-from defect_tune.trial import _kept_batches
+from defect_tune.core.augment import PRESETS, TRANSFORMS, build_augmentation
+from defect_tune.core.config import TrainConfig
+from defect_tune.data.shards import load_split, read_meta
+from defect_tune.training.engine import memory_batches
 
 BATCH = 64
 
@@ -41,7 +42,8 @@ def one_pass(images: np.ndarray, labels: np.ndarray, spec: str, seed: int) -> fl
     """Images/s of one pass over the kept shard with augmentation `spec`."""
     pipeline = build_augmentation(spec, images.shape[1:], seed)
     started = time.perf_counter()
-    for _ in _kept_batches(images, labels, BATCH, False, np.random.default_rng(seed), pipeline):
+    config = TrainConfig(batch_size=BATCH, pretrained=False)
+    for _ in memory_batches(images, labels, config, False, np.random.default_rng(seed), pipeline):
         pass
     return len(labels) / (time.perf_counter() - started)
 

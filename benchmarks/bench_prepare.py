@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 
 from common import NEU_DET
-from defect_tune.prepare import PrepareOptions, prepare
-from defect_tune.readers import read_voc
-from defect_tune.synthetic import SyntheticSpec, generate_voc
+from defect_tune.data.prepare import PrepareOptions, prepare
+from defect_tune.data.readers import read_voc
+from defect_tune.data.synthetic import SyntheticSpec, generate_voc
 
 
 def plain_loop(paths: list[Path], size: int) -> float:

@@ -63,9 +63,9 @@ import yaml
 
 from common import NEU_DET, emit, machine_details
 
-from defect_tune.metrics import BOOTSTRAP_SAMPLES, CONFIDENCE
-from defect_tune.search import resolve_space
-from defect_tune.space import BASELINE, load_space
+from defect_tune.core.metrics import BOOTSTRAP_SAMPLES, CONFIDENCE
+from defect_tune.search.space import BASELINE, load_space
+from defect_tune.search.sweep import resolve_space
 
 DATASETS = {"neu": "NEU-DET", "neu-lt50": "NEU-DET long-tail 50", "synthetic": "synthetic EL"}
 GOAL_AP = 0.05  # the mean test macro AP by which (c) must beat (a) on every dataset
@@ -160,7 +160,7 @@ def predict_test(model, data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The model's sigmoid probabilities on the test split, preprocessed as every driver does."""
     import torch
 
-    from defect_tune.data import load_split, read_meta, to_tensor
+    from defect_tune.data.shards import load_split, read_meta, to_tensor
 
     meta = read_meta(data)
     images, labels, _ = load_split(data, "test", meta)
@@ -172,9 +172,9 @@ def predict_test(model, data: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def load_trained(out: Path, num_classes: int):
     """A `defect-tune train` output's best epoch's network."""
-    from defect_tune.config import load_config
-    from defect_tune.models import build_model
-    from defect_tune.train import load_checkpoint
+    from defect_tune.core.config import load_config
+    from defect_tune.training.models import build_model
+    from defect_tune.training.train import load_checkpoint
 
     config = load_config(out / "config.yaml", {"pretrained": False, "pretrained_path": None})
     model = build_model(config, num_classes)
@@ -239,7 +239,7 @@ def train_model(row: dict, data: Path, block: Path, overrides: list[str], config
 
 def sweep_model(row: dict, data: Path, block: Path, space: Path, seed: int, budget: float | None, use_budget: bool,
                 num_samples: int | None, train_seed: int | None) -> np.ndarray | None:
-    from defect_tune.model_dir import load_model
+    from defect_tune.production.model_dir import load_model
 
     results, export, model = block / "sweep", block / "sweep.yaml", block / "sweep-model"
     for path in (results, model):

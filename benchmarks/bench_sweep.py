@@ -47,7 +47,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from defect_tune.search import SearchOptions, cpus_for_workers, trials_at_once
+from defect_tune.search.sweep import SearchOptions, cpus_for_workers, trials_at_once
 
 from common import Sampler, data_or_synthetic, each, emit, machine
 
@@ -63,9 +63,9 @@ def plain_loop(data: Path, model: str, epochs: int, device: str, batch: int) -> 
     """Images/s of a plain loop over the train split held in memory (after a warm-up epoch)."""
     import torch
 
-    from defect_tune.config import load_config
-    from defect_tune.data import load_split, read_meta, to_tensor
-    from defect_tune.models import build_model
+    from defect_tune.core.config import load_config
+    from defect_tune.data.shards import load_split, read_meta, to_tensor
+    from defect_tune.training.models import build_model
 
     meta = read_meta(data)
     images, labels, _ = load_split(data, "train", meta)
@@ -227,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dt-bench-") as tmp:
         scratch = Path(tmp)
         data = data_or_synthetic(args.data, scratch)
-        from defect_tune.data import read_meta
+        from defect_tune.data.shards import read_meta
 
         train_images = read_meta(data)["splits"]["train"]["images"]
         for repeat in range(args.repeats):

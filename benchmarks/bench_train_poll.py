@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import emit, machine
 
-SETTINGS = ("2.0", "0.25")  # Ray's default, and defect_tune.trial.TRAIN_POLL_S
+SETTINGS = ("2.0", "0.25")  # Ray's default, and defect_tune.search.trial.TRAIN_POLL_S
 
 
 def one_sweep(trials: int, reports: int, work: float, scratch: Path) -> dict:
@@ -34,8 +34,8 @@ def one_sweep(trials: int, reports: int, work: float, scratch: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from defect_tune.search import start_ray
-    from defect_tune.trial import fit_and_report
+    from defect_tune.search.sweep import start_ray
+    from defect_tune.search.trial import fit_and_report
 
     def loop(config: dict) -> None:
         import ray.train

@@ -31,8 +31,8 @@ CONFIG = {"model": "el_cnn", "batch_size": 64, "augment": "light", "warmup_epoch
 
 
 def in_process(data: Path, epochs: int, out: Path) -> dict:
-    from defect_tune.config import load_config
-    from defect_tune.train import fit
+    from defect_tune.core.config import load_config
+    from defect_tune.training.train import fit
 
     config = load_config(None, {**CONFIG, "epochs": epochs})
     started = time.perf_counter()

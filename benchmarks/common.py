@@ -62,7 +62,7 @@ def neu_det_or_synthetic(data: Path | None, scratch: Path) -> tuple[Path, str]:
         return data, str(data)
     if not (NEU_DET / "Annotations").is_dir():
         return data_or_synthetic(None, scratch), "synthetic, 64 px"
-    from defect_tune.prepare import PrepareOptions, prepare
+    from defect_tune.data.prepare import PrepareOptions, prepare
 
     prepare(PrepareOptions(source=NEU_DET, format="voc", out=scratch / "data", image_size=224, workers=os.cpu_count()))
     return scratch / "data", "NEU-DET, 224 px"
@@ -72,7 +72,7 @@ def data_or_synthetic(data: Path | None, scratch: Path) -> Path:
     """`data` (a `prepare` output) when given; else the embedded synthetic set at 64 px, prepared into `scratch`."""
     if data is not None:
         return data
-    from defect_tune.prepare import PrepareOptions, prepare
+    from defect_tune.data.prepare import PrepareOptions, prepare
 
     prepare(PrepareOptions(source=scratch / "voc", format="synthetic", out=scratch / "data", image_size=64, workers=1))
     return scratch / "data"

@@ -7,7 +7,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from typer.core import TyperGroup
@@ -20,7 +20,7 @@ class _Commands(TyperGroup):
     is a fault of ours and keeps its traceback."""
 
     def invoke(self, ctx):
-        from defect_tune.errors import UserError
+        from defect_tune.core.errors import UserError
 
         try:
             return super().invoke(ctx)
@@ -51,6 +51,12 @@ def _fail(error: Exception, code: int = 2):
     return typer.Exit(code)
 
 
+# The choices `prepare` takes, listed in --help; data/prepare.py checks them again for callers of
+# its Python API (tests/test_cli.py keeps the two lists alike).
+Format = Literal["voc", "severstal", "folders", "csv", "elpv", "synthetic"]
+Fit = Literal["pad", "keep", "tile", "squash"]
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     parts = text.replace("/", ",").split(",")
     try:
@@ -71,8 +77,18 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from defect_tune import __version__
+
+        print(f"defect-tune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit")] = False,
+) -> None:
     """Prepare defect datasets, search training configurations on Ray, and promote the best."""
 
 
@@ -82,10 +98,10 @@ def prepare(
         Path | None,
         typer.Argument(help="Dataset root (voc, severstal, folders, elpv), manifest CSV (csv), or where to write the synthetic VOC folder. Optional for elpv (installed package)."),
     ] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="voc | severstal | folders | csv | elpv | synthetic")] = "voc",
+    format: Annotated[Format, typer.Option("--format", "-f", help="The source's layout")] = "voc",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for Parquet shards and meta.json")] = Path("data/prepared"),
     image_size: Annotated[int, typer.Option(help="Stored size in pixels (square side; the height for --fit keep/tile)")] = 224,
-    fit: Annotated[str | None, typer.Option(help="pad | keep | tile | squash (default: keep for severstal, pad otherwise)")] = None,
+    fit: Annotated[Fit | None, typer.Option(help="How images reach --image-size (default: keep for severstal, pad otherwise)")] = None,
     split: Annotated[str, typer.Option(help="train/val/test fractions")] = "0.7/0.15/0.15",
     seed: Annotated[int, typer.Option(help="Seed for the split, the long-tail subsample and shard order")] = 0,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class order (default: discovered, sorted)")] = None,
@@ -102,8 +118,8 @@ def prepare(
     synthetic_imbalance: Annotated[float, typer.Option(help="synthetic: most / least frequent class ratio")] = 30.0,
 ) -> None:
     """Turn a raw dataset into preprocessed Parquet shards plus meta.json (decode once, never per epoch)."""
-    from defect_tune.prepare import PrepareOptions, summary_table
-    from defect_tune.prepare import prepare as run_prepare
+    from defect_tune.data.prepare import PrepareOptions, summary_table
+    from defect_tune.data.prepare import prepare as run_prepare
 
     options = PrepareOptions(
         source=source,
@@ -140,13 +156,13 @@ def train(
     config: Annotated[Path | None, typer.Option(help="YAML config; key=value arguments override it")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
-    """Train one configuration in this process (no Ray): `defect-tune train --data D --out O [key=value ...]`."""
+    """Train one configuration in this process (no Ray): `defect-tune train --data D --out O \\[key=value ...]`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from defect_tune.config import load_config
-    from defect_tune.data import DataError
-    from defect_tune.models import ModelError
-    from defect_tune.train import OBJECTIVE, NonFiniteLoss, fit
+    from defect_tune.core.config import load_config
+    from defect_tune.data.shards import DataError
+    from defect_tune.training.models import ModelError
+    from defect_tune.training.train import OBJECTIVE, NonFiniteLoss, fit
 
     settings = load_config(config, ctx.args)
     progress = Progress(
@@ -190,8 +206,8 @@ DEFAULT_DATA = Path("data/synthetic")
 
 def _default_data() -> Path:
     """The embedded default: the synthetic EL set, generated and prepared once (64 px)."""
-    from defect_tune.prepare import PrepareOptions
-    from defect_tune.prepare import prepare as run_prepare
+    from defect_tune.data.prepare import PrepareOptions
+    from defect_tune.data.prepare import prepare as run_prepare
 
     if not (DEFAULT_DATA / "meta.json").is_file():
         console.print(f"no --data: preparing the embedded synthetic EL dataset in {DEFAULT_DATA}", highlight=False)
@@ -203,8 +219,9 @@ def _default_data() -> Path:
     return DEFAULT_DATA
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def search(
+    ctx: typer.Context,
     data: Annotated[str | None, typer.Option(help="A `prepare` output: a path every node reads, or a URI (s3://, gs://); default: the embedded synthetic set")] = None,
     space: Annotated[Path | None, typer.Option(help="Search space YAML, or a bundled space by name: quick (default), defects, el_solar, steel, full")] = None,
     name: Annotated[str | None, typer.Option(help="Sweep name (default: <space>-<timestamp>); --resume needs it")] = None,
@@ -225,26 +242,33 @@ def search(
     keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = 2.0,
     cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
 ) -> None:
-    """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer."""
+    """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer.
+
+    `key=value` arguments override the space's fixed values (`epochs=10` its epoch budget), as for `train`."""
     import datetime as dt
+
+    from defect_tune.core.config import parse_overrides
 
     # Before importing Ray and torch: a mistyped option fails at once.
     folds = _count_or_auto("--cv", cv, "a number of folds")
     per_gpu = _count_or_auto("--trials-per-gpu", trials_per_gpu, "a number of workers per GPU")
     budget = _time_budget(time_budget)
+    overrides = parse_overrides(ctx.args)
     if resume and not name:
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
         raise typer.Exit(2)
 
-    from defect_tune.search import SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
-    from defect_tune.space import load_space
+    from defect_tune.search.sweep import SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
+    from defect_tune.search.space import load_space
     space = resolve_space(space)
+    load_space(space).with_overrides(overrides)  # a bad key fails here, before Ray starts
     name = name or f"{space.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     options = SearchOptions(
         data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
         workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
         trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
         max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
+        overrides=overrides,
     )
     summary = run_search(options, console=console)
     results = Path(out or Path("results") / name)
@@ -257,6 +281,9 @@ def search(
             f"config {results}/best_config.yaml; leaderboard {results}/leaderboard.csv; Tune experiment {summary['experiment']}",
             highlight=False, markup=False, soft_wrap=True,
         )
+        console.print(f"next: defect-tune report {shlex.quote(str(results))}   (then: defect-tune export "
+                      f"{shlex.quote(str(results))} --out best.yaml; defect-tune retrain best.yaml --data DATA --out MODEL)",
+                      highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(f"no trial finished; see {results}/leaderboard.csv", style="red", markup=False)
         raise typer.Exit(1)
@@ -304,19 +331,28 @@ def export(
     out: Annotated[Path, typer.Option(help="The export file to write")] = Path("best.yaml"),
     rank: Annotated[int, typer.Option(help="Export the k-th best trial")] = 1,
     metric: Annotated[str | None, typer.Option(help="Leaderboard column to rank by (default: the sweep's objective)")] = None,
-    mode: Annotated[str | None, typer.Option(help="max | min (default: the objective's; min for *loss columns)")] = None,
+    mode: Annotated[Literal["max", "min"] | None, typer.Option(help="Rank order (default: the objective's; min for *loss columns)")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Only trials whose model takes at most this many ms per image at batch 1 (measured in the sweep)")] = None,
+    max_params: Annotated[str | None, typer.Option(metavar="COUNT", help="Only trials whose model has at most this many parameters: 5M, 500k, 2500000")] = None,
 ) -> None:
     """Export a trial's full config plus what production needs (thresholds, best epoch, data fingerprint)."""
-    from defect_tune.export import build_export, check_export_out, write_export
+    from defect_tune.production.export import ExportError, build_export, check_export_out, parse_count, write_export
 
-    if mode not in (None, "max", "min"):
-        raise _fail(ValueError(f"--mode {mode!r}: choose max or min"))
+    limits = {}
+    if max_latency_ms is not None:
+        if not (math.isfinite(max_latency_ms) and max_latency_ms > 0):
+            raise ExportError(f"--max-latency-ms {max_latency_ms:g}: expected a positive number of milliseconds")
+        limits["cost/latency_ms_b1"] = max_latency_ms
+    if max_params is not None:
+        limits["cost/params"] = parse_count(max_params)
     check_export_out(out)
-    exported = build_export(results, rank, metric, mode)
+    exported = build_export(results, rank, metric, mode, limits)
     write_export(exported, out)
     sweep = exported["sweep"]
+    within = (" among trials with " + ", ".join(f"{column.removeprefix('cost/')} <= {limit:g}" for column, limit in limits.items())
+              if limits else "")
     console.print(
-        f"exported trial {sweep['trial_id']} (rank {rank} by {sweep['ranked_by']['metric']}, "
+        f"exported trial {sweep['trial_id']} (rank {rank} by {sweep['ranked_by']['metric']}{within}, "
         f"{exported['objective']['name']} {exported['objective']['value']:.4f} at epoch {exported['best_epoch']}) to {out}",
         highlight=False, markup=False, soft_wrap=True,
     )
@@ -339,8 +375,8 @@ def retrain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
 ) -> None:
     """Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, model card."""
-    from defect_tune.retrain import RetrainOptions
-    from defect_tune.retrain import retrain as run_retrain
+    from defect_tune.production.retrain import RetrainOptions
+    from defect_tune.production.retrain import retrain as run_retrain
 
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
@@ -356,13 +392,14 @@ def predict(
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities and decisions")] = Path("preds.csv"),
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 64,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (--runtime torch)")] = "auto",
+    runtime: Annotated[Literal["torch", "onnx"], typer.Option(help="torch: the safetensors weights; onnx: model.onnx under onnxruntime (CPU)")] = "torch",
 ) -> None:
     """Per-class probabilities and thresholded decisions for images, preprocessed as `prepare` did."""
-    from defect_tune.predict import check_predictions_out, predict_images
+    from defect_tune.production.predict import check_predictions_out, predict_images
 
     check_predictions_out(out)  # before the work, which a bad --out would otherwise lose
-    table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device)
+    table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device, runtime=runtime)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table["error"].notna()
@@ -383,7 +420,7 @@ def report(
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from defect_tune.report import write_report
+    from defect_tune.report.page import write_report
 
     path = write_report(results, out)
     figures = len(list(path.parent.glob("*.png")))
@@ -397,14 +434,14 @@ app.add_typer(jobs_app, name="jobs")
 
 
 def _connect(address: str | None):
-    from defect_tune.submit import connect
+    from defect_tune.search.submit import connect
 
     return connect(address)
 
 
 def _follow_to_end(cluster, job_id: str) -> None:
     """Stream a job's output to stdout until it ends; exit 0 if it succeeded, 1 if not."""
-    from defect_tune.submit import SubmitError, UnknownJob, describe, follow
+    from defect_tune.search.submit import SubmitError, UnknownJob, describe, follow
 
     def write(chunk: str) -> None:
         sys.stdout.write(chunk)
@@ -444,8 +481,8 @@ def submit(
     """
     import os
 
-    from defect_tune.submit import check_command, default_working_dir, entrypoint, kept_back, path_notes
-    from defect_tune.submit import submit as submit_job
+    from defect_tune.search.submit import check_command, default_working_dir, entrypoint, kept_back, path_notes
+    from defect_tune.search.submit import submit as submit_job
 
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} - {"submit"}
     check_command(command, commands)
@@ -474,7 +511,7 @@ Address = Annotated[str | None, typer.Option(help=ADDRESS_HELP)]
 @jobs_app.command("status")
 def jobs_status(job_id: JobId, address: Address = None) -> None:
     """A job's status, when it started, and Ray's message."""
-    from defect_tune.submit import describe, info
+    from defect_tune.search.submit import describe, info
 
     cluster = _connect(address)
     print(describe(info(cluster, job_id)))
@@ -484,7 +521,7 @@ def jobs_status(job_id: JobId, address: Address = None) -> None:
 def jobs_logs(job_id: JobId, address: Address = None,
               follow: Annotated[bool, typer.Option(help="Keep streaming until the job ends; exit 0 if it succeeded, 1 if not")] = False) -> None:
     """A job's output so far (or, with --follow, until it ends)."""
-    from defect_tune.submit import logs
+    from defect_tune.search.submit import logs
 
     cluster = _connect(address)
     if follow:
@@ -497,8 +534,8 @@ def jobs_logs(job_id: JobId, address: Address = None,
 def jobs_stop(job_id: JobId, address: Address = None,
               wait: Annotated[bool, typer.Option(help="Wait (up to 60 s) until the job has stopped")] = True) -> None:
     """Stop a job: SIGTERM to its driver, SIGKILL a few seconds later; its trials end with it."""
-    from defect_tune.submit import describe, stop
-    from defect_tune.submit import wait as wait_for
+    from defect_tune.search.submit import describe, stop
+    from defect_tune.search.submit import wait as wait_for
 
     cluster = _connect(address)
     was_running = stop(cluster, job_id)
@@ -518,7 +555,7 @@ def jobs_stop(job_id: JobId, address: Address = None,
 def jobs_list(address: Address = None,
               every: Annotated[bool, typer.Option("--all", help="Every job on the cluster, not only defect-tune's")] = False) -> None:
     """Jobs on the cluster that defect-tune submitted, oldest first."""
-    from defect_tune.submit import describe, list_jobs
+    from defect_tune.search.submit import describe, list_jobs
 
     cluster = _connect(address)
     jobs = list_jobs(cluster, everything=every)

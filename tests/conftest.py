@@ -73,7 +73,7 @@ def small_voc(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """The embedded default, small: 400 synthetic EL cells at 32 px, prepared once per session."""
-    from defect_tune.prepare import PrepareOptions, prepare
+    from defect_tune.data.prepare import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("synthetic")
     prepare(PrepareOptions(source=root / "voc", format="synthetic", out=root / "data", image_size=32,

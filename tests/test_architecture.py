@@ -13,23 +13,30 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "defect_tune"
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """module -> every module it imports (ours as `defect_tune.x`, others by their top name)."""
+    """module -> every module it imports (ours by their dotted name, others by their top name)."""
+    modules = {module_name(path) for path in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        name = f"defect_tune.{path.stem}"
+    for path in sorted(PACKAGE.rglob("*.py")):
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found.update(alias.name if alias.name.startswith("defect_tune.") else alias.name.split(".")[0]
                              for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                if node.module == "defect_tune":
-                    found.update(f"defect_tune.{alias.name}" for alias in node.names
-                                 if (PACKAGE / f"{alias.name}.py").exists())
+                if node.module.startswith("defect_tune"):
+                    # `from defect_tune.search import worker` imports the module defect_tune.search.worker
+                    found.update(f"{node.module}.{alias.name}" for alias in node.names
+                                 if f"{node.module}.{alias.name}" in modules)
+                    found.add(node.module)
                 else:
-                    found.add(node.module if node.module.startswith("defect_tune.") else node.module.split(".")[0])
-        graph[name] = found
+                    found.add(node.module.split(".")[0])
+        graph[module_name(path)] = found
     return graph
 
 
@@ -45,30 +52,61 @@ def reach(graph: dict[str, set[str]], start: str) -> set[str]:
 
 GRAPH = import_graph()
 
-# module -> what it must never reach, directly or not, even from inside a function
+
+def package(name: str) -> str:
+    return name.split(".")[1] if name.count(".") >= 1 else ""
+
+
+def modules_of(*packages: str) -> list[str]:
+    return sorted(m for m in GRAPH if package(m) in packages and m.count(".") == 2)
+
+
+def packages_reached(module: str) -> set[str]:
+    return {package(m) for m in reach(GRAPH, module) if m.startswith("defect_tune.") and m.count(".") == 2}
+
+
+RAY = {"ray", "optuna"}
+# package -> what none of its modules may reach, directly or not, even from inside a function
 NEVERS = {
-    **{f"defect_tune.{m}": {"ray", "optuna"} for m in ("config", "errors", "class_stats", "splits", "readers")},
-    **{f"defect_tune.{m}": {"ray", "optuna", "defect_tune.engine", "defect_tune.models", "defect_tune.losses"}
-       for m in ("images", "prepare", "synthetic", "data")},
-    **{f"defect_tune.{m}": {"ray", "optuna"} for m in ("engine", "models", "losses", "augment", "metrics", "train")},
-    **{f"defect_tune.{m}": {"ray", "optuna", "defect_tune.search", "defect_tune.trial"} for m in ("predict", "model_dir")},
+    "core": (RAY, {"data", "training", "search", "production", "report"}),
+    "data": (RAY, {"training", "search", "production", "report"}),
+    "training": (RAY, {"search", "production", "report"}),
+    # The report reads a sweep's folder and its space, and redraws the study with Optuna. It reaches
+    # Ray only through ray_compat's function-level imports, which it never calls: it loads no Ray
+    # (test_light_modules_load_without_torch_or_ray).
+    "report": ({"wandb"}, {"production"}),
 }
 
 
-@pytest.mark.parametrize("module", sorted(NEVERS))
-def test_a_module_never_reaches_what_its_layer_forbids(module):
-    assert module in GRAPH, f"{module} is gone: update NEVERS"
+@pytest.mark.parametrize("module", modules_of(*NEVERS))
+def test_a_module_never_reaches_what_its_package_forbids(module):
     # The graph reader sees what it should: the sweep reaches Ray, retrain the sweep.
-    assert "ray" in reach(GRAPH, "defect_tune.search") and "defect_tune.search" in reach(GRAPH, "defect_tune.retrain")
-    broken = NEVERS[module] & reach(GRAPH, module)
-    assert not broken, f"{module} reaches {sorted(broken)}"
+    assert "ray" in reach(GRAPH, "defect_tune.search.sweep")
+    assert "defect_tune.search.trial" in reach(GRAPH, "defect_tune.production.retrain")
+    libraries, packages = NEVERS[package(module)]
+    broken = sorted(libraries & reach(GRAPH, module)) + sorted(packages & packages_reached(module))
+    assert not broken, f"{module} reaches {broken}"
 
 
-@pytest.mark.parametrize("module", ["config", "errors", "class_stats", "splits", "readers", "leaderboard"])
-def test_the_core_loads_without_torch(module):
+@pytest.mark.parametrize("module", ["defect_tune.production.predict", "defect_tune.production.model_dir"])
+def test_prediction_never_reaches_ray_optuna_or_the_sweep(module):
+    broken = sorted((RAY | {"wandb"}) & reach(GRAPH, module)) + sorted({"search"} & packages_reached(module))
+    assert not broken, f"{module} reaches {broken}"
+
+
+def test_every_module_but_the_two_front_doors_lives_in_a_package():
+    """The command line and the Python API (api.py) sit on top; nothing below imports them."""
+    assert sorted(path.name for path in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "api.py", "cli.py"]
+    assert not sorted(m for m, children in GRAPH.items() if "defect_tune.api" in children)
+    assert {path.parent.name for path in PACKAGE.glob("*/*.py")} == {"core", "data", "training", "search", "production", "report"}
+
+
+@pytest.mark.parametrize("module", modules_of("core") + ["defect_tune.data.splits", "defect_tune.data.readers",
+                                                         "defect_tune.report.page", "defect_tune.search.ray_compat"])
+def test_light_modules_load_without_torch_or_ray(module):
     """What only needs names and figures (the leaderboard, export, Ray's per-trial processes)
     loads no torch or timm when imported; their functions may import it when called."""
-    code = f"import sys, defect_tune.{module}; print(sorted({{'torch', 'timm', 'ray'}} & set(sys.modules)))"
+    code = f"import sys, {module}; print(sorted({{'torch', 'timm', 'ray'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
@@ -78,3 +116,23 @@ def test_nothing_imports_the_command_line_and_the_graph_has_no_cycles():
     assert not importers
     cycles = sorted(m for m in GRAPH if m in reach(GRAPH, m))
     assert not cycles, f"modules that reach themselves: {cycles}"
+
+
+def test_private_ray_and_optuna_names_are_used_only_in_ray_compat():
+    """When the Ray or Optuna pin moves, search/ray_compat.py lists everything to check."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "ray_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = []
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            private = [m for m in modules if m.split(".")[0] in ("ray", "optuna") and any(p.startswith("_") for p in m.split("."))]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if isinstance(node.value, ast.Name) and node.value.id in ("ray", "optuna", "distribution"):
+                    private.append(f"{node.value.id}.{node.attr}")
+            found += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {m}" for m in private]
+    assert not found, found

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from defect_tune.augment import PRESETS, TRANSFORMS, augment_batch, build_augmentation, mixup, parse_augment
+from defect_tune.core.augment import PRESETS, TRANSFORMS, augment_batch, build_augmentation, mixup, parse_augment
 
 
 def test_presets_and_joined_names():
@@ -101,7 +101,7 @@ def test_a_ray_data_process_augments_without_asking_for_updates_or_importing_tor
         "{build}\n"
         "print(asked, os.environ.get('NO_ALBUMENTATIONS_UPDATE'), 'torch' in sys.modules)\n"
     )
-    build = ("from defect_tune.augment import augment_batch, build_augmentation\n"
+    build = ("from defect_tune.core.augment import augment_batch, build_augmentation\n"
              "images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)\n"
              "out = augment_batch(build_augmentation('heavy', (32, 32), seed=3), images)\n"
              "np.save(sys.argv[1], out)\n"

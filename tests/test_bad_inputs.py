@@ -276,6 +276,12 @@ CASES = [
     Case("predict-device-gpu", "`predict --device gpu`",
          lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv"), "--device", "gpu"],
          "--device 'gpu'"),
+    Case("predict-onnx-missing", "`predict --runtime onnx` on a model directory without `model.onnx`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv"), "--runtime", "onnx"],
+         "model.onnx: not found"),
+    Case("predict-onnx-not-a-graph", "`predict --runtime onnx` with a `model.onnx` that is not ONNX",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv"), "--runtime", "onnx"],
+         "model.onnx: onnxruntime cannot load it", setup=lambda w: (w["model"] / "model.onnx").write_bytes(b"junk")),
     Case("report-out-file", "`report --out` a file",
          lambda w: ["report", str(w["results"]), "--out", str(w["tmp"] / "afile")], "afile", setup=_file),
 ]

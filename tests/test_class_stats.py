@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from defect_tune.class_stats import ClassCounts, class_weights
+from defect_tune.core.class_stats import ClassCounts, class_weights
 
 COUNTS = ClassCounts(positives={"crack": 100, "finger": 20, "rare": 4}, total=500)
 

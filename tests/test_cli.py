@@ -1,8 +1,12 @@
 """The command line as users run it: a real subprocess of `python -m defect_tune`."""
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
+
+import pytest
 
 
 def defect_tune(*args, cwd=None):
@@ -73,3 +77,37 @@ def test_search_checks_the_sweep_name_before_starting_ray(synthetic_data, tmp_pa
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["tune", "tune/demo", "tune/demo/tuner.pkl"]
     for result in results:
         assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr
+
+
+def test_version_and_help_show_the_choices_and_the_key_value_arguments():
+    from typing import get_args
+
+    from defect_tune import __version__
+    from defect_tune.cli import Fit, Format
+    from defect_tune.data.images import FITS
+    from defect_tune.data.prepare import FORMATS
+
+    version = defect_tune("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"defect-tune {__version__}"
+    assert set(get_args(Format)) == set(FORMATS) and set(get_args(Fit)) == set(FITS)
+    wide = dict(os.environ, COLUMNS="250")  # one table row per option
+    help_text = subprocess.run([sys.executable, "-m", "defect_tune", "prepare", "--help"], capture_output=True, text=True,
+                               env=wide, timeout=300).stdout
+    assert "voc|severstal|folders|csv|elpv|synthetic" in help_text and "pad|keep|tile|squash" in help_text
+    assert "[key=value ...]" in defect_tune("train", "--help").stdout  # not eaten as rich markup
+    refused = defect_tune("prepare", "somewhere", "--format", "yolo")
+    assert refused.returncode == 2 and "'yolo' is not one of" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs_as_documented(tmp_path):
+    """The example in defect_tune/api.py's docstring, run as a notebook would: prepare, a real
+    two-trial sweep on a local Ray cluster, the leaderboard and the winner's config."""
+    import defect_tune.api
+
+    example = textwrap.dedent(defect_tune.api.__doc__.split("\n\n", 1)[1].split("\nEvery function", 1)[0])
+    example += ("\nassert len(board) == 2 and summary['trials'] == 2 and summary['overrides'] == {'epochs': 1}"
+                "\nassert config.lr == 3e-4 and api.best_config('results/notebook').epochs == 1\nprint('ran')\n")
+    ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert ran.returncode == 0 and ran.stdout.strip().endswith("ran"), ran.stderr[-3000:]
+    assert (tmp_path / "results" / "notebook" / "leaderboard.csv").is_file()

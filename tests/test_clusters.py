@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 import yaml
 
-from defect_tune.search import LOCAL_CLUSTER_ENV
+from defect_tune.search.sweep import LOCAL_CLUSTER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from defect_tune.config import ConfigError, TrainConfig, load_config, parse_overrides
+from defect_tune.core.config import ConfigError, TrainConfig, load_config, parse_overrides
 
 
 def test_defaults_yaml_then_overrides(tmp_path):

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from defect_tune.config import TrainConfig
-from defect_tune.engine import EarlyStopping, Progress, build_parts, run_epochs, seed_everything
-from defect_tune.train import LoaderHooks, make_loader
-from defect_tune.worker import WorkerHooks
+from defect_tune.core.config import TrainConfig
+from defect_tune.search.loop_config import LoopConfig
+from defect_tune.search.worker import WorkerHooks
+from defect_tune.training.engine import EarlyStopping, Progress, build_parts, run_epochs, seed_everything
+from defect_tune.training.train import LoaderHooks, make_loader
 
 CLASSES = ["common", "rare"]
 EPOCHS = 6  # the plateau schedule (patience 2) first cuts the rate after epoch 4
@@ -86,13 +87,13 @@ def _trace(driver: str, config: TrainConfig) -> list:
     stopper = EarlyStopping(config.early_stopping_patience)
     rows: list[dict] = []
     if driver == "train":
-        from defect_tune.augment import build_augmentation
+        from defect_tune.core.augment import build_augmentation
 
         pipeline = build_augmentation(config.augment, images.shape[1:], config.seed)
         hooks = LoaderHooks(make_loader(images, labels, config, pipeline, train=True), make_loader(val_x, val_y, config),
                             parts, on_epoch=rows.append)
     else:
-        hooks = WorkerHooks({"meta": meta, "keep_train": False}, config, parts, stopper, drop_last, 0, 1,
+        hooks = WorkerHooks(LoopConfig(config=config.model_dump(), meta=meta), config, parts, stopper, drop_last, 0, 1,
                             _Shard(images, labels), _Shard(val_x, val_y), "node",
                             report=lambda row, checkpoint=None: rows.append(row))
     drawn: list = []

@@ -149,3 +149,4 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
     assert len(kept) < epochs, kept
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
+    assert summary["placement_groups_removed_at_end"] == 0  # the stopped fold's Train run gave its own back

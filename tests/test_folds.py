@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import NEU_DET, needs_neu_det
 
-from defect_tune.config import OBJECTIVE
-from defect_tune.data import read_meta
-from defect_tune.folds import FoldMean, fold_mean, make_folds, rare_classes
+from defect_tune.core.config import OBJECTIVE
+from defect_tune.data.folds import FoldMean, fold_mean, make_folds, rare_classes
+from defect_tune.data.shards import read_meta
 
 
 def _rows(data, meta, splits):
@@ -64,7 +64,7 @@ def test_folds_partition_train_and_val_keep_every_class_and_leave_test_alone(syn
 
 @needs_neu_det
 def test_folds_on_the_neu_det_long_tail_give_each_rare_class_a_positive_in_every_fold(tmp_path):
-    from defect_tune.prepare import PrepareOptions, prepare
+    from defect_tune.data.prepare import PrepareOptions, prepare
 
     prepare(PrepareOptions(source=NEU_DET, format="voc", out=tmp_path / "lt", image_size=16, long_tail=50, workers=1))
     meta, folds, labels = check_folds(tmp_path / "lt", 5)
@@ -75,7 +75,7 @@ def test_folds_on_the_neu_det_long_tail_give_each_rare_class_a_positive_in_every
 
 
 def test_make_folds_refuses_fewer_groups_than_folds(synthetic_data):
-    from defect_tune.data import DataError
+    from defect_tune.data.shards import DataError
 
     meta = read_meta(synthetic_data)
     with pytest.raises(DataError, match="fewer than --cv 1000 folds"):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defect_tune.images import decode, fit_image, to_gray_uint8
-from defect_tune.readers import Item, Region
+from defect_tune.data.images import decode, fit_image, to_gray_uint8
+from defect_tune.data.readers import Item, Region
 
 
 def item(labels=(), regions=(), path=None):
@@ -92,7 +92,7 @@ def test_corrupt_image_raises(tmp_path):
 
 @pytest.mark.parametrize("side", [12, 20])  # over PIL's limit (a warning), and over twice it (an error)
 def test_an_oversized_image_is_a_reason_not_a_crash(tmp_path, monkeypatch, side):
-    from defect_tune.images import decode_or_reason
+    from defect_tune.data.images import decode_or_reason
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's real guard, scaled down
     path = tmp_path / "huge.png"

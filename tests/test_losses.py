@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defect_tune.class_stats import ClassCounts
-from defect_tune.losses import (
+from defect_tune.core.class_stats import ClassCounts
+from defect_tune.training.losses import (
     AsymmetricLoss,
     BCELoss,
     FocalLoss,

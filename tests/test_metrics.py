@@ -10,7 +10,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from defect_tune.metrics import (
+from defect_tune.core.metrics import (
     GRID,
     PREDICT_NOTHING,
     bootstrap_macro_recall,

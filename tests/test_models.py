@@ -2,8 +2,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from defect_tune.config import TrainConfig, load_config
-from defect_tune.models import ElCNN, ModelError, SteelCNN, build_model, parameter_counts, set_backbone_trainable
+from defect_tune.core.config import TrainConfig, load_config
+from defect_tune.training.models import ElCNN, ModelError, SteelCNN, build_model, parameter_counts, set_backbone_trainable
 
 
 def logits_of(model, size=64, batch=2):

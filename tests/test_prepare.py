@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import NEU_DET, balanced_labels, make_voc, needs_neu_det, voc_xml, write_image
-from defect_tune.prepare import PrepareError, PrepareOptions, prepare
+from defect_tune.data.prepare import PrepareError, PrepareOptions, prepare
 
 SPLITS = ("train", "val", "test")
 

@@ -6,6 +6,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +20,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from defect_tune.cli import app
-from defect_tune.config import TrainConfig
-from defect_tune.data import read_meta
-from defect_tune.export import ExportError, build_export, read_export, write_export
-from defect_tune.metrics import PREDICT_NOTHING, evaluate
-from defect_tune.models import build_model
-from defect_tune.search import SearchOptions, write_results
-from defect_tune.space import load_space
-from defect_tune.train import OBJECTIVE, OBJECTIVE_DEFINITION
+from defect_tune.core.config import TrainConfig
+from defect_tune.core.metrics import PREDICT_NOTHING, evaluate
+from defect_tune.data.shards import read_meta
+from defect_tune.production.export import ExportError, build_export, read_export, write_export
+from defect_tune.search.space import load_space
+from defect_tune.search.sweep import SearchOptions, write_results
+from defect_tune.training.models import build_model
+from defect_tune.training.train import OBJECTIVE, OBJECTIVE_DEFINITION
 
 SPACE = """\
 objective: val_guarded_macro_recall
@@ -48,19 +50,21 @@ def make_results(tmp_path: Path, data: Path) -> Path:
     space = load_space(space_file)
     classes = read_meta(data)["classes"]
 
-    def row(trial_id, loss, lr, objective, precision, epochs, best_epoch, reason, status="terminated", gamma=math.nan):
+    def row(trial_id, loss, lr, objective, precision, epochs, best_epoch, reason, status="terminated", gamma=math.nan,
+            latency=None, params=None):
         values = {"trial_id": trial_id, "seed_point": None, "param/loss": loss, "param/focal_gamma": gamma,
                   "param/lr": lr, "status": status, "stop_reason": reason, "epochs": epochs,
                   "error": "RuntimeError: boom" if status == "error" else None, OBJECTIVE: objective,
-                  "best_epoch": best_epoch, "val_macro_precision": precision}
+                  "best_epoch": best_epoch, "val_macro_precision": precision,
+                  "cost/latency_ms_b1": latency, "cost/params": params}
         for k, c in enumerate(classes):
             values[f"val_recall/{c}"] = None if objective is None else 0.5 + k / 100
             values[f"threshold/{c}"] = None if objective is None else (PREDICT_NOTHING if k == 0 else 0.1 * (k + 1) + lr)
         return values
 
     board = pd.DataFrame([
-        row("t_00001", "focal", 1e-3, 0.9, 0.55, 1, 1, "asha", gamma=2.0),
-        row("t_00000", "bce", 2e-3, 0.8, 0.75, 2, 2, "completed"),
+        row("t_00001", "focal", 1e-3, 0.9, 0.55, 1, 1, "asha", gamma=2.0, latency=4.0, params=8e6),
+        row("t_00000", "bce", 2e-3, 0.8, 0.75, 2, 2, "completed", latency=1.5, params=2e6),
         row("t_00002", "bce", 5e-4, None, None, 0, None, "error", status="error"),
     ])
     board.insert(0, "rank", range(1, 4))
@@ -68,6 +72,28 @@ def make_results(tmp_path: Path, data: Path) -> Path:
     options = SearchOptions(data=data, space=space_file, name="demo-sweep", out=out)
     write_results(out, board, space, options, str(tmp_path / "tune" / "demo-sweep"), read_meta(data), 12.0, {"CPU": 2}, {"CPU": 2})
     return out
+
+
+def test_export_picks_the_best_trial_within_latency_and_size_limits_or_names_the_closest(tmp_path, synthetic_data):
+    from defect_tune.production.export import parse_count
+
+    results = make_results(tmp_path, synthetic_data)
+    assert build_export(results)["sweep"]["trial_id"] == "t_00001"  # the best, at 4 ms and 8M parameters
+    within = build_export(results, limits={"cost/latency_ms_b1": 2.0})
+    assert within["sweep"]["trial_id"] == "t_00000" and within["sweep"]["limits"] == {"cost/latency_ms_b1": 2.0}
+    assert within["sweep"]["cost"] == {"latency_ms_b1": 1.5, "params": 2e6}
+    assert build_export(results, limits={"cost/params": parse_count("5M")})["sweep"]["trial_id"] == "t_00000"
+    with pytest.raises(ExportError, match=r"no trial meets --max-latency-ms 1, --max-params 3e\+06; the closest is trial "
+                                          r"t_00000 with ms per image at batch 1 1.5, parameters 2e\+06"):
+        build_export(results, limits={"cost/latency_ms_b1": 1.0, "cost/params": 3e6})
+    assert [parse_count(text) for text in ("5M", "500k", "2500000", "1.2e6")] == [5e6, 5e5, 2.5e6, 1.2e6]
+    with pytest.raises(ExportError, match="expected a positive count"):
+        parse_count("lots")
+
+    chosen = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(results), "--out", str(tmp_path / "small.yaml"),
+                             "--max-params", "5M"], capture_output=True, text=True, timeout=300)
+    assert chosen.returncode == 0 and "exported trial t_00000" in chosen.stderr and "params <= 5e+06" in chosen.stderr
+    assert read_export(tmp_path / "small.yaml")["sweep"]["trial_id"] == "t_00000"
 
 
 def test_export_holds_config_thresholds_epoch_fingerprint_and_versions(tmp_path, synthetic_data):
@@ -173,7 +199,7 @@ def test_retrain_refuses_a_bad_holdout_other_classes_or_a_bad_config_before_ray_
 
 def write_model_dir(tmp_path: Path, data: Path, thresholds: list[float]) -> Path:
     """A model directory as `retrain` writes it, around an untrained network (no Ray needed)."""
-    from defect_tune.model_dir import write_model_dir as _write
+    from defect_tune.production.model_dir import write_model_dir as _write
 
     meta = read_meta(data)
     config = TrainConfig(model="el_cnn", pretrained=False)
@@ -199,7 +225,7 @@ def source_images(data: Path) -> list[Path]:
 
 
 def test_predict_writes_probabilities_and_decisions_per_image(tmp_path, synthetic_data):
-    from defect_tune.predict import predict_images
+    from defect_tune.production.predict import predict_images
 
     classes = read_meta(synthetic_data)["classes"]
     model_dir = write_model_dir(tmp_path, synthetic_data, [0.5] * (len(classes) - 1) + [PREDICT_NOTHING])
@@ -276,7 +302,7 @@ def test_a_broken_model_directory_is_one_line_naming_the_file(tmp_path, syntheti
 def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, synthetic_data, request):
     """Two retrains with the same seed give the same weights on CPU; train+val uses the export's
     epoch and thresholds. Each retrain is a real TorchTrainer run on a local Ray cluster."""
-    from defect_tune.retrain import RetrainError, RetrainOptions, retrain
+    from defect_tune.production.retrain import RetrainError, RetrainOptions, retrain
 
     import ray
 
@@ -292,9 +318,17 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
     assert runs[0]["thresholds"] == runs[1]["thresholds"]
 
     model = tmp_path / "model1"
-    assert {p.name for p in model.iterdir()} == {"model.safetensors", "config.yaml", "model.json", "metrics.json",
+    assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.onnx", "config.yaml", "model.json", "metrics.json",
                                                  "per_class.txt", "MODEL_CARD.md"}
     info = json.loads((model / "model.json").read_text())
+    # model.onnx agrees with the shipped weights on every test image, and the card says how fast each runs.
+    checked = info["onnx"]["parity"]
+    assert checked["split"] == "test" and checked["images"] == read_meta(synthetic_data)["splits"]["test"]["images"]
+    assert checked["max_abs_difference"] <= checked["tolerance"] == 1e-4
+    latency = info["latency_ms_per_image"]
+    assert all(latency[runtime][batch] > 0 for runtime in ("torch", "onnxruntime") for batch in ("batch_1", "batch_32"))
+    assert f"| onnxruntime | {latency['onnxruntime']['batch_1']:.2f} | {latency['onnxruntime']['batch_32']:.2f} |" in \
+        (model / "MODEL_CARD.md").read_text()
     classes = read_meta(synthetic_data)["classes"]
     assert info["training"]["holdout"] == "val" and info["training"]["epochs_trained"] == 2 and info["training"]["seed"] == 7
     assert info["training"]["best_epoch"] in (1, 2)
@@ -322,7 +356,7 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
 
 
 def test_predict_reads_webp_and_keeps_a_folders_other_files_as_rows_saying_why(tmp_path, synthetic_data):
-    from defect_tune.predict import predict_images
+    from defect_tune.production.predict import predict_images
 
     classes = read_meta(synthetic_data)["classes"]
     model_dir = write_model_dir(tmp_path, synthetic_data, [0.5] * len(classes))
@@ -344,6 +378,6 @@ def test_serving_a_model_imports_no_ray():
     import subprocess
     import sys
 
-    code = "import sys, defect_tune.predict, defect_tune.model_dir; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    code = "import sys, defect_tune.production.predict, defect_tune.production.model_dir; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_voc, voc_xml, write_image
-from defect_tune.readers import read_elpv, read_folders, read_manifest, read_severstal, read_voc
+from defect_tune.data.readers import read_elpv, read_folders, read_manifest, read_severstal, read_voc
 
 
 # ---------------------------------------------------------------- VOC

@@ -18,9 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from defect_tune.cli import app
-from defect_tune.config import PREDICTIONS_FILE
-from defect_tune.metrics import learn_thresholds
-from defect_tune.report import (ReportError, importances, load_sweep, rebuild_study, savings, tied_with_leader, trial_indices,
+from defect_tune.core.config import PREDICTIONS_FILE
+from defect_tune.core.metrics import learn_thresholds
+from defect_tune.report.page import (ReportError, importances, load_sweep, rebuild_study, savings, tied_with_leader, trial_indices,
                                 write_report)
 
 CLASSES = ["crack", "dark_area", "finger_interruption", "scratch"]
@@ -353,3 +353,28 @@ def test_a_sweep_without_trials_is_an_error_naming_the_file(tmp_path):
     results = make_results(tmp_path, trials=[])
     with pytest.raises(ReportError, match=r"leaderboard.parquet: the sweep recorded no trials"):
         write_report(results)
+
+
+def test_costs_appear_in_the_leaderboard_and_the_pareto_front_marks_trials_no_other_beats_on_both(tmp_path):
+    from defect_tune.report.page import pareto_front
+
+    results = make_results(tmp_path)
+    board = pd.read_parquet(results / "leaderboard.parquet")
+    latency = {0: 1.0, 1: 0.5, 2: 5.0, 3: None, 4: 2.0, 5: 0.4}  # by trial index; the failed trial has none
+    by_id = {trial_id(t): t["index"] for t in TRIALS}
+    board["cost/latency_ms_b1"] = [latency[by_id[t]] for t in board["trial_id"]]
+    board["cost/params"] = [None if by_id[t] == 3 else 1e5 * (1 + by_id[t] % 2) for t in board["trial_id"]]
+    board.to_parquet(results / "leaderboard.parquet", index=False)
+
+    front = pareto_front(board, "val_guarded_macro_recall", "max", "cost/latency_ms_b1")
+    # 0.71 at 5 ms, 0.62 at 1 ms and 0.40 at 0.4 ms; 0.55 at 2 ms loses to 0.62 at 1 ms, 0.31 at 0.5 ms to 0.40 at 0.4 ms.
+    assert set(board.loc[front, "trial_id"]) == {IDS[2], IDS[0], IDS[5]}
+    assert not front[board["trial_id"] == IDS[3]].any()  # no latency, no place on the front
+    minimised = pareto_front(board, "val_guarded_macro_recall", "min", "cost/latency_ms_b1")
+    assert set(board.loc[minimised, "trial_id"]) == {IDS[5], IDS[1]}  # a lower objective is better under mode min
+
+    page = write_report(results, tmp_path / "page").read_text()
+    assert "<h2>Objective against cost</h2>" in page and (tmp_path / "page" / "pareto.png").is_file()
+    assert f"on the front against milliseconds per image at batch 1: {IDS[2]}, {IDS[0]}, {IDS[5]}" in page
+    table = page.split("<h2>Leaderboard</h2>", 1)[1].split("</table>", 1)[0]
+    assert "ms / image, batch 1" in table and "params (M)" in table and "5.00" in table

@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import yaml
 
-from defect_tune.config import load_config
+from defect_tune.core.config import load_config
 from test_wandb import assert_key_written_nowhere, assert_one_run_per_trial, offline_env
 
 pytestmark = pytest.mark.slow
@@ -83,6 +84,43 @@ def _pids() -> set[int]:
 
 
 @pytest.mark.timeout(1500)  # 6 trials with W&B, then 1 trial x 2 folds: ~6 minutes alone on 2 cores
+def assert_study_stored_and_served(out: Path, name: str, board: pd.DataFrame) -> None:
+    """The sweep's Optuna study in RESULTS/optuna.db: a trial per leaderboard row, with its values
+    per epoch, ASHA-stopped ones PRUNED; and optuna-dashboard serves it on loopback."""
+    import socket
+    import urllib.request
+
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == len(board)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted("PRUNED" if r == "asha" else "COMPLETE" for r in board["stop_reason"])
+    assert sorted(len(t.intermediate_values) for t in study.trials) == sorted(board["epochs"])
+    for trial in (t for t in study.trials if t.state.name == "COMPLETE"):  # told its last epoch's selection score
+        assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dashboard = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), f"sqlite:///{out / 'optuna.db'}",
+                                  "--port", str(port), "--host", "127.0.0.1", "--quiet"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, answer = time.monotonic() + 60, None
+        while answer is None and time.monotonic() < deadline and dashboard.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    answer = (response.status, json.loads(response.read()))
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, dashboard.stderr.read().decode() if dashboard.poll() is not None else "no answer in 60 s"
+        status, studies = answer
+        assert status == 200 and [s["study_name"] for s in studies["study_summaries"]] == [name]
+    finally:
+        dashboard.terminate()
+        dashboard.wait(30)
+
+
 def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb(synthetic_data, tmp_path):
     """Six trials, so ASHA must stop some: the stopped trials' CPUs come back (a leak hangs the
     sweep), and every trial, stopped or finished, is one offline W&B run; the key is written nowhere.
@@ -135,6 +173,11 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         best = load_config(out / "best_config.yaml")
         assert best.epochs == 3 and best.model == "el_cnn"
         assert pd.read_parquet(out / "leaderboard.parquet")["trial_id"].tolist() == board["trial_id"].tolist()
+        # What each configuration costs: measured once per trial on its device, memory every epoch.
+        assert (board["cost/params"] > 0).all() and (board["cost/gflops_per_image"] > 0).all()
+        assert ((board["cost/latency_ms_b1"] > 0) & (board["cost/latency_ms_b32"] > 0) & (board["cost/peak_memory_mb"] > 0)).all()
+        assert board.groupby("param/loss")["cost/params"].nunique().max() == 1  # one backbone (el_cnn): one size
+        assert_study_stored_and_served(out, "leak", board)
 
         assert f"runs go to {out / 'wandb'}" in result.stderr and "wandb sync" in result.stderr
         assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
@@ -151,6 +194,24 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         # W&B's, one beside each trial's W&B logging actor.
         assert actors.count(":actor_name:ReportPost") == 1
         assert actors.count(":actor_name:_QueueActor") == actors.count(":actor_name:_TrialRun") == 6
+
+        # The results folder moves whole: report (with the best trial's precision-recall curves,
+        # read from its checkpoint under tune/) and export work from the new place, the old gone.
+        moved = tmp_path / "elsewhere" / "leak-results"
+        moved.parent.mkdir()
+        shutil.move(out, moved)
+        assert not board["checkpoint"].str.startswith("/").any()  # kept relative to the folder
+        reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(moved)], capture_output=True, text=True, timeout=600)
+        assert reported.returncode == 0, reported.stderr[-3000:]
+        page = (moved / "report" / "report.html").read_text()
+        assert "No precision-recall curves" not in page and (moved / "report" / "precision_recall.png").is_file()
+        assert "could not be drawn" not in page and "Values of" not in page  # the space was found (a copy in the folder)
+        exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(moved), "--out", str(tmp_path / "moved.yaml")],
+                                  capture_output=True, text=True, timeout=300)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        handed = yaml.safe_load((tmp_path / "moved.yaml").read_text())["sweep"]
+        assert Path(handed["checkpoint"]).is_dir() and Path(handed["checkpoint"]).is_relative_to(moved)
+        assert Path(handed["space"]) == moved / "space.yaml"
 
         # Another sweep right after, cross-validated: two TorchTrainers per trial, side by side.
         (tmp_path / "again").mkdir()
@@ -178,8 +239,8 @@ def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: 
     objective recomputed from each fold's own held-out predictions (its Train checkpoint)."""
     import numpy as np
 
-    from defect_tune.config import OBJECTIVE, TrainConfig
-    from defect_tune.engine import score_epoch
+    from defect_tune.core.config import OBJECTIVE, TrainConfig
+    from defect_tune.training.engine import score_epoch
 
     meta = json.loads((data / "meta.json").read_text())
     assert json.loads((out / "sweep.json").read_text())["cv"] == {"folds": folds, "seed": 0}
@@ -207,8 +268,8 @@ def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: 
             assert held_out == meta["splits"]["train"]["images"] + meta["splits"]["val"]["images"]
     # The export says the thresholds are fold-means (retrain then uses all of train+val), and the
     # report's precision-recall curves come from every fold's held-out predictions.
-    from defect_tune.export import build_export
-    from defect_tune.report import write_report
+    from defect_tune.production.export import build_export
+    from defect_tune.report.page import write_report
 
     assert build_export(out)["cv"] == {"folds": folds, "seed": 0}
     html = write_report(out)
@@ -227,16 +288,18 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     out = tmp_path / "out"
     # Two trials at once, grace = max: no ASHA stops. The driver is killed once one has finished,
     # while the other is training; the resumed sweep keeps the first and completes the second.
-    space = write_space(tmp_path, 2, 2, grace=2)
+    # The space allows 3 epochs; the sweep starts with epochs=2 on the command line, and the
+    # resumed one, given no override, keeps it.
+    space = write_space(tmp_path, 2, 3, grace=2)
     args = ("--data", synthetic_data, "--space", space, "--name", "resumable", "--out", out)
-    driver = subprocess.Popen(search_command(*args), stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(search_command(*args, "epochs=2", "batch_size=32"), stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
     reader.start()
     deadline = time.monotonic() + 600
-    while sum("TERMINATED" in line for line in lines) < 1 and time.monotonic() < deadline:
+    while sum(line.startswith("[done]") for line in lines) < 1 and time.monotonic() < deadline:
         time.sleep(1)
-    assert any("TERMINATED" in line for line in lines), "no trial finished before the deadline"
+    assert any(line.startswith("[done]") for line in lines), "no trial finished before the deadline"
     # Kill the driver and everything it started (its local Ray cluster), by the ids it started.
     processes = _descendants(driver.pid)
     for process in processes:
@@ -260,6 +323,9 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == 2 and (board["epochs"] == 2).all()
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["overrides"] == {"epochs": 2, "batch_size": 32} and summary["fixed"]["batch_size"] == 32
+    assert summary["max_epochs"] == 2
     for name, before in finished.items():  # finished trials were kept, not rerun
         assert (experiment / name / "progress.csv").read_bytes() == before
 
@@ -294,7 +360,7 @@ def test_a_time_budget_ends_the_sweep_and_keeps_every_trial(synthetic_data, tmp_
     assert summary["num_samples"] is None and summary["time_budget"]["seconds"] == budget
     assert summary["time_budget"]["cut_off"] == sorted(board.loc[reasons == "time_budget", "trial_id"])
     assert summary["stop_reasons"] == reasons.value_counts().to_dict()
-    assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]  # cut-off trials gave theirs back
+    assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]  # cut-off trials' placement groups are given back (wait_for_release)
     assert load_config(out / "best_config.yaml").epochs == 2
 
 
@@ -312,10 +378,10 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     import ray
     from ray.util.state import list_tasks
 
-    from defect_tune.config import OBJECTIVE, TrainConfig
-    from defect_tune.data import read_meta
-    from defect_tune.post import start_report_post
-    from defect_tune.trial import QueueReportCallback, TrialSetup, _trainer
+    from defect_tune.core.config import OBJECTIVE, TrainConfig
+    from defect_tune.data.shards import read_meta
+    from defect_tune.search.post import start_report_post
+    from defect_tune.search.trial import QueueReportCallback, TrialSetup, _trainer
 
     config = TrainConfig(model="el_cnn", epochs=3, batch_size=64, augment="light", warmup_epochs=0, pretrained=False)
     setup = TrialSetup(data_dir=str(synthetic_data), meta=read_meta(synthetic_data), space=None,
@@ -351,7 +417,7 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     assert shard_reads() == len(shards)
 
     # 140 training images per worker: 2 batches of 64 an epoch, so rank 1's 4th batch is epoch 2's last.
-    from defect_tune.space import load_space
+    from defect_tune.search.space import load_space
 
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml")
     diverging = config.model_copy(update={"lr": 0.000123})

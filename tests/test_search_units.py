@@ -17,16 +17,16 @@ import optuna
 import pandas as pd
 import pytest
 
-from defect_tune.config import SELECTION, selection_score
-from defect_tune.leaderboard import build_leaderboard, error_reason, ranked_by
-from defect_tune.search import (BUDGET_RECORD, GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, BudgetCutoffs,
+from defect_tune.core.config import SELECTION, selection_score
+from defect_tune.core.leaderboard import build_leaderboard, error_reason, ranked_by
+from defect_tune.search.post import ReportPost
+from defect_tune.search.space import DefineByRun, SpaceError, load_space
+from defect_tune.search.sweep import (BUDGET_RECORD, GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, BudgetCutoffs,
                                 SearchError, SearchOptions, budget_end_note, budget_for_sweep, bundled_spaces, check_gpu_options,
                                 check_time_budget, cut_off_trials, fit_on_gpu, folds_side_by_side, format_duration, gpu_share,
                                 gpus_for_workers, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray,
                                 trials_at_once, wait_for_release)
-from defect_tune.post import ReportPost
-from defect_tune.space import DefineByRun, SpaceError, load_space
-from defect_tune.trial import diverged_report
+from defect_tune.search.trial import diverged_report
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
 
@@ -173,8 +173,8 @@ def test_a_trial_cut_off_by_the_time_budget_keeps_the_epochs_it_reported():
 def test_the_memory_measured_for_auto_is_each_backbone_at_the_spaces_largest_settings(tmp_path, synthetic_data):
     import torch
 
-    from defect_tune.data import read_meta
-    from defect_tune.train import training_steps
+    from defect_tune.data.shards import read_meta
+    from defect_tune.training.train import training_steps
 
     path = tmp_path / "space.yaml"
     path.write_text(
@@ -211,7 +211,7 @@ def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, mon
     import ray
     from rich.console import Console
 
-    from defect_tune.data import read_meta
+    from defect_tune.data.shards import read_meta
 
     space, meta = load_space(QUICK), read_meta(synthetic_data)
     console = Console(file=io.StringIO(), width=200)
@@ -230,8 +230,8 @@ def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, mon
         with pytest.raises(SearchError, match=r"--trials-per-gpu auto: measuring the backbones failed: .*RuntimeError\(.node "
                                               r"[0-9.]+ offers Ray a GPU, but torch sees no CUDA device"):
             gpus_for_workers(options(trials_per_gpu="auto"), space, meta, resources, console)
-        free = wait_for_release(resources, timeout=30)
-        assert (free.get("GPU"), free.get("CPU")) == (1, 2)  # the measurement gave its GPU and CPU back
+        free, removed = wait_for_release(resources, timeout=30)
+        assert (free.get("GPU"), free.get("CPU"), removed) == (1, 2, 0)  # the measurement gave its GPU and CPU back
     finally:
         ray.shutdown()
 
@@ -349,7 +349,7 @@ def test_a_diverged_trial_is_a_failed_row_naming_its_loss_and_is_never_exported(
     """A trial whose loss turned NaN ended itself with a report of the objective's worst value and
     the loss: the leaderboard counts it failed, with that reason, even where its best epoch before
     the divergence beats every other trial, and the export passes over it."""
-    from defect_tune.export import pick
+    from defect_tune.production.export import pick
 
     space = load_space(QUICK)
     diverged = fake_result({"id": "a", "model": "el_cnn", "lr": 0.003}, 2, [0.9, 0.0])
@@ -367,7 +367,7 @@ def test_trials_and_epochs_tied_on_the_objective_rank_by_validation_ap(tmp_path)
     """Two trials that both reach a guarded recall of 1.0: the one whose best epoch has the higher
     validation AP ranks first, its best epoch is the tied one with the higher AP (not the first to
     reach 1.0), and a higher recall still beats any AP."""
-    from defect_tune.export import pick
+    from defect_tune.production.export import pick
 
     space = load_space(QUICK)
     results = [fake_result({"id": "first", "model": "el_cnn", "lr": 0.001}, 3, [0.9, 1.0, 1.0], ap=[0.99, 0.90, 0.93], index=0),
@@ -392,7 +392,7 @@ def test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_sh
     state to the storage folder, leaving `experiment_state-*.json` at 0 bytes, and Tune resumed
     from nothing (the two finished trials were gone from the leaderboard). The driver's staging
     folder under Ray's temp dir still held the whole copy, as laid out here (Ray 2.60's layout)."""
-    from defect_tune.search import finish_interrupted_sync
+    from defect_tune.search.sweep import finish_interrupted_sync
 
     experiment = tmp_path / "storage" / "sweep"
     (experiment / "run_trial_a_1").mkdir(parents=True)
@@ -434,7 +434,7 @@ def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch)
 def test_a_local_cluster_started_here_gets_its_settings_and_this_process_keeps_none(monkeypatch):
     """start_ray hands LOCAL_CLUSTER_ENV to the processes of a local cluster it starts (they inherit
     the environment at ray.init), never to a cluster it connects to, and never overrides the user."""
-    import defect_tune.search as search
+    import defect_tune.search.sweep as search
 
     seen = []
 
@@ -497,9 +497,9 @@ def test_a_failed_trials_reason_is_its_root_cause_not_rays_wrapper():
         "RayTaskError(WorkerGroupError): ray::ImplicitFunc.train() (pid=14755, ip=192.0.2.2)\n"
         "  File \"/venv/ray/air/_internal/util.py\", line 98, in run\n    self._ret = self._target(*self._args)\n"
         "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
-        "Traceback (most recent call last):\n  File \"/work/defect_tune/train.py\", line 154, in train_one_epoch\n"
+        "Traceback (most recent call last):\n  File \"/work/defect_tune/training/train.py\", line 154, in train_one_epoch\n"
         "    raise NonFiniteLoss(f\"epoch {epoch + 1}, batch {step + 1}: training loss is {loss.item()}\")\n"
-        "defect_tune.train.NonFiniteLoss: epoch 1, batch 4: training loss is nan\n"
+        "defect_tune.training.train.NonFiniteLoss: epoch 1, batch 4: training loss is nan\n"
     )
     assert error_reason(wrapped) == "NonFiniteLoss: epoch 1, batch 4: training loss is nan"
     assert error_reason(RuntimeError("boom")) == "RuntimeError: boom"
@@ -508,7 +508,7 @@ def test_a_failed_trials_reason_is_its_root_cause_not_rays_wrapper():
 
 
 def test_a_resumed_sweep_keeps_the_folds_it_started_with(tmp_path):
-    from defect_tune.search import folds_for_sweep
+    from defect_tune.search.sweep import folds_for_sweep
 
     space = load_space(QUICK)
     rare = meta_with_val(crack=40, finger=2)
@@ -527,10 +527,10 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
     import numpy as np
     import torch
 
-    from defect_tune.augment import build_augmentation
-    from defect_tune.data import to_tensor
-    from defect_tune.config import TrainConfig
-    from defect_tune.engine import memory_batches
+    from defect_tune.core.augment import build_augmentation
+    from defect_tune.data.shards import to_tensor
+    from defect_tune.core.config import TrainConfig
+    from defect_tune.training.engine import memory_batches
 
     images = (np.arange(10, dtype=np.uint8) * 20).repeat(16).reshape(10, 4, 4)  # image k is all 20k
     labels = np.stack([np.arange(10), np.zeros(10), np.ones(10)], axis=1).astype(np.float32)  # row k: [k, 0, 1]
@@ -560,7 +560,7 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
 
 
 def test_a_worker_keeps_its_train_shard_only_when_the_shard_fits_the_limit():
-    from defect_tune.trial import keeps_train
+    from defect_tune.search.trial import keeps_train
 
     meta = {"image": {"height": 100, "width": 100}, "splits": {"train": {"images": 1000}, "val": {"images": 200}}}
     assert keeps_train(meta, 1, 10_000_000)  # 1,000 images of 10,000 bytes
@@ -596,7 +596,93 @@ def test_the_report_post_hands_each_trial_its_own_reports_in_order_and_waits_for
 
 def test_the_report_post_process_imports_neither_torch_nor_the_training_core():
     """Its actor process imports the module that defines it: that must stay light."""
-    loaded = subprocess.run([sys.executable, "-c", "import sys, defect_tune.post; "
-                             "print(sorted(m for m in ('torch', 'defect_tune.trial', 'defect_tune.train') if m in sys.modules))"],
+    loaded = subprocess.run([sys.executable, "-c", "import sys, defect_tune.search.post; "
+                             "print(sorted(m for m in ('torch', 'defect_tune.search.trial', 'defect_tune.training.train') if m in sys.modules))"],
                             capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_the_sweep_console_prints_a_line_per_event_with_where_the_sweep_stands(tmp_path):
+    import io
+    import pickle
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from defect_tune.search.sweep import SweepConsole, clock
+
+    space = load_space(QUICK)
+    for terminal in (False, True):
+        shown = io.StringIO()
+        view = SweepConsole(space, Console(file=shown, force_terminal=terminal, width=300))
+        view.setup()
+        assert (view.live is not None) == terminal  # a live status line on a terminal only
+        first, second = (SimpleNamespace(trial_id=t, config={"lr": 0.001, "model": "el_cnn"}, local_path=f"/tune/{t}") for t in ("aaa", "bbb"))
+        for trial in (first, second):
+            view.on_trial_start(0, [], trial)
+        objective = space.objective
+        view.on_trial_result(0, [], first, {"epoch": 1, objective: 0.5, "planned_epochs": 4})
+        view.on_trial_complete(0, [], first)  # stopped between epochs: ASHA
+        for epoch in range(1, 5):
+            view.on_trial_result(0, [], second, {"epoch": epoch, objective: 0.6 + epoch / 20, f"{objective}_low": 0.7,
+                                                  f"{objective}_high": 0.9, "planned_epochs": 4})
+        view.on_trial_complete(0, [], second)
+        view.on_experiment_end([])
+        assert view.live is None
+        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.getvalue())  # the live line's cursor moves and colours
+        lines = [line for line in re.split(r"[\r\n]", plain) if line.startswith("[")]
+        if terminal:
+            assert any(line.startswith("sweep: 2/8 finished") for line in re.split(r"[\r\n]", plain))
+        assert lines[0] == "[start 1/8] aaa lr=0.001 model=el_cnn" and lines[2] == f"[epoch 1/4] aaa {objective}=0.5000"
+        assert lines[3].startswith("[done] aaa stopped by ASHA after epoch 1: 0.5000. 1/8 finished (1 stopped by ASHA); 1 running")
+        assert lines[-1].startswith("[done] bbb completed 4 epochs: 0.8000 (0.700-0.900). 2/8 finished (1 completed, "
+                                    "1 stopped by ASHA); 0 running; best bbb 0.8000 (0.700-0.900); ")
+        assert "elapsed; about " in lines[-1] and lines[-1].endswith(" left")
+        assert "TERMINATED" not in plain and "┃" not in plain  # no table reprinted per trial
+    restored = pickle.loads(pickle.dumps(view))  # Tune pickles its callbacks with the experiment state
+    assert restored.rows == view.rows and restored.live is None and restored.console is not None
+    assert [clock(s) for s in (5, 192, 3900)] == ["5s", "3m12s", "1h05m"]
+
+
+def test_paths_inside_the_results_folder_are_kept_relative_and_read_back_from_wherever_it_is(tmp_path):
+    from defect_tune.core.leaderboard import from_results, in_results, paths_in_results
+
+    results = tmp_path / "results" / "sweep"
+    inside = results / "tune" / "train" / "sweep-a" / "checkpoint_000002"
+    assert in_results(str(inside), results) == "tune/train/sweep-a/checkpoint_000002"
+    assert in_results("/elsewhere/checkpoint", results) == "/elsewhere/checkpoint"  # --storage on another disk
+    assert in_results("s3://bucket/sweep/checkpoint", results) == "s3://bucket/sweep/checkpoint"
+    assert in_results(None, results) is None
+    moved = tmp_path / "moved"
+    assert from_results("tune/train/sweep-a/checkpoint_000002", moved) == str(moved / "tune/train/sweep-a/checkpoint_000002")
+    assert from_results("/elsewhere/checkpoint", moved) == "/elsewhere/checkpoint"  # an older sweep's absolute path
+    assert from_results("gs://b/c", moved) == "gs://b/c"
+    board = pd.DataFrame({"checkpoint": [str(inside), None],
+                          "fold_predictions": [json.dumps([str(results / "tune/f/fold0.npz"), "s3://b/fold1.npz"]), None]})
+    kept = paths_in_results(board, results)
+    assert kept["checkpoint"][0] == "tune/train/sweep-a/checkpoint_000002" and pd.isna(kept["checkpoint"][1])
+    assert json.loads(kept["fold_predictions"][0]) == ["tune/f/fold0.npz", "s3://b/fold1.npz"] and pd.isna(kept["fold_predictions"][1])
+    assert board["checkpoint"][0] == str(inside)  # the caller's table is left as it was
+
+
+def test_placement_groups_a_sweep_left_behind_are_found_by_job_and_removed(monkeypatch):
+    """The end of wait_for_release: a placement group nothing will remove (as one a killed trial's
+    Train run leaves) is found by this job's id and removed, and its CPU is free again."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from defect_tune.search.ray_compat import job_placement_groups
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        total = ray.cluster_resources()
+        left = placement_group([{"CPU": 1}])
+        ray.get(left.ready(), timeout=60)
+        assert job_placement_groups(ray.get_runtime_context().get_job_id()) == [left.id.hex()]
+        assert job_placement_groups("ffffffff") == []  # another job's are never touched
+        free, removed = wait_for_release(total, timeout=2)
+        assert removed == 1 and free["CPU"] == 2
+        assert job_placement_groups(ray.get_runtime_context().get_job_id()) == []
+    finally:
+        ray.shutdown()

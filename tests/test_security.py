@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from defect_tune.config import ConfigError, load_config
-from defect_tune.models import build_model
-from defect_tune.train import load_checkpoint
+from defect_tune.core.config import ConfigError, load_config
+from defect_tune.training.models import build_model
+from defect_tune.training.train import load_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "defect_tune"
 

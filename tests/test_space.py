@@ -3,8 +3,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from defect_tune.config import TrainConfig
-from defect_tune.space import DefineByRun, SpaceError, load_space
+from defect_tune.core.config import TrainConfig
+from defect_tune.search.space import DefineByRun, SpaceError, load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,3 +127,36 @@ def test_config_for_merges_fixed_sampled_and_the_epoch_budget(tmp_path):
     space = load_space(write(tmp_path, BASE + "fixed: {batch_size: 16}\nparams: {lr: {uniform: [0.1, 0.2]}}"))
     config = space.config_for({"lr": 0.15})
     assert (config.batch_size, config.lr, config.epochs) == (16, 0.15, 3)
+
+
+def test_command_line_overrides_set_fixed_values_and_the_epoch_budget_never_a_searched_key():
+    space = load_space(SPACES / "quick.yaml")
+    changed = space.with_overrides({"epochs": 2, "batch_size": 16, "augment": "none"})
+    assert changed.max_epochs == 2 and changed.fixed["batch_size"] == 16
+    config = changed.config_for({"lr": 1e-3})
+    assert (config.epochs, config.batch_size, config.augment, config.lr) == (2, 16, "none", 1e-3)
+    assert space.fixed.get("batch_size") != 16 and space.with_overrides({}) is space  # the loaded space is untouched
+    with pytest.raises(SpaceError, match="override lr=0.1: .*quick.yaml searches lr"):
+        space.with_overrides({"lr": 0.1})
+    with pytest.raises(SpaceError, match="override epochs=0: the epoch budget must be a positive integer"):
+        space.with_overrides({"epochs": 0})
+    with pytest.raises(SpaceError, match="nonsense: unknown key"):
+        space.with_overrides({"nonsense": 1})
+    graced = load_space(SPACES / "quick.yaml").with_overrides({"epochs": 1})
+    assert graced.max_epochs == 1  # quick's grace period is 1
+
+
+def test_a_resumed_sweep_keeps_its_overrides_and_refuses_others(tmp_path):
+    from defect_tune.search.sweep import OVERRIDES_RECORD, SearchError, SearchOptions, overrides_for_sweep, record_overrides
+
+    new = SearchOptions(data=tmp_path, space=SPACES / "quick.yaml", name="s", overrides={"epochs": 2})
+    assert overrides_for_sweep(new, tmp_path) == {"epochs": 2}
+    assert not (tmp_path / OVERRIDES_RECORD).exists()  # written only once the sweep is known to be new
+    record_overrides(new, tmp_path)
+    resumed = SearchOptions(data=tmp_path, space=SPACES / "quick.yaml", name="s", resume=True)
+    assert overrides_for_sweep(resumed, tmp_path) == {"epochs": 2}
+    record_overrides(resumed, tmp_path)  # a resumed sweep never rewrites the record
+    other = SearchOptions(data=tmp_path, space=SPACES / "quick.yaml", name="s", resume=True, overrides={"epochs": 3})
+    with pytest.raises(SearchError, match=r"started with overrides \{'epochs': 2\}.*drop the key=value arguments"):
+        overrides_for_sweep(other, tmp_path)
+    assert overrides_for_sweep(resumed, tmp_path / "never-overridden") == {}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from defect_tune.splits import long_tail_subsample, stratified_split
+from defect_tune.data.splits import long_tail_subsample, stratified_split
 
 
 def test_long_tail_follows_the_exponential_profile_single_label():

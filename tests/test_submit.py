@@ -24,8 +24,8 @@ import psutil
 import pytest
 import requests
 
-from defect_tune import submit
-from defect_tune.submit import SubmitError
+from defect_tune.search import submit
+from defect_tune.search.submit import SubmitError
 
 FAKE_KEY = "wandb-test-key-" + "0123456789abcdef" * 2  # must never leave this process's environment
 
@@ -60,7 +60,7 @@ def test_the_upload_as_ray_packs_it_has_the_code_and_none_of_the_bulk(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
     checkout = tmp_path / "checkout"
-    files = ["pyproject.toml", "defect_tune/data.py", "defect_tune/cli.py", "search_spaces/quick.yaml", "tests/data/x.txt",
+    files = ["pyproject.toml", "defect_tune/data/shards.py", "defect_tune/cli.py", "search_spaces/quick.yaml", "tests/data/x.txt",
              "data/synthetic/meta.json", "results/demo/leaderboard.csv", ".venv/bin/python", ".git/HEAD",
              "wandb/run/x.wandb", "defect_tune/__pycache__/cli.pyc", "defect_tune.egg-info/PKG-INFO"]
     for name in files:
@@ -68,7 +68,7 @@ def test_the_upload_as_ray_packs_it_has_the_code_and_none_of_the_bulk(tmp_path):
         (checkout / name).write_text("x")
     _zip_files(str(checkout), list(submit.EXCLUDES), str(tmp_path / "upload.zip"), include_gitignore=False)
     packed = {n for n in zipfile.ZipFile(tmp_path / "upload.zip").namelist() if not n.endswith("/")}
-    assert packed == {"pyproject.toml", "defect_tune/data.py", "defect_tune/cli.py", "search_spaces/quick.yaml", "tests/data/x.txt"}
+    assert packed == {"pyproject.toml", "defect_tune/data/shards.py", "defect_tune/cli.py", "search_spaces/quick.yaml", "tests/data/x.txt"}
 
 
 def test_the_default_code_is_this_checkout():

@@ -9,7 +9,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from defect_tune.synthetic import CLASSES, SyntheticSpec, generate_voc
+from defect_tune.data.synthetic import CLASSES, SyntheticSpec, generate_voc
 
 
 def read_labels(root: Path) -> tuple[list[str], np.ndarray, list[list[tuple]]]:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from defect_tune import engine as train_module
-from defect_tune.config import SELECTION, load_config, selection_score
-from defect_tune.data import load_split, read_meta, sample_weights, to_tensor
-from defect_tune.metrics import guarded_macro_recall
-from defect_tune.models import build_model
-from defect_tune.engine import NonFiniteLoss, build_parts, train_one_epoch
-from defect_tune.train import OBJECTIVE, fit, load_checkpoint
+from defect_tune.core.config import SELECTION, load_config, selection_score
+from defect_tune.core.metrics import guarded_macro_recall
+from defect_tune.data.shards import load_split, read_meta, sample_weights, to_tensor
+from defect_tune.training import engine as train_module
+from defect_tune.training.engine import NonFiniteLoss, build_parts, train_one_epoch
+from defect_tune.training.models import build_model
+from defect_tune.training.train import OBJECTIVE, fit, load_checkpoint
 
 FAST = ["model=el_cnn", "batch_size=32", "lr=0.003", "augment=light", "schedule=cosine", "warmup_epochs=0"]
 
@@ -159,7 +159,7 @@ def test_train_command_end_to_end(synthetic_data, tmp_path):
 
 def test_prepared_data_reads_the_same_from_a_uri_and_uri_errors_name_the_file(synthetic_data, tmp_path):
     """--data s3://... goes through pyarrow's filesystems; file:// is the same code path, here."""
-    from defect_tune.data import DataError, data_file, data_location
+    from defect_tune.data.shards import DataError, data_file, data_location
 
     uri = synthetic_data.absolute().as_uri()
     assert uri.startswith("file:///") and data_location(uri) == uri  # a URI passes through as given
@@ -191,7 +191,7 @@ def _copy_prepared(source, target):
 
 
 def test_shards_are_checked_whole_before_anything_trains(synthetic_data, tmp_path):
-    from defect_tune.data import DataError, check_shards
+    from defect_tune.data.shards import DataError, check_shards
 
     check_shards(synthetic_data, read_meta(synthetic_data))  # the real thing passes
     check_shards(synthetic_data.absolute().as_uri(), read_meta(synthetic_data))
@@ -237,9 +237,9 @@ import json, os, sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from defect_tune.config import load_config
-from defect_tune.data import read_meta
-from defect_tune.engine import build_parts, train_one_epoch
+from defect_tune.core.config import load_config
+from defect_tune.data.shards import read_meta
+from defect_tune.training.engine import build_parts, train_one_epoch
 
 
 def worker(rank, data, out):

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from defect_tune.space import load_space
-from defect_tune.leaderboard import stop_reason
-from defect_tune.tracking import FINAL, SweepRuns, TrackingError, _TrialRun, wandb_callbacks, wandb_mode
+from defect_tune.core.leaderboard import stop_reason
+from defect_tune.search.space import load_space
+from defect_tune.search.tracking import FINAL, SweepRuns, TrackingError, _TrialRun, wandb_callbacks, wandb_mode
 
 # A key in W&B's format (40+ word characters) that must never reach a file or the output.
 SECRET = "dtsecret_" + "k3y" * 14
@@ -125,7 +125,7 @@ def test_without_wandb_the_error_says_what_to_install(monkeypatch, tmp_path):
 
 
 def test_online_without_a_key_is_refused_before_the_sweep(monkeypatch, tmp_path):
-    monkeypatch.setattr("defect_tune.tracking._stored_login", lambda: False)
+    monkeypatch.setattr("defect_tune.search.tracking._stored_login", lambda: False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml")

@@ -56,7 +56,7 @@ def _poison(module) -> None:
 
 class _PatchTrain(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "defect_tune.engine":
+        if name != "defect_tune.training.engine":
             return None
         sys.meta_path.remove(self)
         try:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from defect_tune.errors import UserError
+from defect_tune.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch

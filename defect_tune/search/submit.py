@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from defect_tune.errors import UserError
+from defect_tune.core.errors import UserError
+from defect_tune.search.ray_compat import auth_token_headers
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 # gitignore patterns, relative to the working directory, as Ray matches them (pathspec): what a
 # job never needs, and what would push the upload past Ray's 500 MiB limit.
 EXCLUDES = ("/.git", ".venv", "venv", "/data", "/results", "wandb", "__pycache__", "*.egg-info",
@@ -78,13 +79,10 @@ def auth_headers() -> dict[str, str]:
     mode = os.environ.get("RAY_AUTH_MODE", "").lower()
     if mode == "disabled":
         return {}
-    from ray._raylet import AuthenticationTokenLoader
     from ray.exceptions import AuthenticationError
 
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()  # read the environment and files as they are now
     try:
-        headers = dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+        headers = auth_token_headers()
     except AuthenticationError:  # RAY_AUTH_TOKEN_PATH names a missing or empty file
         raise SubmitError(f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')}: no token in that file") from None
     if not headers and mode == "token":

@@ -22,6 +22,7 @@ Distributions: `choice` (list), `uniform` / `loguniform` ([low, high]), `int` / 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from defect_tune.config import ConfigError, TrainConfig, load_config
-from defect_tune.errors import UserError
+from defect_tune.core.config import ConfigError, TrainConfig, load_config, validate_config
+from defect_tune.core.errors import UserError
 
 BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.baseline_params)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
@@ -92,6 +93,35 @@ class SearchSpace:
         unless `epochs` is searched."""
         return load_config(None, {**self.fixed, "epochs": self.max_epochs, **sampled})
 
+    def with_overrides(self, overrides: dict) -> SearchSpace:
+        """This space with `key=value` overrides from the command line (`search epochs=10
+        batch_size=32`): `epochs` sets the epoch budget (max_epochs), any other TrainConfig key a
+        fixed value. A key the space searches cannot be fixed this way: that is a different space."""
+        if not overrides:
+            return self
+        where = f"{self.path} + overrides"
+        fixed, max_epochs = dict(self.fixed), self.max_epochs
+        for key, value in overrides.items():
+            if key == "epochs":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise SpaceError(f"override epochs={value!r}: the epoch budget must be a positive integer")
+                max_epochs = value
+            elif any(p.name == key for p in self.params):
+                raise SpaceError(f"override {key}={value!r}: {self.path} searches {key}; edit the space's params "
+                                 "to fix it, or drop the override")
+            else:
+                fixed[key] = value
+        try:
+            validate_config({**fixed, "epochs": max_epochs}, where)
+        except ConfigError as error:
+            raise SpaceError(str(error)) from None
+        if self.grace_period > max_epochs:
+            raise SpaceError(f"override epochs={max_epochs}: below the space's asha.grace_period {self.grace_period}")
+        searched_epochs = [p for p in self.params if p.name == "epochs"]
+        if searched_epochs and max(searched_epochs[0].values) > max_epochs:
+            raise SpaceError(f"override epochs={max_epochs}: the space searches epochs up to {max(searched_epochs[0].values)}")
+        return dataclasses.replace(self, fixed=fixed, max_epochs=max_epochs)
+
     def baseline_params(self, where: str = "baseline") -> dict:
         """The plain recipe as a point of this space: every parameter its branch samples at
         TrainConfig's default (`defect-tune train` with no keys); `fixed` and the epoch budget
@@ -144,7 +174,7 @@ def _known_model(name: str) -> bool:
     # space would otherwise pay for them (several seconds of CPU each).
     import timm
 
-    from defect_tune.models import SEED_MODELS
+    from defect_tune.training.models import SEED_MODELS
 
     return name in SEED_MODELS or timm.is_model(name)
 
@@ -174,7 +204,7 @@ def _parse_param(path, name: str, spec: Any, earlier: dict[str, Param]) -> Param
             except ConfigError as error:
                 raise _fail(path, where, f"choice {value!r} is invalid: {error}") from None
             if name == "model" and not _known_model(value):
-                from defect_tune.models import SEED_MODELS
+                from defect_tune.training.models import SEED_MODELS
 
                 raise _fail(path, where, f"model {value!r} is neither a timm model nor one of {sorted(SEED_MODELS)}")
     else:

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from defect_tune.data import to_tensor
-from defect_tune.errors import UserError, file_in_the_way
-from defect_tune.images import decode_or_reason
-from defect_tune.readers import IMAGE_SUFFIXES, Item, walk_files
-from defect_tune.model_dir import load_model
+from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.data.images import decode_or_reason
+from defect_tune.data.readers import IMAGE_SUFFIXES, Item, walk_files
+from defect_tune.data.shards import to_tensor
+from defect_tune.production.model_dir import load_model, read_model_info
 
 
 class PredictError(UserError):
@@ -73,6 +73,32 @@ def _probabilities(model, images: np.ndarray, device: torch.device, tta: bool) -
     return torch.stack(views).mean(0).cpu().numpy()  # TTA: the mean over the flips
 
 
+def _onnx_probabilities(model, images: np.ndarray, tta: bool) -> np.ndarray:
+    views = [images, images[:, :, ::-1], images[:, ::-1, :]] if tta else [images]  # as _tta_views
+    return np.mean([model.probabilities(np.ascontiguousarray(view)) for view in views], axis=0)
+
+
+def _runtime(model_dir: Path, runtime: str, device: str):
+    """(probabilities(images, tta), model.json) for the chosen runtime."""
+    if runtime == "onnx":
+        from defect_tune.production.onnx_model import ONNX_FILE, OnnxModel
+
+        info = read_model_info(model_dir)
+        path = Path(model_dir) / ONNX_FILE
+        if not path.is_file():
+            why = info.get("onnx", {}).get("error", "the model directory predates ONNX export; retrain writes one")
+            raise PredictError(f"{path}: not found ({why}); use --runtime torch")
+        model = OnnxModel(path)
+        return (lambda images, tta: _onnx_probabilities(model, images, tta)), info
+    if runtime != "torch":
+        raise PredictError(f"--runtime {runtime!r}: choose torch or onnx")
+    from defect_tune.training.engine import pick_device
+
+    target = pick_device(device)
+    model, info = load_model(model_dir, target)
+    return (lambda images, tta: _probabilities(model, images, target, tta)), info
+
+
 def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int]) -> Iterator[tuple[Path, np.ndarray | str]]:
     for path in paths:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -91,14 +117,12 @@ def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int]) -> 
 
 
 def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta: bool = False,
-                   device: str = "auto") -> pd.DataFrame:
-    """One row per image: path, tiles, prob/<class>, pred/<class>, defects, error."""
-    from defect_tune.engine import pick_device
-
+                   device: str = "auto", runtime: str = "torch") -> pd.DataFrame:
+    """One row per image: path, tiles, prob/<class>, pred/<class>, defects, error. `runtime`:
+    torch (the safetensors weights, on `device`) or onnx (model.onnx under onnxruntime, CPU)."""
     if batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
-    target = pick_device(device)
-    model, info = load_model(model_dir, target)
+    probabilities, info = _runtime(model_dir, runtime, device)
     classes, thresholds = info["classes"], np.array([info["thresholds"][c] for c in info["classes"]])
     pre = info["preprocessing"]
     paths = expand(inputs)
@@ -109,7 +133,7 @@ def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta
         if not pending:
             return
         stacked = np.concatenate([tiles for _, tiles in pending])
-        probs = np.concatenate([_probabilities(model, stacked[i : i + batch_size], target, tta)
+        probs = np.concatenate([probabilities(stacked[i : i + batch_size], tta)
                                 for i in range(0, len(stacked), batch_size)])
         start = 0
         for path, tiles in pending:

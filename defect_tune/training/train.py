@@ -18,14 +18,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from defect_tune import __version__
-from defect_tune.augment import augment_batch, build_augmentation
-from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
-from defect_tune.data import check_shards, data_location, load_split, read_meta, to_tensor
-from defect_tune.errors import UserError, file_in_the_way
-from defect_tune.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, draw_order, pick_device,
+from defect_tune.core.augment import augment_batch, build_augmentation
+from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
+from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.core.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
+from defect_tune.data.shards import check_shards, data_location, load_split, read_meta, to_tensor
+from defect_tune.training.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, draw_order, pick_device,
                                 predict, run_epochs, seed_everything, train_one_epoch)
-from defect_tune.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
-from defect_tune.models import parameter_counts
+from defect_tune.training.models import parameter_counts
 
 
 # Device memory a CUDA process holds outside torch's allocator: its context and the kernels

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from defect_tune.config import OBJECTIVE, SELECTION, selection_metric
+from defect_tune.core.config import OBJECTIVE, selection_metric
 
 STOP_REASONS = ("completed", "early_stopping", "asha", "time_budget", "error", "no_result")
 
@@ -42,6 +42,41 @@ def error_reason(error: BaseException | str) -> str:
     return f"{name}: {message}"[:500]
 
 
+# Leaderboard columns that hold paths (the second: a JSON list of them), kept relative to the results folder.
+PATH_COLUMNS = ("checkpoint", "fold_predictions")
+
+
+def in_results(path, results: Path):
+    """`path` as a results folder records it: relative to the folder when it lies inside it, so
+    that the folder can be moved or copied whole; otherwise (a URI, another folder) as it is."""
+    if path is None or "://" in str(path):
+        return path
+    try:
+        return str(Path(path).absolute().relative_to(Path(results).absolute()))
+    except ValueError:
+        return str(path)
+
+
+def from_results(path, results: Path):
+    """A path a results folder recorded, usable from here: a relative one lies in `results`."""
+    if path is None or "://" in str(path) or Path(path).is_absolute():
+        return path
+    return str(Path(results) / path)
+
+
+def paths_in_results(board: pd.DataFrame, results: Path) -> pd.DataFrame:
+    """The leaderboard with its path columns relative to `results` where they lie inside it."""
+    import json
+
+    board = board.copy()
+    if "checkpoint" in board:
+        board["checkpoint"] = [in_results(_clean(p), results) for p in board["checkpoint"]]
+    if "fold_predictions" in board:
+        board["fold_predictions"] = [None if _clean(files) is None else json.dumps([in_results(f, results) for f in json.loads(files)])
+                                     for files in board["fold_predictions"]]
+    return board
+
+
 def ranked_by(table: pd.DataFrame, objective: str) -> str:
     """The column to rank a trial's epochs or a sweep's trials by: the selection score (the
     objective, ties broken by AP) where the table has it; sweeps from before it, by the objective."""
@@ -68,7 +103,7 @@ def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool,
 def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = frozenset()) -> dict:
     """One `ray.tune.Result` as a leaderboard row: sampled parameters, how the trial ended, and
     its best epoch's validation figures. `cut_off`: the trials the sweep's time budget ended."""
-    from defect_tune.metrics import wilson_interval  # scipy: here, not for the W&B actor, which imports stop_reason
+    from defect_tune.core.metrics import wilson_interval  # scipy: here, not for the W&B actor, which imports stop_reason
 
     sampled = {name: value for name, value in (result.config or {}).items() if not name.startswith("_")}
     history = result.metrics_dataframe
@@ -117,6 +152,8 @@ def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = froze
         row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
         row["wall_seconds"] = float(history["time_total_s"].max())
         startup = [c for c in history if c.startswith("startup/")]  # trial start to first batch, in parts
+        for column in (c for c in history if c.startswith("cost/")):  # measured once; memory: its peak over epochs
+            row[column] = _clean(float(history[column].max()))
         row["startup_seconds"] = float(history[startup].iloc[0].sum()) if startup else None
     else:
         row[key] = None

@@ -34,9 +34,11 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from defect_tune.errors import UserError, file_in_the_way
-from defect_tune.space import SpaceError, load_space
-from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, PREDICTIONS_FILE
+from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, PREDICTIONS_FILE
+from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.core.leaderboard import from_results
+from defect_tune.search.ray_compat import optuna_contains
+from defect_tune.search.space import SpaceError, load_space
 
 TOP_CONFIGS = 10  # rows of the per-class recall heatmap
 PARALLEL_PARAMS = 8  # axes of the parallel-coordinate plot; more are unreadable
@@ -44,7 +46,7 @@ IMPORTANCE_BARS = 15
 FEW_TRIALS = 10  # complete trials below which importances get a warning
 DPI = 110
 FIGURE_FILES = ("history.png", "importances.png", "parallel_coordinates.png", "recall_per_class.png",
-                "asha_savings.png", "precision_recall.png")
+                "asha_savings.png", "precision_recall.png", "pareto.png")
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False}
 STOPS = {  # stop_reason: (legend label, colour), in the order legends list them
@@ -107,6 +109,8 @@ def load_sweep(results: Path) -> Sweep:
     classes = summary.get("classes") or [c.removeprefix("val_recall/") for c in board if c.startswith("val_recall/")]
     max_epochs = summary.get("max_epochs") or int(board["epochs"].max())
     params = [c.removeprefix("param/") for c in board if c.startswith("param/")]
+    # Paths the sweep kept relative to its results folder (wherever the folder now is).
+    summary = {**summary, **{key: from_results(summary.get(key), results) for key in ("experiment", "space")}}
     index, note = trial_indices(board, summary.get("experiment"))
     board = board.assign(trial_index=index)
     return Sweep(results, summary, board, objective, summary.get("mode", "max"), int(max_epochs), list(classes), params, note)
@@ -199,13 +203,6 @@ def _inferred(values: list) -> optuna.distributions.BaseDistribution:
     return optuna.distributions.CategoricalDistribution(sorted(set(values), key=str))
 
 
-def _contains(distribution, value) -> bool:
-    try:
-        return distribution._contains(distribution.to_internal_repr(value))
-    except (ValueError, TypeError):
-        return False
-
-
 def _sampled(row: pd.Series, sweep: Sweep, space) -> dict:
     """The parameters this trial sampled. With the space at hand, a conditional choice whose
     value is None (e.g. focal_alpha: null) is told apart from one its branch never sampled."""
@@ -248,7 +245,7 @@ def rebuild_study(sweep: Sweep) -> tuple[optuna.Study, list[str]]:
     distributions = {}
     for name, values in seen.items():
         distribution = declared.get(name)
-        if distribution is None or not all(_contains(distribution, v) for v in values):
+        if distribution is None or not all(optuna_contains(distribution, v) for v in values):
             if distribution is not None:
                 notes.append(f"Values of {name} lie outside its distribution in {space_path} (was the file edited after the sweep?); its range is inferred from the values tried.")
             distribution = _inferred([v for v in values if v is not None] or [0.0])
@@ -478,12 +475,24 @@ def tied_with_leader(board: pd.DataFrame, objective: str) -> pd.Series:
     return tied.fillna(False)
 
 
+# Cost columns the leaderboard shows where the sweep measured them (training/cost.py): label, format.
+COSTS = {
+    "cost/params": ("params (M)", lambda v: "–" if _missing(v) else f"{v / 1e6:.2f}"),
+    "cost/gflops_per_image": ("GFLOPs / image", lambda v: "–" if _missing(v) else f"{v:.3g}"),
+    "cost/latency_ms_b1": ("ms / image, batch 1", lambda v: "–" if _missing(v) else f"{v:.2f}"),
+    "cost/latency_ms_b32": ("ms / image, batch 32", lambda v: "–" if _missing(v) else f"{v:.2f}"),
+    "cost/peak_memory_mb": ("peak training MB", lambda v: "–" if _missing(v) else f"{v:.0f}"),
+}
+
+
 def leaderboard_section(sweep: Sweep) -> Section:
     text = {"trial_id": _metric, "seed_point": _metric, "stop_reason": lambda v: STOPS.get(v, (v,))[0]}
-    numbers = {"rank": _count, "epochs": _count, sweep.objective: _metric, "val_macro_precision": _metric}
+    numbers = {"rank": _count, "epochs": _count, sweep.objective: _metric, "val_macro_precision": _metric,
+               **{column: shown for column, (_, shown) in COSTS.items() if column in sweep.board}}
     labels = {"rank": "#", "trial_id": "trial", "seed_point": "seed point", "stop_reason": "stopped by", "epochs": "epochs",
               sweep.objective: "objective", "interval": "95% interval", "tied": "vs leader",
-              "val_macro_precision": "macro precision"}
+              "val_macro_precision": "macro precision",
+              **{column: label for column, (label, _) in COSTS.items() if column in sweep.board}}
     tied = tied_with_leader(sweep.board, sweep.objective)
     head = "".join(f"<th>{html.escape(labels[column])}</th>" for column in labels)
     head += "".join(f"<th class='param'>{html.escape(name)}</th>" for name in sweep.params)
@@ -517,6 +526,73 @@ def leaderboard_section(sweep: Sweep) -> Section:
             "they are not distinguishable from the winner. Prefer cross-validated figures (or more validation images) "
             "before promoting one over another."
         )
+    return section
+
+
+def pareto_front(board: pd.DataFrame, objective: str, mode: str, cost: str) -> pd.Series:
+    """Per trial: is it on the front of `objective` against `cost` (lower is better)? A trial is,
+    when no other trial is at least as good on both and better on one."""
+    sign = 1.0 if mode == "max" else -1.0
+    value = sign * pd.to_numeric(board[objective], errors="coerce")
+    spent = pd.to_numeric(board[cost], errors="coerce")
+    known = value.notna() & spent.notna()
+    on = pd.Series(False, index=board.index)
+    for index in board.index[known]:
+        others = known & (board.index != index)
+        dominated = others & (value >= value[index]) & (spent <= spent[index]) & ((value > value[index]) | (spent < spent[index]))
+        on[index] = not dominated.any()
+    return on
+
+
+PARETO_COSTS = {"cost/latency_ms_b1": "milliseconds per image at batch 1", "cost/params": "parameters"}
+
+
+def pareto_figure(sweep: Sweep, costs: list[str], path: Path) -> Path:
+    fig = Figure(figsize=(6.2 * len(costs), 4.4), layout="constrained")
+    board = sweep.board
+    for k, cost in enumerate(costs):
+        ax = fig.add_subplot(1, len(costs), k + 1)
+        known = board[[sweep.objective, cost]].apply(pd.to_numeric, errors="coerce").notna().all(axis=1)
+        rows = board[known]
+        front = pareto_front(rows, sweep.objective, sweep.mode, cost)
+        x = rows[cost].astype(float).to_numpy()
+        y = rows[sweep.objective].astype(float).to_numpy()
+        low = pd.to_numeric(rows.get(f"{sweep.objective}_low"), errors="coerce") if f"{sweep.objective}_low" in rows else None
+        high = pd.to_numeric(rows.get(f"{sweep.objective}_high"), errors="coerce") if f"{sweep.objective}_high" in rows else None
+        if low is not None and high is not None:
+            spread = np.vstack([np.clip(y - low.to_numpy(), 0, None), np.clip(high.to_numpy() - y, 0, None)])
+            ax.errorbar(x, y, yerr=np.nan_to_num(spread), fmt="none", ecolor="#bbbbbb", lw=1, zorder=1)
+        ax.scatter(x[~front.to_numpy()], y[~front.to_numpy()], color="#9e9e9e", s=28, zorder=2, label="dominated")
+        ax.scatter(x[front.to_numpy()], y[front.to_numpy()], color="#d62728", s=40, zorder=3, label="on the front")
+        order = np.argsort(x[front.to_numpy()])
+        ax.plot(x[front.to_numpy()][order], y[front.to_numpy()][order], color="#d62728", lw=1, zorder=2)
+        for (_, row), on in zip(rows.iterrows(), front):
+            if on:
+                ax.annotate(str(row["trial_id"]), (float(row[cost]), float(row[sweep.objective])), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points")
+        if len(x) and x.min() > 0 and x.max() / x.min() > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(PARETO_COSTS[cost])
+        ax.set_ylabel(sweep.objective)
+        ax.legend(frameon=False, loc="lower right")
+    fig.suptitle(f"{sweep.objective} against what it costs (red: no trial is better on both)")
+    return _save(fig, path)
+
+
+def pareto_section(sweep: Sweep, out: Path) -> Section | None:
+    costs = [c for c in PARETO_COSTS if c in sweep.board and pd.to_numeric(sweep.board[c], errors="coerce").notna().any()]
+    if not costs:
+        return None  # a sweep from before costs were measured
+    section = Section("Objective against cost")
+    section.caption = (f"Each point is a trial at its best epoch, with its 95 % interval; red points are the Pareto front: "
+                       f"no other trial has a higher {sweep.objective} at a lower cost. Latency is the median of repeated "
+                       "forward passes on the device the trial trained on (see the leaderboard for batch 32 and memory). "
+                       "Pick from the front the cheapest trial whose interval overlaps the leader's, or use "
+                       "`defect-tune export --max-latency-ms` / `--max-params`.")
+    section.figure = pareto_figure(sweep, costs, out / "pareto.png")
+    fronts = {cost: sweep.board.loc[pareto_front(sweep.board, sweep.objective, sweep.mode, cost), "trial_id"].tolist()
+              for cost in costs}
+    section.notes.append("; ".join(f"on the front against {PARETO_COSTS[c]}: {', '.join(map(str, ids))}" for c, ids in fronts.items()))
     return section
 
 
@@ -665,6 +741,7 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
     # A cross-validated trial: every fold's held-out predictions at that epoch, so each train+val image once.
     folds = _plain(best.get("fold_predictions"))
     files = json.loads(folds) if folds else [f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"]
+    files = [from_results(file, sweep.folder) for file in files]
     parts = []
     for file in files:
         path, problem = _predictions_path(sweep, file)
@@ -809,7 +886,7 @@ def write_report(results: Path, out: Path | None = None) -> Path:
         values, reason = {}, f"No parameter importances: Optuna could not compute them ({type(error).__name__}: {error})."
     ranked = list(values) or sweep.params
     builders = [
-        partial(leaderboard_section, sweep), partial(history_section, sweep, out),
+        partial(leaderboard_section, sweep), partial(pareto_section, sweep, out), partial(history_section, sweep, out),
         partial(importance_section, study, values, reason, out), partial(parallel_section, sweep, study, ranked, out),
         partial(recall_section, sweep, out), partial(savings_section, sweep, out), partial(pr_section, sweep, out),
         partial(errors_section, sweep),

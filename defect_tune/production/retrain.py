@@ -15,6 +15,7 @@ Either way the test split is untouched until the end, and its metrics go into th
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -28,20 +29,22 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 
-from defect_tune.class_stats import ClassCounts
-from defect_tune.data import MEAN, STD, check_shards, data_location, load_split, read_meta
-from defect_tune.errors import UserError
-from defect_tune.export import package_versions, read_export
-from defect_tune.metrics import evaluate, guarded_macro_recall
-from defect_tune.model_dir import MODEL_JSON, format_figure, write_model_dir
-from defect_tune.search import SearchError, start_ray
-from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION, SELECTION, TrainConfig, validate_config
-from defect_tune.engine import build_parts, pick_device, predict
-from defect_tune.train import make_loader
-from defect_tune.ingest import build_datasets, data_tasks_at_once
-from defect_tune.leaderboard import error_reason
-from defect_tune.trial import dataset_config, train_loop_per_worker
-from defect_tune.worker import CHECKPOINT_FILE
+from defect_tune.core.class_stats import ClassCounts
+from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, SELECTION, TrainConfig, validate_config
+from defect_tune.core.errors import UserError
+from defect_tune.core.leaderboard import error_reason
+from defect_tune.core.metrics import evaluate, guarded_macro_recall
+from defect_tune.data.shards import MEAN, STD, check_shards, data_location, load_split, read_meta
+from defect_tune.production.export import package_versions, read_export
+from defect_tune.production.model_dir import MODEL_JSON, format_figure, write_model_dir
+from defect_tune.production.onnx_model import ONNX_FILE, PARITY_TOLERANCE, OnnxModel, cpu_latencies, export_onnx, parity
+from defect_tune.search.ingest import build_datasets, data_tasks_at_once
+from defect_tune.search.loop_config import LoopConfig
+from defect_tune.search.sweep import SearchError, start_ray
+from defect_tune.search.trial import dataset_config, train_loop_per_worker
+from defect_tune.search.worker import CHECKPOINT_FILE
+from defect_tune.training.engine import build_parts, pick_device, predict
+from defect_tune.training.train import make_loader
 
 HOLDOUTS = ("val", "none")
 
@@ -92,8 +95,8 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
     context.enable_progress_bars = False  # per-dataset bars every epoch drown the log
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(), "meta": meta, "stop_after": stop_after, "validate": validate,
-                           "reproducible": True, "train_splits": train_splits},
+        train_loop_config=LoopConfig(config=config.model_dump(), meta=meta, stop_after=stop_after, validate=validate,
+                                     reproducible=True, train_splits=tuple(train_splits)).as_dict(),
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True,
                                 tasks_at_once=data_tasks_at_once(options.workers, options.cpus_per_worker)),
@@ -114,6 +117,27 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     return state, metrics, result.path, int(result.metrics["epoch"])
+
+
+def _onnx(model, meta: dict, test_x: np.ndarray, path: Path, console: Console) -> tuple[dict, dict]:
+    """model.onnx at `path`, checked against PyTorch on the test images, and both runtimes' CPU
+    latencies. A model the exporter cannot write, or whose ONNX graph disagrees, still ships as
+    safetensors: its model.json says why there is no model.onnx (training is not thrown away)."""
+    height, width = meta["image"]["height"], meta["image"]["width"]
+    try:
+        info = export_onnx(model, height, width, path)
+        onnx = OnnxModel(path)
+    except Exception as error:  # noqa: BLE001 - any exporter failure: the weights still ship
+        reason = f"the ONNX exporter failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        console.print(f"warning: no model.onnx: {reason}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+        return {"error": reason}, {}
+    worst = parity(model, onnx, test_x)
+    info["parity"] = {"split": "test", "images": len(test_x), "max_abs_difference": worst, "tolerance": PARITY_TOLERANCE}
+    if not worst <= PARITY_TOLERANCE:
+        reason = f"onnxruntime's test probabilities differ from PyTorch's by {worst:.2g}, above {PARITY_TOLERANCE:g}"
+        console.print(f"warning: no model.onnx: {reason}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+        return {"error": reason, "parity": info["parity"]}, {}
+    return info, cpu_latencies(model, onnx, height, width)
 
 
 def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
@@ -182,6 +206,9 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         val_probs, val_targets, _ = predict(parts, make_loader(val_x, val_y, config))
         val_report = evaluate(val_probs, val_targets, classes, thresholds)
 
+    staging = Path(tempfile.mkdtemp(prefix="defect-tune-onnx-"))
+    onnx_info, latency = _onnx(parts.model, meta, test_x, staging / ONNX_FILE, console)
+
     counts = ClassCounts.from_meta(meta, ("train",) if validate else ("train", "val"))
     info = {
         "format": 1,
@@ -204,6 +231,8 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         "export": {"file": str(Path(options.export).absolute()), **export["sweep"],
                    "sweep_objective": export["objective"]["value"]},
         "objective": {"name": OBJECTIVE, "definition": OBJECTIVE_DEFINITION},
+        "onnx": onnx_info,
+        "latency_ms_per_image": latency,
         "versions": package_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
@@ -215,7 +244,8 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         "val": val_report,
         "sweep_val_objective": export["objective"]["value"],
     }
-    write_model_dir(out, parts.model, config, info, metrics_out)
+    write_model_dir(out, parts.model, config, info, metrics_out, {ONNX_FILE: staging / ONNX_FILE} if "error" not in onnx_info else {})
+    shutil.rmtree(staging, ignore_errors=True)
     console.print(
         f"model: {out} (test macro recall {format_figure(metrics_out['test_macro_recall'])} at the {source} thresholds; "
         f"the sweep's validation objective was {format_figure(export['objective']['value'])})",

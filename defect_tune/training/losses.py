@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from defect_tune.class_stats import ClassCounts, class_weights
+from defect_tune.core.class_stats import ClassCounts, class_weights
 
 LOSSES = ("bce", "weighted_bce", "focal", "asl")
 

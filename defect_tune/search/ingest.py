@@ -13,8 +13,8 @@ import numpy as np
 import ray
 import ray.data
 
-from defect_tune.config import TrainConfig
-from defect_tune.data import data_file, data_location
+from defect_tune.core.config import TrainConfig
+from defect_tune.data.shards import data_file, data_location
 
 
 def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +41,7 @@ class _Prepare:
             # node, and a seed fixed per batch would give every epoch the same augmented views.
             # (So sweeps are not bit-reproducible; `defect-tune train` is.)
             seed = int(np.random.default_rng().integers(2**32))
-            from defect_tune.augment import augment_batch, build_augmentation
+            from defect_tune.core.augment import augment_batch, build_augmentation
 
             images = augment_batch(build_augmentation(self.augment, (self.height, self.width), seed), images)
         return {"image": images, "labels": labels}

@@ -12,12 +12,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from defect_tune.config import TrainConfig
-from defect_tune.engine import pick_device
-from defect_tune.errors import UserError
-from defect_tune.images import FITS
-from defect_tune.metrics import PREDICT_NOTHING, per_class_table
-from defect_tune.models import build_model
+from defect_tune.core.config import TrainConfig
+from defect_tune.core.errors import UserError
+from defect_tune.core.metrics import PREDICT_NOTHING, per_class_table
+from defect_tune.data.images import FITS
+from defect_tune.training.engine import pick_device
+from defect_tune.training.models import build_model
 
 WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
 RARE = 10  # fewer training positives than this: the model card calls the class too rare to trust
@@ -32,10 +32,14 @@ def format_figure(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def write_model_dir(out: Path, model, config: TrainConfig, info: dict, metrics: dict) -> None:
+def write_model_dir(out: Path, model, config: TrainConfig, info: dict, metrics: dict, files: dict[str, Path] | None = None) -> None:
+    """Writes the model directory at `out` whole or not at all (a staging folder, renamed).
+    `files`: more files to move in, by their name in the directory (model.onnx)."""
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    for name, path in (files or {}).items():
+        shutil.move(path, staging / name)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS),
               metadata={"format": "pt", "classes": json.dumps(info["classes"])})
     (staging / "config.yaml").write_text(config.to_yaml())
@@ -54,6 +58,32 @@ def write_model_dir(out: Path, model, config: TrainConfig, info: dict, metrics: 
 def _interval(report: dict) -> str:
     interval = report["macro"].get("recall_interval")
     return "" if not interval else f" (95 % interval {interval[0]:.3f}-{interval[1]:.3f}, bootstrap over the test images)"
+
+
+def _deployment(info: dict) -> list[str]:
+    """The model card's files and latencies (model directories from before ONNX have neither)."""
+    onnx, latency = info.get("onnx"), info.get("latency_ms_per_image")
+    if not onnx:
+        return []
+    if "error" in onnx:
+        return ["## Deployment", f"- `{WEIGHTS}` for PyTorch (timm) only. No ONNX file: {onnx['error']}.", ""]
+    check = onnx["parity"]
+    lines = [
+        "## Deployment",
+        f"- `{WEIGHTS}` for PyTorch (timm), `{onnx['file']}` for onnxruntime or any ONNX runtime. The ONNX graph takes "
+        f"{onnx['input']['values']} (`{onnx['input']['name']}`, shape {onnx['input']['shape']}) and returns "
+        f"`{onnx['output']['name']}`; a class is present where its probability reaches its threshold in `{MODEL_JSON}`.",
+        f"- onnxruntime's probabilities on the {check['images']} {check['split']} images differ from PyTorch's by at most "
+        f"{check['max_abs_difference']:.1e} (checked against a tolerance of {check['tolerance']:g}).",
+        f"- Milliseconds per image on the CPU of the machine that retrained it ({latency['torch_threads']} PyTorch threads), "
+        "median of 7 runs:",
+        "",
+        "| runtime | batch 1 | batch 32 |",
+        "|---|---|---|",
+        *(f"| {runtime} | {latency[runtime]['batch_1']:.2f} | {latency[runtime]['batch_32']:.2f} |" for runtime in ("torch", "onnxruntime")),
+        "",
+    ]
+    return lines
 
 
 def model_card(info: dict, metrics: dict, table: str) -> str:
@@ -105,6 +135,7 @@ def model_card(info: dict, metrics: dict, table: str) -> str:
         table.rstrip(),
         "```",
         "",
+        *_deployment(info),
         "## Limits",
         *(limits or ["- None flagged by the checks on class counts and thresholds."]),
         "- Validated on images prepared like these only: another camera, resolution or cell type needs its own test.",
@@ -138,10 +169,9 @@ def check_model_info(info: dict, path: Path) -> None:
         raise ModelDirError(f"{path}: preprocessing {pre} needs positive whole sizes and a fit among {FITS}")
 
 
-def load_model(model_dir: Path, device: torch.device | None = None):
-    """A model directory's network (eval mode) and its model.json."""
-    model_dir = Path(model_dir)
-    path = model_dir / MODEL_JSON
+def read_model_info(model_dir: Path) -> dict:
+    """A model directory's model.json, checked (`check_model_info`)."""
+    path = Path(model_dir) / MODEL_JSON
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
@@ -151,7 +181,14 @@ def load_model(model_dir: Path, device: torch.device | None = None):
     if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
         raise ModelDirError(f"{path}: no list of classes; not a `defect-tune retrain` model.json")
     check_model_info(info, path)
-    from defect_tune.config import ConfigError, load_config
+    return info
+
+
+def load_model(model_dir: Path, device: torch.device | None = None):
+    """A model directory's network (eval mode) and its model.json."""
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    from defect_tune.core.config import ConfigError, load_config
 
     try:
         config = load_config(model_dir / "config.yaml", {"pretrained": False, "pretrained_path": None})

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from defect_tune.augment import mixup
-from defect_tune.class_stats import ClassCounts
-from defect_tune.config import OBJECTIVE, SELECTION, TrainConfig, selection_score
-from defect_tune.errors import UserError
-from defect_tune.data import sample_weights, to_tensor
-from defect_tune.losses import build_loss
-from defect_tune.metrics import evaluate, learn_thresholds
-from defect_tune.models import DefectClassifier, build_model, set_backbone_trainable
+from defect_tune.core.augment import mixup
+from defect_tune.core.class_stats import ClassCounts
+from defect_tune.core.config import OBJECTIVE, SELECTION, TrainConfig, selection_score
+from defect_tune.core.errors import UserError
+from defect_tune.core.metrics import evaluate, learn_thresholds
+from defect_tune.data.shards import sample_weights, to_tensor
+from defect_tune.training.losses import build_loss
+from defect_tune.training.models import DefectClassifier, build_model, set_backbone_trainable
 
 
 class NonFiniteLoss(RuntimeError):
@@ -250,7 +250,7 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig, 
                    rng: np.random.Generator, pipeline=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (images, labels) tensor batches from uint8 images held in memory, drawn by
     `draw_order` and augmented by `pipeline` (albumentations) here."""
-    from defect_tune.augment import augment_batch
+    from defect_tune.core.augment import augment_batch
 
     order = draw_order(labels, config.oversample_power, rng)
     size = config.batch_size

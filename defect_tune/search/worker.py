@@ -20,10 +20,12 @@ import ray.train
 import ray.train.torch
 import torch
 
-from defect_tune.augment import build_augmentation
-from defect_tune.config import PREDICTIONS_FILE, TrainConfig
-from defect_tune.data import to_tensor
-from defect_tune.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, memory_batches, run_epochs,
+from defect_tune.core.augment import build_augmentation
+from defect_tune.core.config import PREDICTIONS_FILE, TrainConfig
+from defect_tune.data.shards import to_tensor
+from defect_tune.search.loop_config import LoopConfig
+from defect_tune.training.cost import model_cost, peak_memory_mb
+from defect_tune.training.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, memory_batches, run_epochs,
                                 seed_everything)
 
 CHECKPOINT_FILE = "model.pt"
@@ -34,7 +36,7 @@ def shard_batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = Fa
     """(images, labels) batches from a Dataset shard: normalised tensors, or the stored uint8
     images and float labels as numpy (`as_uint8`, 4x smaller to keep). With `keep`, every
     batch's uint8 images and labels, before augmentation, are appended to it."""
-    from defect_tune.augment import augment_batch
+    from defect_tune.core.augment import augment_batch
 
     buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
@@ -60,23 +62,24 @@ class WorkerHooks(Hooks):
     weighted draw needs every image at hand). Rank 0 validates, checkpoints and reports; the other ranks
     report nothing, the same number of times."""
 
-    def __init__(self, loop_config: dict, config: TrainConfig, parts, stopper: EarlyStopping, drop_last: bool,
+    def __init__(self, loop: LoopConfig, config: TrainConfig, parts, stopper: EarlyStopping, drop_last: bool,
                  rank: int, world: int, train_shard, val_data, node: str, report=ray.train.report,
-                 timing: dict | None = None, model_ready: float = 0.0):
-        self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop_config["meta"], parts, stopper, drop_last
+                 timing: dict | None = None, model_ready: float = 0.0, cost: dict | None = None):
+        self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop.meta, parts, stopper, drop_last
         self.rank, self.world, self.train_shard, self.val_data = rank, world, train_shard, val_data
         self.node, self.report = node, report
-        self.trial_post = loop_config.get("trial_post")  # --cv folds: (the sweep's post, the trial's key)
-        self.stop_after = loop_config.get("stop_after", config.epochs)
-        self.validate = loop_config.get("validate", True)
-        self.reproducible = loop_config.get("reproducible", False)
-        self.keep = loop_config.get("keep_train", False)  # the trial sets it for an oversampling config too
+        self.trial_post = loop.trial_post
+        self.stop_after = config.epochs if loop.stop_after is None else loop.stop_after
+        self.validate = loop.validate
+        self.reproducible = loop.reproducible
+        self.keep = loop.keep_train  # the trial sets it for an oversampling config too
         self.val_cache: list | None = None  # rank 0 reads val once: it is neither augmented nor shuffled
         self.shape = (self.meta["image"]["height"], self.meta["image"]["width"])
         self.rng = np.random.default_rng(config.seed + self.rank)
         self.kept: list | None = None  # filled by the first epoch when keeping a streamed shard
         self.shard: tuple[np.ndarray, np.ndarray] | None = None
         self.timing = timing or {}  # sweeps: where the trial's start-up went, reported by rank 0
+        self.cost = cost or {}  # sweeps: the model's size, FLOPs and latency (training/cost.py), reported by rank 0
         self.first_batch: list[float] = []
         self.model_ready = model_ready  # when the model was built: the first batch's wait counts from here
 
@@ -144,6 +147,8 @@ class WorkerHooks(Hooks):
             if "startup/first_batch_s" not in self.timing and self.first_batch:
                 self.timing["startup/first_batch_s"] = self.first_batch[0] - self.model_ready
             row.update(self.timing)
+        if self.cost:
+            row.update(self.cost, **{"cost/peak_memory_mb": peak_memory_mb(self.parts.device)})
         # planned_epochs: a trial that ends before the space's max_epochs by its own epoch budget
         # completed; one that ASHA stopped there did not (search.AshaAwareOptunaSearch).
         row.update(node_id=self.node, epoch_s=row["seconds"], timestamp_s=time.time(), planned_epochs=self.stop_after)
@@ -165,18 +170,18 @@ class WorkerHooks(Hooks):
             self.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def run(loop_config: dict, loop_started: float) -> None:
-    """The body of `trial.train_loop_per_worker` (its docstring lists `loop_config`)."""
-    config = TrainConfig.model_validate(loop_config["config"])
-    meta = loop_config["meta"]
-    stop_after = loop_config.get("stop_after", config.epochs)
-    diverged = loop_config.get("diverged")  # sweeps: what a diverged trial reports; None: it raises
+def run(loop: LoopConfig, loop_started: float) -> None:
+    """The body of `trial.train_loop_per_worker`."""
+    config = TrainConfig.model_validate(loop.config)
+    meta = loop.meta
+    stop_after = config.epochs if loop.stop_after is None else loop.stop_after
+    diverged = loop.diverged
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config.seed)  # same initial weights on every worker; DDP keeps them in step
-    if loop_config.get("reproducible", False):
+    if loop.reproducible:
         torch.use_deterministic_algorithms(True, warn_only=True)  # some CUDA kernels have no deterministic version
-    train_images = sum(meta["splits"][split]["images"] for split in loop_config.get("train_splits", ("train",)))
+    train_images = sum(meta["splits"][split]["images"] for split in loop.train_splits)
     per_worker = train_images // world
     drop_last = per_worker > config.batch_size
     steps = max(per_worker // config.batch_size if drop_last else 1, 1)
@@ -184,12 +189,15 @@ def run(loop_config: dict, loop_started: float) -> None:
     parts.net = ray.train.torch.prepare_model(
         parts.model, parallel_strategy_kwargs={"find_unused_parameters": config.freeze_epochs > 0}
     )
+    cost = {}
+    if loop.in_sweep and rank == 0:  # what the configuration costs, once
+        cost = model_cost(parts.model, meta["image"]["height"], meta["image"]["width"], parts.device)
     model_ready = time.time()
     timing = {}
-    if "trial_started_s" in loop_config:  # sweeps: where the trial's start-up went (`startup/*`, seconds, disjoint)
-        built = loop_config.get("datasets_built_s", loop_config["trial_started_s"])
-        timing = {"trial_started_s": loop_config["trial_started_s"],
-                  "startup/datasets_s": built - loop_config["trial_started_s"],
+    if loop.in_sweep:  # where the trial's start-up went (`startup/*`, seconds, disjoint)
+        built = loop.datasets_built_s or loop.trial_started_s
+        timing = {"trial_started_s": loop.trial_started_s,
+                  "startup/datasets_s": built - loop.trial_started_s,
                   "startup/trainer_s": loop_started - built,
                   "startup/model_s": model_ready - loop_started}
     progress = Progress(EarlyStopping(config.early_stopping_patience))
@@ -210,10 +218,10 @@ def run(loop_config: dict, loop_started: float) -> None:
         parts.optimizer.load_state_dict(state["optimizer"])
         if parts.scheduler is not None:
             parts.scheduler.load_state_dict(state["scheduler"])
-    validate = loop_config.get("validate", True)
-    hooks = WorkerHooks(loop_config, config, parts, stopper, drop_last, rank, world, ray.train.get_dataset_shard("train"),
+    validate = loop.validate
+    hooks = WorkerHooks(loop, config, parts, stopper, drop_last, rank, world, ray.train.get_dataset_shard("train"),
                         ray.train.get_dataset_shard("val") if validate else None, ray.get_runtime_context().get_node_id(),
-                        timing=timing, model_ready=model_ready)
+                        timing=timing, model_ready=model_ready, cost=cost)
     try:
         run_epochs(parts, config, meta["classes"], hooks, progress, stop_after, hooks.rng, finish_on_nonfinite=world > 1)
     except NonFiniteLoss as error:

@@ -21,16 +21,18 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.table import Table
 
-from defect_tune.data import check_shards, data_location, read_meta
-from defect_tune.config import selection_metric
-from defect_tune.errors import UserError
-from defect_tune.export import ExportError, package_versions, pick
-from defect_tune.folds import make_folds
-from defect_tune.leaderboard import build_leaderboard, plain, ranked_by
-from defect_tune.post import start_report_post
-from defect_tune.space import DefineByRun, SearchSpace, SpaceError, load_space
-from defect_tune.tracking import wandb_callbacks
-from defect_tune.trial import TrialSetup, run_trial
+from defect_tune.core.config import selection_metric
+from defect_tune.core.errors import UserError
+from defect_tune.core.leaderboard import build_leaderboard, in_results, paths_in_results, plain, ranked_by
+from defect_tune.data.folds import make_folds
+from defect_tune.data.shards import check_shards, data_location, read_meta
+from defect_tune.production.export import ExportError, package_versions, pick
+from defect_tune.search.post import start_report_post
+from defect_tune.search.ray_compat import (job_placement_groups, local_cluster_addresses, ray_temp_dir, remove_job_placement_group,
+                                           staged_experiment_states, start_data_stats_actor)
+from defect_tune.search.space import DefineByRun, SearchSpace, SpaceError, load_space
+from defect_tune.search.tracking import wandb_callbacks
+from defect_tune.search.trial import TrialSetup, run_trial
 
 # The checkout's search_spaces/, installed as this package's data (pyproject.toml), so a wheel has it too.
 SPACES_DIR = Path(str(importlib.resources.files("defect_tune.search_spaces")))
@@ -68,6 +70,9 @@ class SearchOptions:
     # A worker keeps its train shard in memory (and augments it itself) when the shard's images
     # take at most this much; 0: every epoch streams it from Ray Data, augmented there.
     keep_train_gb: float = 2.0
+    # `key=value` from the command line: `epochs` sets the space's max_epochs, any other
+    # TrainConfig key a fixed value (SearchSpace.with_overrides). A resumed sweep keeps its own.
+    overrides: dict = dataclasses.field(default_factory=dict)
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -91,50 +96,137 @@ class AshaAwareOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, None if stopped_by_scheduler else result, error)
 
 
-class ProgressTable(tune.Callback):
-    """A live view of the sweep on the driver: a line per event, a table as trials finish."""
+SPACE_FILE = "space.yaml"  # in the results folder: a copy of the sweep's search space
+STUDY_FILE = "optuna.db"  # in the results folder: the sweep's Optuna study, for optuna-dashboard
 
-    def __init__(self, space: SearchSpace, console: Console):
-        self.space, self.console = space, console
+
+def study_storage(out: Path):
+    """The sweep's Optuna study in SQLite in the results folder: every trial's parameters, its
+    per-epoch values and its state (ASHA-stopped trials as PRUNED), written by the driver as the
+    searcher learns them, so that `optuna-dashboard sqlite:///RESULTS/optuna.db` works during and
+    after the sweep. Tune pickles the searcher for --resume; the storage reconnects on unpickling."""
+    import optuna
+
+    out.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY_FILE).absolute()}")
+
+
+class SweepConsole(tune.Callback):
+    """What the driver shows while the sweep runs: one line per event (a trial starts, reports an
+    epoch, finishes or is stopped, fails), each finish with where the sweep stands (trials
+    finished, running, best so far with its interval, elapsed and remaining time). On a terminal a
+    live status line stays below them; in a log the lines alone, never a table reprinted per trial."""
+
+    def __init__(self, space: SearchSpace, console: Console, budget_s: float | None = None):
+        self.space, self.console, self.budget_s = space, console, budget_s
         self.rows: dict[str, dict] = {}
+        self.started: float | None = None
+        self.live = None
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state
-        return {**self.__dict__, "console": None}
+        return {**self.__dict__, "console": None, "live": None, "started": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, console=Console(stderr=True))
 
+    def setup(self, **info):
+        self.started = time.monotonic()
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.status(), console=self.console, refresh_per_second=2, transient=True)
+            self.live.start()
+
+    def on_experiment_end(self, trials, **info):
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def _say(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+        if self.live is not None:
+            self.live.update(self.status())
+
     def _row(self, trial) -> dict:
-        return self.rows.setdefault(trial.trial_id, {"status": "RUNNING", "epoch": 0, "objective": None, "config": trial.config})
+        return self.rows.setdefault(trial.trial_id, {"state": "running", "epoch": 0, "objective": None, "low": None,
+                                                     "high": None, "planned": self.space.max_epochs, "early": False})
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._row(trial)
-        self.console.print(f"[start] {trial.trial_id} {_short(trial.config)}", highlight=False, markup=False)
+        self._row(trial)["state"] = "running"
+        of = f"/{self.space.num_samples}" if self.space.num_samples > 0 else ""
+        self._say(f"[start {len(self.rows)}{of}] {trial.trial_id} {_short(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
-        value = result.get(self.space.objective)
-        row.update(epoch=result.get("epoch", 0), objective=value)
-        self.console.print(f"[epoch {row['epoch']}] {trial.trial_id} {self.space.objective}={value:.4f}", highlight=False, markup=False)
+        key = self.space.objective
+        row.update(epoch=result.get("epoch", 0), objective=result.get(key), low=result.get(f"{key}_low"),
+                   high=result.get(f"{key}_high"), planned=result.get("planned_epochs", self.space.max_epochs),
+                   early=bool(result.get("early_stopped")))
+        value = "-" if row["objective"] is None else f"{row['objective']:.4f}"
+        self._say(f"[epoch {row['epoch']}/{row['planned']}] {trial.trial_id} {key}={value}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._row(trial)["status"] = "TERMINATED"
-        self.console.print(self.table())
+        row = self._row(trial)
+        if row["epoch"] >= row["planned"]:
+            row["state"], how = "completed", f"completed {row['epoch']} epochs"
+        elif row["early"]:
+            row["state"], how = "early_stopped", f"stopped itself (early stopping) after epoch {row['epoch']}"
+        else:
+            row["state"], how = "asha", f"stopped by ASHA after epoch {row['epoch']}"
+        self._say(f"[done] {trial.trial_id} {how}: {_figure(row)}. {self.standing()}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._row(trial)["status"] = "ERROR"
-        self.console.print(f"[error] {trial.trial_id}: see {trial.local_path}", highlight=False, markup=False)
+        self._row(trial)["state"] = "error"
+        self._say(f"[error] {trial.trial_id}: see {trial.local_path}/error.txt. {self.standing()}")
 
-    def table(self) -> Table:
-        of = f" of {self.space.num_samples}" if self.space.num_samples > 0 else ""  # -1: until the time budget runs out
-        table = Table(title=f"trials ({len(self.rows)}{of})")
-        for column in ("trial", "status", "epoch", "objective"):
-            table.add_column(column, no_wrap=True)
-        table.add_column("config")
-        for trial_id, row in self.rows.items():
-            value = "-" if row["objective"] is None else f"{row['objective']:.4f}"
-            table.add_row(trial_id, row["status"], str(row["epoch"]), value, _short(row["config"]))
-        return table
+    def best(self) -> tuple[str, dict] | None:
+        scored = [(t, r) for t, r in self.rows.items() if r["objective"] is not None and r["state"] != "error"]
+        if not scored:
+            return None
+        pick = max if self.space.mode == "max" else min
+        return pick(scored, key=lambda item: item[1]["objective"])
+
+    def standing(self) -> str:
+        states = [row["state"] for row in self.rows.values()]
+        finished = sum(s != "running" for s in states)
+        of = f"/{self.space.num_samples}" if self.space.num_samples > 0 else ""
+        counts = ", ".join(f"{n} {label}" for label, n in (
+            ("completed", states.count("completed")), ("stopped by ASHA", states.count("asha")),
+            ("early-stopped", states.count("early_stopped")), ("failed", states.count("error"))) if n)
+        parts = [f"{finished}{of} finished" + (f" ({counts})" if counts else ""), f"{states.count('running')} running"]
+        if (best := self.best()) is not None:
+            parts.append(f"best {best[0]} {_figure(best[1])}")
+        if self.started is not None:
+            elapsed = time.monotonic() - self.started
+            parts.append(f"{clock(elapsed)} elapsed")
+            if self.budget_s:
+                parts.append(f"at most {clock(max(self.budget_s - elapsed, 0))} left (time budget)")
+            elif self.space.num_samples > 0 and finished:
+                left = self.space.num_samples - finished
+                parts.append(f"about {clock(elapsed / finished * left)} left" if left else "all trials finished")
+        return "; ".join(parts)
+
+    def status(self):
+        from rich.text import Text
+
+        return Text(f"sweep: {self.standing()}", style="bold")
+
+
+def clock(seconds: float) -> str:
+    """`45s`, `3m12s`, `1h05m`: a duration as a person reads a clock."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _figure(row: dict) -> str:
+    if row["objective"] is None:
+        return "no objective"
+    interval = f" ({row['low']:.3f}-{row['high']:.3f})" if row["low"] is not None and row["high"] is not None else ""
+    return f"{row['objective']:.4f}{interval}"
 
 
 def _short(config: dict) -> str:
@@ -147,7 +239,7 @@ def resolve_cv(requested: int | str, meta: dict) -> tuple[int, str | None]:
     "auto" cross-validates with 5 folds when some class has fewer than `folds.FEW_POSITIVES`
     validation positives; without --cv such data gets a warning that recommends it.
     """
-    from defect_tune.folds import FEW_POSITIVES, rare_classes
+    from defect_tune.data.folds import FEW_POSITIVES, rare_classes
 
     rare = rare_classes(meta)
     listed = ", ".join(f"{c} {n}" for c, n in sorted(rare.items(), key=lambda item: item[1]))
@@ -183,6 +275,28 @@ def folds_for_sweep(options: SearchOptions, space: SearchSpace, meta: dict, out:
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"folds": cv, "seed": options.seed}) + "\n")
     return cv, options.seed, advice
+
+
+OVERRIDES_RECORD = "overrides.json"  # in the results folder: the key=value overrides a sweep started with
+
+
+def overrides_for_sweep(options: SearchOptions, out: Path) -> dict:
+    """The sweep's key=value overrides. A resumed sweep keeps those it started with (its trials
+    must train what the first ones did: `record_overrides`), and refuses different ones."""
+    record = out / OVERRIDES_RECORD
+    if options.resume:
+        started = json.loads(record.read_text()) if record.is_file() else {}
+        if options.overrides and options.overrides != started:
+            raise SearchError(f"--resume: sweep {options.name!r} started with overrides {started or 'none'} ({record}); "
+                              "a resumed sweep keeps them, so drop the key=value arguments")
+        return started
+    return options.overrides
+
+
+def record_overrides(options: SearchOptions, out: Path) -> None:
+    if options.overrides and not options.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OVERRIDES_RECORD).write_text(json.dumps(options.overrides) + "\n")
 
 
 BUDGET_RECORD = "time_budget.json"  # in the results folder: a sweep's time budget, trial count and the trials it cut off
@@ -366,7 +480,7 @@ def _gpu_memory(configs: list, meta: dict) -> dict:
     """Runs on a GPU node (`measure_gpu_memory`)."""
     import torch
 
-    from defect_tune.train import training_memory
+    from defect_tune.training.train import training_memory
 
     if not torch.cuda.is_available():
         raise RuntimeError(f"node {ray.util.get_node_ip_address()} offers Ray a GPU, but torch sees no CUDA device")
@@ -427,15 +541,28 @@ def check_gpu_options(options: SearchOptions) -> None:
                           f"{options.gpus_per_worker:g}")
 
 
-def wait_for_release(total: dict, timeout: float = 60.0) -> dict:
-    """Free resources once the sweep's trials have let go of theirs (Train's placement groups
-    are removed asynchronously after a trial ends), or what is still taken after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        free = ray.available_resources()
-        if all(free.get(k, 0) >= total[k] - 1e-6 for k in ("CPU", "GPU") if k in total) or time.monotonic() > deadline:
-            return free
-        time.sleep(0.5)
+def wait_for_release(total: dict, timeout: float = 30.0) -> tuple[dict, int]:
+    """Free resources once the sweep's trials have let go of theirs, and how many placement groups
+    this had to remove itself. Train removes a finished run's placement group; one whose trial
+    process was killed (cut off by the time budget) waits for Train's detached cleaner, which can
+    lag for minutes on a loaded node. No trial of the sweep runs now, so after `timeout` every
+    placement group this job still holds is such a leftover: removed here, and waited for again."""
+    removed = 0
+    for attempt in range(2):
+        deadline = time.monotonic() + timeout
+        while True:
+            free = ray.available_resources()
+            if all(free.get(k, 0) >= total[k] - 1e-6 for k in ("CPU", "GPU") if k in total):
+                return free, removed
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if attempt == 0:
+            leftovers = job_placement_groups(ray.get_runtime_context().get_job_id())
+            for placement_group in leftovers:
+                remove_job_placement_group(placement_group)
+            removed = len(leftovers)
+    return free, removed
 
 
 def refuse_second_local_cluster(address: str | None) -> None:
@@ -445,9 +572,7 @@ def refuse_second_local_cluster(address: str | None) -> None:
     Ray Data starves (seen here with two sweeps at once). Use the running one, or stop it."""
     if address is not None or os.environ.get("RAY_ADDRESS"):  # set for drivers of Ray jobs
         return
-    from ray._private.services import find_gcs_addresses
-
-    running = sorted(find_gcs_addresses())
+    running = local_cluster_addresses()
     if running:
         raise SearchError(
             f"a Ray cluster is already running on this machine ({', '.join(running)}); pass --address "
@@ -483,16 +608,6 @@ def start_ray(address: str | None, **init) -> None:
             os.environ.pop(key, None)
 
 
-def start_data_stats_actor() -> None:
-    """Ray Data reports every execution to one named, detached stats actor, which it creates on
-    first use. Created from inside a trial, it died when that trial ended, so each trial started
-    another Ray process for it (the GCS log said "Actor name datasets_stats_actor is cleaned up"
-    at every trial's end). Created here by the driver, one serves the whole sweep."""
-    from ray.data._internal.stats import get_or_create_stats_actor
-
-    get_or_create_stats_actor()
-
-
 def _whole_json(path: Path) -> bool:
     try:
         json.loads(path.read_text())
@@ -515,9 +630,8 @@ def finish_interrupted_sync(experiment: str, name: str) -> str | None:
     if not states or _whole_json(states[-1]):
         return None
     state = states[-1]
-    temp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
-    staged = sorted((p for p in temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{state.name}") if _whole_json(p)),
-                    key=lambda p: p.stat().st_mtime)
+    temp = ray_temp_dir()
+    staged = sorted((p for p in staged_experiment_states(name, state.name) if _whole_json(p)), key=lambda p: p.stat().st_mtime)
     if not staged:
         raise SearchError(
             f"{state}: empty or not valid JSON: the sweep's driver was killed while Tune was copying its state there, "
@@ -543,12 +657,13 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     check_gpu_options(options)
     check_time_budget(options)
-    space = load_space(options.space)
+    out = (options.out or Path("results") / options.name).absolute()
+    space_overrides = overrides_for_sweep(options, out)
+    space = load_space(options.space).with_overrides(space_overrides)
     if options.num_samples is not None:
         space = SearchSpace(**{**space.__dict__, "num_samples": options.num_samples})
     meta = read_meta(options.data)
     check_shards(options.data, meta)  # a missing or corrupt shard stops the sweep here, not trial by trial
-    out = (options.out or Path("results") / options.name).absolute()
     storage = _storage(options, out)
     experiment = f"{storage.rstrip('/')}/{options.name}"
     if options.resume and (repaired := finish_interrupted_sync(experiment, options.name)):
@@ -557,6 +672,13 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         raise SearchError(f"sweep {options.name!r} already exists at {experiment}; --resume continues it, or pick another --name")
     if options.resume and not tune.Tuner.can_restore(experiment):
         raise SearchError(f"--resume: no sweep {options.name!r} to resume at {experiment}")
+    if not options.resume and (out / STUDY_FILE).is_file():
+        import optuna
+
+        if options.name in optuna.study.get_all_study_names(study_storage(out)):
+            raise SearchError(f"{out / STUDY_FILE} already holds a study named {options.name!r} (a sweep whose Tune "
+                              "experiment is gone); --resume cannot continue it: pick another --name or --out")
+    record_overrides(options, out)
 
     # Save (and sync to storage) Tune's experiment state at every step, not every 10+ s ("auto"):
     # trial results reach the storage path only with that sync, so a driver killed right after a
@@ -589,7 +711,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         # not given to workers is left to Ray Data (Tune refuses an all-zero request, so the
         # bundle asks for a token of memory instead).
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 2**20})
-        progress = ProgressTable(space, console)
+        progress = SweepConsole(space, console, budget)
         cutoffs = [BudgetCutoffs(out / BUDGET_RECORD)] if budget else []
         if options.resume:
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
@@ -597,7 +719,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
             searcher = AshaAwareOptunaSearch(
                 space=DefineByRun(space), metric=selection_metric(space.objective), mode=space.mode,
                 points_to_evaluate=[dict(p) for _, p in space.points] or None,
-                seed=options.seed, study_name=options.name, max_epochs=space.max_epochs,
+                seed=options.seed, study_name=options.name, max_epochs=space.max_epochs, storage=study_storage(out),
             )
             scheduler = ASHAScheduler(
                 # Our own epoch count, not Tune's training_iteration: a trial restarted from its
@@ -635,34 +757,45 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         ray.kill(reports)  # every trial has ended
         cut_off = cut_off_trials(out)
         board = build_leaderboard(results, space, meta["classes"], cut_off)
-        free = wait_for_release(resources)
+        free, leftovers = wait_for_release(resources)
     finally:
         ray.shutdown()
+    if leftovers:
+        console.print(f"note: removed {leftovers} placement group(s) that Ray Train had not given back after their trials "
+                      "ended (cut off or stopped); their resources are free again", highlight=False, markup=False)
     if budget and (end_note := budget_end_note(board, space)):
         console.print(end_note, style="yellow", highlight=False, markup=False, soft_wrap=True)
     cv_record = {"folds": cv, "seed": fold_seed} if cv else None
     budget_record = {"seconds": budget, "cut_off": sorted(cut_off)} if budget else None
     return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv_record,
-                         gpu_memory, budget_record)
+                         gpu_memory, budget_record, leftovers)
 
 
 def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
                   seconds: float, free: dict, total: dict, cv: dict | None = None, gpu_memory: dict | None = None,
-                  time_budget: dict | None = None) -> dict:
+                  time_budget: dict | None = None, leftovers: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    # Paths inside the results folder are kept relative to it, and the space is copied in: the
+    # folder can be moved or copied to another machine, and report and export still find it all.
+    board = paths_in_results(board, out)
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
+    if Path(space.path).absolute() != (out / SPACE_FILE).absolute():
+        shutil.copyfile(space.path, out / SPACE_FILE)
     summary = {
-        "name": options.name, "space": space.path, "data": data_location(options.data),
-        "source_fingerprint": meta.get("source_fingerprint"), "experiment": experiment,
+        "name": options.name, "space": SPACE_FILE, "space_source": space.path, "data": data_location(options.data),
+        "source_fingerprint": meta.get("source_fingerprint"), "experiment": in_results(experiment, out),
         "objective": space.objective, "mode": space.mode,
         "ranked_by": ranked_by(board, space.objective),  # the objective, ties broken by validation AP
         "num_samples": space.num_samples if space.num_samples > 0 else None,  # None: until the time budget ran out
         "time_budget": time_budget,  # {"seconds", "cut_off": trial ids} of a sweep run with --time-budget
-        "max_epochs": space.max_epochs, "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
+        "max_epochs": space.max_epochs, "fixed": space.fixed,  # the space's, with any key=value override applied
+        "overrides": json.loads((out / OVERRIDES_RECORD).read_text()) if (out / OVERRIDES_RECORD).is_file() else {},
+        "classes": meta["classes"], "trials": len(board), "seconds": round(seconds, 1),
         "cv": cv,  # {"folds", "seed"} of a cross-validated sweep
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
         "resources_total": total, "resources_free_at_end": free, "versions": package_versions(),
+        "placement_groups_removed_at_end": leftovers,  # left by Train runs whose trial was killed (wait_for_release)
         "worker": {"per_trial": options.workers_per_trial, "cpus": options.cpus_per_worker, "gpus": options.gpus_per_worker},
         "gpu_memory": gpu_memory,  # what --trials-per-gpu auto measured
     }

@@ -17,7 +17,7 @@ import torch
 from timm.layers import create_attn
 from torch import nn
 
-from defect_tune.errors import UserError
+from defect_tune.core.errors import UserError
 
 
 class ModelError(UserError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defect_tune.readers import Item, Region
+from defect_tune.data.readers import Item, Region
 
 FITS = ("pad", "keep", "tile", "squash")
 

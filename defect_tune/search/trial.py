@@ -20,10 +20,11 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from defect_tune.config import PREDICTIONS_FILE, SELECTION, TrainConfig, selection_metric
-from defect_tune.data import filesystem_for
-from defect_tune.ingest import build_datasets, data_tasks_at_once
-from defect_tune.post import trial_mailbox
+from defect_tune.core.config import PREDICTIONS_FILE, SELECTION, TrainConfig, selection_metric
+from defect_tune.data.shards import filesystem_for
+from defect_tune.search.ingest import build_datasets, data_tasks_at_once
+from defect_tune.search.loop_config import LoopConfig
+from defect_tune.search.post import trial_mailbox
 
 # How often a trial's Train controller polls its workers (Ray's default: 2 s). A worker's
 # `report` waits until the controller has taken the one before it, and the controller notices
@@ -62,27 +63,16 @@ def keeps_train(meta: dict, workers: int, limit_bytes: float, train_splits: tupl
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`):
-    `worker.run`, the engine's epochs fed from this worker's shard.
-
-    loop_config: `config`, `meta`; for production retraining also `stop_after` (train this many
-    epochs of a schedule laid out for `config.epochs`), `validate` (False: no val split, so no
-    objective and no early stopping), `reproducible` (augment here, seeded by epoch and rank) and
-    `train_splits`; for sweeps `trial_started_s`, the trial function's start, and
-    `datasets_built_s`, when the trial had built its Datasets and was about to start this run
-    (Unix times), from which rank 0 reports where the trial's start-up went (`startup/*`), and
-    `keep_train`: keep this worker's train shard in memory after its first epoch and augment
-    here (each epoch otherwise runs the shard's Ray Data read and decode again), and `diverged`:
-    when the training loss turns non-finite on any worker, report this (the objective's worst
-    value, with the loss named under `diverged`) once and end, where retraining raises.
+    `worker.run`, the engine's epochs fed from this worker's shard. `loop_config` is a
+    `LoopConfig` as a dict (loop_config.py defines each key).
 
     The worker module is imported here, in the worker, not at the top of this module: the trial's
     other processes (Tune's trial actor, Train's controller) unpickle this function too, and
     importing torch, timm, albumentations and scikit-learn there costs each of them seconds of CPU.
     """
     loop_started = time.time()
-    from defect_tune import worker
-
-    worker.run(loop_config, loop_started)
+    from defect_tune.search import worker
+    worker.run(LoopConfig.from_dict(loop_config), loop_started)
 
 
 def diverged_report(objective: str, mode: str) -> dict:
@@ -106,15 +96,12 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
     keep = keeps_train(meta, setup.workers_per_trial, setup.keep_train_bytes) or config.oversample_power > 0
     datasets = build_datasets(setup.data_dir, meta, config, worker_augments=keep,
                               tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker))
-    loop_config = {"config": config.model_dump(), "meta": meta, "trial_started_s": started, "datasets_built_s": time.time(),
-                   "keep_train": keep}
-    if setup.space is not None:
-        loop_config["diverged"] = diverged_report(setup.space.objective, setup.space.mode)
-    if trial_post is not None:
-        loop_config["trial_post"] = trial_post
+    loop = LoopConfig(config=config.model_dump(), meta=meta, trial_started_s=started, datasets_built_s=time.time(),
+                      keep_train=keep, trial_post=trial_post,
+                      diverged=diverged_report(setup.space.objective, setup.space.mode) if setup.space is not None else None)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop.as_dict(),
         scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=datasets,
         dataset_config=dataset_config(setup.workers_per_trial),
@@ -230,7 +217,7 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
     one report to Tune per epoch: the fold-mean (`folds.FoldMean`), once every fold reached it.
     A fold that fails (after its own `--max-failures` retries) fails the trial; one that diverges
     ends it with that fold's report, once the other folds have stopped (`stop_folds`)."""
-    from defect_tune.folds import FoldMean
+    from defect_tune.data.folds import FoldMean
 
     errors: dict[int, BaseException] = {}
     with trial_mailbox() as (reports, key):

@@ -48,9 +48,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defect_tune import __version__
-from defect_tune.errors import UserError, file_in_the_way
-from defect_tune.images import FITS, decode_or_reason
-from defect_tune.readers import (
+from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.data.images import FITS, decode_or_reason
+from defect_tune.data.readers import (
     BadInput,
     Catalog,
     Item,
@@ -60,8 +60,8 @@ from defect_tune.readers import (
     read_severstal,
     read_voc,
 )
-from defect_tune.splits import SPLITS, long_tail_subsample, stratified_split
-from defect_tune.synthetic import SyntheticSpec, generate_voc
+from defect_tune.data.splits import SPLITS, long_tail_subsample, stratified_split
+from defect_tune.data.synthetic import SyntheticSpec, generate_voc
 
 FORMATS = ("voc", "severstal", "folders", "csv", "elpv", "synthetic")
 # Far above any defect image a CPU-side pipeline streams; above it a typo (50000) would ask for

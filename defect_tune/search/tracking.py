@@ -19,12 +19,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import ray
-from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
-from ray.air.util.node import _force_on_current_node
+from ray.air.integrations.wandb import WandbLoggerCallback
 
-from defect_tune.config import selection_metric
-from defect_tune.errors import UserError
-from defect_tune.leaderboard import stop_reason
+from defect_tune.core.config import selection_metric
+from defect_tune.core.errors import UserError
+from defect_tune.core.leaderboard import stop_reason
+from defect_tune.search.ray_compat import wandb_logging_parts
+
+_WandbLoggingActor, _QueueItem, _force_on_current_node = wandb_logging_parts()
 
 FINAL = "_defect_tune_final"  # result key of the item queued when a trial ends
 

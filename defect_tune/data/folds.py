@@ -17,8 +17,8 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from defect_tune.config import OBJECTIVE
-from defect_tune.data import DataError, data_location, filesystem_for
+from defect_tune.core.config import OBJECTIVE
+from defect_tune.data.shards import DataError, data_location, filesystem_for
 
 POOLED = ("train", "val")  # what folds are drawn from
 FEW_POSITIVES = 5  # fewer validation positives than this in a class: one image moves its recall by 20 %+
@@ -140,7 +140,7 @@ class FoldMean:
 
 
 def fold_mean(rows: list[dict], epoch: int, objective: str) -> dict:
-    """One report from the folds' reports at one epoch (see README "Cross-validated trials").
+    """One report from the folds' reports at one epoch (see docs/guide.md, "Cross-validated trials").
 
     Numbers are averaged (thresholds too: the fold-averaged thresholds `export` hands on);
     recalled and positive counts are summed, since every train+val image is held out once, and
@@ -158,7 +158,7 @@ def fold_mean(rows: list[dict], epoch: int, objective: str) -> dict:
             continue  # intervals are the folds' own, recomputed below
         if key.startswith(("val_recalled/", "val_positives/")):
             out[key] = int(sum(present))
-        elif key.startswith("startup/") or key == "timestamp_s":
+        elif key.startswith(("startup/", "cost/")) or key == "timestamp_s":  # the slowest, the largest
             out[key] = max(present)
         elif key == "trial_started_s":
             out[key] = min(present)

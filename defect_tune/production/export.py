@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from defect_tune.errors import UserError, file_in_the_way
-from defect_tune.leaderboard import plain, ranked_by
-from defect_tune.config import OBJECTIVE, OBJECTIVE_DEFINITION
+from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION
+from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.core.leaderboard import from_results, plain, ranked_by
 
 EXPORT_FORMAT = 1
 PACKAGES = ("defect-tune", "torch", "torchvision", "timm", "ray", "optuna", "albumentations", "numpy", "pyarrow")
@@ -64,8 +64,45 @@ def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
     return sweep, board, _read_json(files["trial_configs.json"])
 
 
-def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) -> pd.Series:
-    """The `rank`-th best trial by `metric` among trials that finished an epoch without error."""
+# What `export` can cap, by leaderboard column (training/cost.py measures them in every trial).
+LIMITS = {"cost/latency_ms_b1": ("--max-latency-ms", "ms per image at batch 1"), "cost/params": ("--max-params", "parameters")}
+
+
+def parse_count(text: str) -> float:
+    """`5M`, `500k`, `1.2e6` or `2500000` as a number.
+
+    Raises:
+        ExportError: anything else, or a count that is not positive."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text.strip()[-1:].lower(), 1.0)
+    digits = text.strip()[:-1] if scale != 1.0 else text.strip()
+    try:
+        value = float(digits) * scale
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise ExportError(f"{text!r}: expected a positive count such as 5M, 500k or 2500000")
+    return value
+
+
+def _within(usable: pd.DataFrame, limits: dict[str, float], where: Path) -> pd.DataFrame:
+    """The trials that meet every limit; an error naming the closest trial when none does."""
+    for column in limits:
+        if column not in usable.columns or pd.to_numeric(usable[column], errors="coerce").isna().all():
+            raise ExportError(f"{where}: no {column!r} column; {LIMITS[column][0]} needs a sweep that measured costs "
+                              "(defect-tune search from this version on)")
+    excess = pd.concat([pd.to_numeric(usable[c], errors="coerce") / limit for c, limit in limits.items()], axis=1).max(axis=1)
+    meeting = usable[excess <= 1.0]
+    if meeting.empty and len(usable):
+        closest = usable.loc[excess.idxmin()]
+        asked = ", ".join(f"{LIMITS[c][0]} {limit:g}" for c, limit in limits.items())
+        has = ", ".join(f"{LIMITS[c][1]} {plain(closest[c]):.4g}" for c in limits)
+        raise ExportError(f"{where}: no trial meets {asked}; the closest is trial {closest['trial_id']} with {has}")
+    return meeting
+
+
+def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path, limits: dict[str, float] | None = None) -> pd.Series:
+    """The `rank`-th best trial by `metric` among trials that finished an epoch without error,
+    and that meet `limits` (a leaderboard cost column -> its largest allowed value)."""
     if metric not in board.columns:
         close = [c for c in board.columns if c.startswith(("val_", "param/"))]
         raise ExportError(f"{where}: no column {metric!r} in the leaderboard; columns include {', '.join(close)}")
@@ -78,19 +115,24 @@ def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path) ->
     epochs = pd.to_numeric(board["best_epoch"], errors="coerce")
     # A trial with an infinite or missing figure, or no best epoch, has nothing to hand on.
     usable = board[(board["status"] != "error") & np.isfinite(values) & np.isfinite(epochs) & (epochs >= 1)]
+    if limits:
+        usable = _within(usable, limits, where)
     if rank < 1 or rank > len(usable):
         raise ExportError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) have a {metric} value")
     order = values[usable.index].sort_values(ascending=mode == "min", kind="stable").index
     return usable.loc[order].iloc[rank - 1]
 
 
-def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: str | None = None) -> dict:
+def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: str | None = None,
+                 limits: dict[str, float] | None = None) -> dict:
+    """The export of the `rank`-th best trial (by `metric`, default the sweep's ranking) among
+    those within `limits` (see `pick`)."""
     results = Path(results)
     sweep, board, configs = _read(results)
     metric = metric or ranked_by(board, sweep["objective"])
     objective = metric in (sweep["objective"], ranked_by(board, sweep["objective"]))
     mode = mode or (sweep["mode"] if objective else "min" if "loss" in metric else "max")
-    row = pick(board, metric, mode, rank, results / "leaderboard.parquet")
+    row = pick(board, metric, mode, rank, results / "leaderboard.parquet", limits)
     trial_id = row["trial_id"]
     if trial_id not in configs:
         raise ExportError(f"{results / 'trial_configs.json'}: no config for trial {trial_id}")
@@ -103,10 +145,11 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     return {
         "format": EXPORT_FORMAT,
         "sweep": {
-            "name": sweep["name"], "results": str(results.absolute()), "experiment": sweep["experiment"],
-            "space": sweep["space"], "trial_id": trial_id, "rank": rank, "ranked_by": {"metric": metric, "mode": mode},
-            "seed_point": plain(row.get("seed_point")), "stop_reason": row["stop_reason"],
-            "epochs_run": int(row["epochs"]), "checkpoint": plain(row.get("checkpoint")),
+            "name": sweep["name"], "results": str(results.absolute()), "experiment": from_results(sweep["experiment"], results.absolute()),
+            "space": from_results(sweep["space"], results.absolute()), "trial_id": trial_id, "rank": rank, "ranked_by": {"metric": metric, "mode": mode},
+            "seed_point": plain(row.get("seed_point")), "stop_reason": row["stop_reason"], "limits": limits or {},
+            "cost": {column.removeprefix("cost/"): plain(row[column]) for column in board.columns if column.startswith("cost/")},
+            "epochs_run": int(row["epochs"]), "checkpoint": from_results(plain(row.get("checkpoint")), results.absolute()),
         },
         "objective": {
             "name": OBJECTIVE, "mode": "max", "value": plain(row.get(OBJECTIVE)),

@@ -14,8 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from defect_tune.augment import parse_augment
-from defect_tune.errors import UserError
+from defect_tune.core.augment import parse_augment
+from defect_tune.core.errors import UserError
 
 
 class ConfigError(UserError):

@@ -1,0 +1,44 @@
+"""What every Train worker of a run is handed: the typed form of Ray Train's `train_loop_config`.
+
+Train passes a plain dict to `train_loop_per_worker`; `LoopConfig.as_dict` builds it and
+`LoopConfig.from_dict` reads it back, refusing a key that is not a field. Light on purpose: the
+trial, retrain and the worker all import it, and only the worker imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    config: dict  # TrainConfig.model_dump()
+    meta: dict  # the prepared data's meta.json
+    # Production retraining:
+    stop_after: int | None = None  # train this many epochs of a schedule laid out for config.epochs; None: all
+    validate: bool = True  # False: no val split, so no objective and no early stopping
+    reproducible: bool = False  # augment in the worker, seeded by epoch and rank
+    train_splits: tuple[str, ...] = ("train",)
+    # Sweeps:
+    trial_started_s: float | None = None  # Unix time the trial function started; rank 0 reports start-up (`startup/*`)
+    datasets_built_s: float | None = None  # when the trial had built its Datasets and was about to start this run
+    keep_train: bool = False  # keep this worker's train shard in memory after its first epoch and augment it here
+    # What a diverged trial reports (the objective's worst value): once, then the run ends.
+    # None (retraining): a non-finite loss raises.
+    diverged: dict | None = None
+    trial_post: tuple | None = None  # --cv folds: (the sweep's report post, the trial's key), to stop with the trial
+
+    @property
+    def in_sweep(self) -> bool:
+        return self.trial_started_s is not None
+
+    def as_dict(self) -> dict:
+        """The dict Train hands each worker (not a deep copy: meta.json is shared, not duplicated)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LoopConfig:
+        unknown = sorted(set(values) - {field.name for field in fields(cls)})
+        if unknown:
+            raise TypeError(f"train_loop_config keys {unknown} are not LoopConfig fields")
+        return cls(**values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import shlex
@@ -373,16 +374,30 @@ def retrain(
     storage: Annotated[str | None, typer.Option(help="Train's checkpoint storage: a shared path or URI on multi-node clusters")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the exported config's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
+    mlflow: Annotated[str | None, typer.Option("--mlflow", metavar="URI", help="Also log the model to this MLflow tracking URI (sqlite:///mlflow.db, http://host:5000); needs the mlflow extra")] = None,
+    register: Annotated[str | None, typer.Option(metavar="NAME", help="With --mlflow: register the logged model as a new version of NAME")] = None,
 ) -> None:
     """Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, model card."""
     from defect_tune.production.retrain import RetrainOptions
     from defect_tune.production.retrain import retrain as run_retrain
+
+    if register is not None and mlflow is None:
+        raise _fail(ValueError(f"--register {register}: registering needs --mlflow URI"))
+    if mlflow is not None and importlib.util.find_spec("mlflow") is None:  # before hours of training, not after
+        raise _fail(ValueError("--mlflow needs MLflow: pip install -e '.[mlflow]'"))
 
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
                              overwrite=overwrite)
     run_retrain(options, console=console)
     console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)
+    if mlflow is not None:
+        from defect_tune.production.registry import log_model_dir
+
+        logged = log_model_dir(out, mlflow, register, export_file=export_file)
+        version = f", registered as {register} version {logged['version']}" if register else ""
+        console.print(f"MLflow run {logged['run_id']} at {mlflow}: model {logged['model_uri']}{version}",
+                      highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

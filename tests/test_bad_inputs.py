@@ -282,6 +282,9 @@ CASES = [
     Case("predict-onnx-not-a-graph", "`predict --runtime onnx` with a `model.onnx` that is not ONNX",
          lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv"), "--runtime", "onnx"],
          "model.onnx: onnxruntime cannot load it", setup=lambda w: (w["model"] / "model.onnx").write_bytes(b"junk")),
+    Case("retrain-register-no-mlflow", "`retrain --register NAME` without `--mlflow URI`",
+         lambda w: ["retrain", str(w["tmp"] / "best.yaml"), "--data", str(w["data"]), "--out", str(w["tmp"] / "m"),
+                    "--register", "line3"], "--register line3: registering needs --mlflow URI"),
     Case("report-out-file", "`report --out` a file",
          lambda w: ["report", str(w["results"]), "--out", str(w["tmp"] / "afile")], "afile", setup=_file),
 ]

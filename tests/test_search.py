@@ -478,3 +478,46 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synt
         if driver is not None and driver.poll() is None:
             driver.kill()
         cluster.shutdown()
+
+
+def test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_backbones(synthetic_data, tmp_path):
+    """`trade_offs: [cost/latency_ms_b1]`: Optuna's study has two directions and is told each
+    trial's objective and measured latency; the report draws that front over a small and a large
+    backbone, and export picks within a latency limit."""
+    import optuna
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "num_samples: 3\nmax_epochs: 1\nasha: {grace_period: 1, reduction_factor: 2}\n"
+        "fixed: {batch_size: 64, augment: light, warmup_epochs: 0, early_stopping_patience: 0}\n"
+        "params:\n  model: {choice: [el_cnn, resnet18]}\n  lr: {loguniform: [3.0e-4, 3.0e-3]}\n"
+        "trade_offs: [cost/latency_ms_b1]\n"
+        "points_to_evaluate:\n  - {name: small, params: {model: el_cnn, lr: 1.0e-3}}\n"
+        "  - {name: large, params: {model: resnet18, lr: 1.0e-3}}\n"
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(search_command("--data", synthetic_data, "--space", space, "--name", "pareto", "--out", out),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    board = pd.read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
+    sizes = board.groupby("param/model")["cost/params"].max()
+    assert sizes["resnet18"] > 10 * sizes["el_cnn"]  # two backbones of different size, measured
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    told = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(told) == len(board) == 3
+    latencies = sorted(board["cost/latency_ms_b1"])
+    assert sorted(t.values[1] for t in told) == pytest.approx(latencies)  # the searcher saw what the leaderboard shows
+    assert json.loads((out / "sweep.json").read_text())["trade_offs"] == ["cost/latency_ms_b1"]
+
+    reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(out)], capture_output=True, text=True, timeout=600)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    page = (out / "report" / "report.html").read_text()
+    assert "<h2>Objective against cost</h2>" in page and "on the front against milliseconds per image at batch 1" in page
+    fastest = board.sort_values("cost/latency_ms_b1").iloc[0]
+    limit = float(fastest["cost/latency_ms_b1"]) * 1.0001
+    exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(out), "--out", str(tmp_path / "fast.yaml"),
+                               "--max-latency-ms", str(limit)], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    chosen = yaml.safe_load((tmp_path / "fast.yaml").read_text())["sweep"]
+    assert chosen["cost"]["latency_ms_b1"] <= limit and chosen["limits"] == {"cost/latency_ms_b1": limit}

@@ -279,6 +279,9 @@ def test_asha_stopped_trials_reach_optuna_as_pruned():
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
                       optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert searcher._ot_study.trials[1].value == 0.5
+    # The last result reaches the study as that trial's last epoch value too (Tune sends it to
+    # on_trial_complete only), once: "stopped" had it from on_trial_result already.
+    assert [t.intermediate_values for t in searcher._ot_study.trials[:2]] == [{1: 0.3}, {2: 0.5}]
 
 
 def fake_result(config, epochs, objective, error=None, early=False, checkpoint=None, index=0, planned=None, ap=None):

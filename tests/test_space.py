@@ -160,3 +160,21 @@ def test_a_resumed_sweep_keeps_its_overrides_and_refuses_others(tmp_path):
     with pytest.raises(SearchError, match=r"started with overrides \{'epochs': 2\}.*drop the key=value arguments"):
         overrides_for_sweep(other, tmp_path)
     assert overrides_for_sweep(resumed, tmp_path / "never-overridden") == {}
+
+
+def test_trade_offs_make_the_searcher_multi_objective_on_costs_only(tmp_path):
+    path = tmp_path / "space.yaml"
+    base = (SPACES / "quick.yaml").read_text()
+    path.write_text(base + "trade_offs: [cost/latency_ms_b1, cost/params]\n")
+    space = load_space(path)
+    assert space.trade_offs == (("cost/latency_ms_b1", "min"), ("cost/params", "min"))
+    assert space.metrics == (["val_selection_score", "cost/latency_ms_b1", "cost/params"], ["max", "min", "min"])
+    assert load_space(SPACES / "quick.yaml").trade_offs == ()
+    for bad in ("trade_offs: [val_loss]", "trade_offs: cost/params", "trade_offs: [cost/params, cost/params]"):
+        path.write_text(base + bad + "\n")
+        with pytest.raises(SpaceError, match="trade_offs"):
+            load_space(path)
+    from defect_tune.search.trial import diverged_report
+
+    worst = diverged_report("val_guarded_macro_recall", "max", space.trade_offs)
+    assert worst["cost/latency_ms_b1"] == worst["cost/params"] == float("inf") and worst["val_selection_score"] == 0.0

@@ -72,7 +72,7 @@ def test_the_upload_as_ray_packs_it_has_the_code_and_none_of_the_bulk(tmp_path):
 
 
 def test_the_default_code_is_this_checkout():
-    assert (submit.default_working_dir() / "defect_tune" / "submit.py").is_file()
+    assert (submit.default_working_dir() / "defect_tune" / "search" / "submit.py").is_file()
 
 
 def test_address_from_option_then_environment_then_the_local_default():
@@ -262,7 +262,7 @@ def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in
     assert len(board) == 2 and board["stop_reason"].eq("completed").all()
     assert (shared / "tune" / "loopback").is_dir()  # the Tune experiment, in the shared storage
     shipped = [p for p in head.temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
-    assert len(shipped) == 1 and (shipped[0] / "defect_tune" / "submit.py").is_file()  # the job ran this checkout
+    assert len(shipped) == 1 and (shipped[0] / "defect_tune" / "search" / "submit.py").is_file()  # the job ran this checkout
     assert not any((shipped[0] / name).exists() for name in (".git", "data", "results"))
 
     status = defect_tune("jobs", "status", "sweep-on-loopback", "--address", head.url, env=head.env())
@@ -295,7 +295,7 @@ def test_jobs_stop_ends_a_running_sweep_and_gives_the_cluster_back(head, synthet
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
     cluster = submit.connect(head.url)
     deadline = time.monotonic() + 300
-    while "[epoch 1]" not in submit.logs(cluster, job):  # trials hold the cluster's CPUs now
+    while "[epoch 1/" not in submit.logs(cluster, job):  # trials hold the cluster's CPUs now
         assert str(submit.info(cluster, job).status) in ("PENDING", "RUNNING"), submit.logs(cluster, job)[-3000:]
         assert time.monotonic() < deadline, "no trial finished an epoch in 300 s"
         time.sleep(2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.resources
 import json
 import math
 import re
@@ -544,7 +545,10 @@ def pareto_front(board: pd.DataFrame, objective: str, mode: str, cost: str) -> p
     return on
 
 
-PARETO_COSTS = {"cost/latency_ms_b1": "milliseconds per image at batch 1", "cost/params": "parameters"}
+PARETO_COSTS = {"cost/latency_ms_b1": "milliseconds per image at batch 1", "cost/params": "parameters",
+                "cost/latency_ms_b32": "milliseconds per image at batch 32", "cost/gflops_per_image": "GFLOPs per image",
+                "cost/peak_memory_mb": "peak training memory (MB)"}
+DEFAULT_PARETO = ("cost/latency_ms_b1", "cost/params")  # drawn for every sweep that measured costs
 
 
 def pareto_figure(sweep: Sweep, costs: list[str], path: Path) -> Path:
@@ -580,7 +584,10 @@ def pareto_figure(sweep: Sweep, costs: list[str], path: Path) -> Path:
 
 
 def pareto_section(sweep: Sweep, out: Path) -> Section | None:
-    costs = [c for c in PARETO_COSTS if c in sweep.board and pd.to_numeric(sweep.board[c], errors="coerce").notna().any()]
+    # The sweep's own trade-offs (a multi-objective sweep) first, then latency and size.
+    wanted = dict.fromkeys([*(sweep.summary.get("trade_offs") or []), *DEFAULT_PARETO])
+    costs = [c for c in wanted if c in PARETO_COSTS and c in sweep.board
+             and pd.to_numeric(sweep.board[c], errors="coerce").notna().any()]
     if not costs:
         return None  # a sweep from before costs were measured
     section = Section("Objective against cost")
@@ -795,25 +802,8 @@ def errors_section(sweep: Sweep) -> Section | None:
 
 # The page -------------------------------------------------------------------------------------
 
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1a1a1a;
-       max-width: 1180px; margin: 2em auto; padding: 0 1.5em; line-height: 1.5; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 2.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-dl.summary { display: grid; grid-template-columns: max-content 1fr; gap: 0.3em 1.2em; }
-dl.summary dt { font-weight: 600; color: #444; } dl.summary dd { margin: 0; word-break: break-all; }
-dl.summary dd.text { word-break: normal; }
-nav { display: flex; flex-wrap: wrap; gap: 0.3em 1.2em; margin-top: 1em; }
-.scroll { overflow: auto; border: 1px solid #ddd; } .scroll.tall { max-height: 36em; }
-table { border-collapse: collapse; font-size: 0.88em; }
-th, td { padding: 0.3em 0.7em; text-align: left; white-space: nowrap; border-bottom: 1px solid #eee; }
-th { background: #f4f4f4; position: sticky; top: 0; } th.param { color: #555; font-weight: 500; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody tr:nth-child(even) { background: #fafafa; } tr.best { background: #e8f3e8 !important; font-weight: 600; }
-table.small { margin: 0.8em 0; } td.error { white-space: pre-wrap; font-family: monospace; font-size: 1.05em; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption, p.caption { color: #444; font-size: 0.93em; max-width: 60em; }
-.note { background: #fff6e0; border-left: 4px solid #e0a800; padding: 0.5em 0.9em; margin: 0.8em 0; max-width: 60em; }
-"""
+# The page's style sheet, shipped beside this module (package data).
+CSS = (importlib.resources.files("defect_tune.report") / "page.css").read_text()
 
 
 def _image(path: Path) -> str:

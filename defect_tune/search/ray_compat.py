@@ -128,3 +128,18 @@ def remove_job_placement_group(placement_group_id: str) -> None:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(placement_group_id)))
+
+
+def optuna_trial_of(searcher, trial_id: str):
+    """The Optuna trial behind a Tune trial in Ray's `OptunaSearch`, or None once it was told.
+
+    Why: Tune hands a trial's last result to `on_trial_complete` only, never to
+    `on_trial_result`, so the stored study (optuna.db) lacked every trial's last epoch;
+    `sweep.AshaAwareOptunaSearch` reports it before the trial is told.
+    Private: `OptunaSearch._ot_trials` and `_completed_trials`, checked against Ray 2.60.
+    Guarded by: tests/test_search.py::test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb
+    (a value per epoch for every trial in the stored study).
+    """
+    if trial_id in searcher._completed_trials:
+        return None
+    return searcher._ot_trials.get(trial_id)

@@ -36,7 +36,9 @@ from defect_tune.core.errors import UserError
 BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.baseline_params)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
 TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "cv", "fixed", "params", "points_to_evaluate",
-             "description"}
+             "description", "trade_offs"}
+# What a trial reports once per trial that a sweep can trade its objective against (training/cost.py).
+COSTS = ("cost/latency_ms_b1", "cost/latency_ms_b32", "cost/params", "cost/gflops_per_image", "cost/peak_memory_mb")
 
 
 class SpaceError(UserError):
@@ -73,6 +75,17 @@ class SearchSpace:
     params: tuple[Param, ...]
     points: tuple[tuple[str, dict], ...]  # (name, params) for points_to_evaluate
     cv: int | str = 0  # folds per trial (0: prepare's split), or "auto" (search.resolve_cv)
+    # More objectives Optuna trades the first against (multi-objective TPE), as (metric, mode):
+    # costs, all minimised. ASHA, the leaderboard and export still rank by `objective`.
+    trade_offs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def metrics(self) -> tuple[list[str], list[str]]:
+        """What the searcher is told per trial: the objective (its selection score), then each trade-off."""
+        from defect_tune.core.config import selection_metric
+
+        return ([selection_metric(self.objective), *(m for m, _ in self.trade_offs)],
+                [self.mode, *(mode for _, mode in self.trade_offs)])
 
     def sample(self, trial) -> dict:
         """The define-by-run body: suggest each active parameter on an Optuna trial."""
@@ -277,10 +290,17 @@ def load_space(path: Path) -> SearchSpace:
         raise _fail(path, "fixed.epochs", "the epoch budget is max_epochs (or search epochs up to it)")
     if "epochs" in params and max(params["epochs"].values) > raw["max_epochs"]:
         raise _fail(path, "params.epochs", f"{list(params['epochs'].values)} exceeds max_epochs {raw['max_epochs']} (ASHA's max_t)")
+    trade_offs = raw.get("trade_offs") or []
+    if not isinstance(trade_offs, list) or not all(isinstance(t, str) for t in trade_offs):
+        raise _fail(path, "trade_offs", f"expected a list of cost metrics to minimise, some of {list(COSTS)}")
+    unknown = [t for t in trade_offs if t not in COSTS]
+    if unknown or len(set(trade_offs)) != len(trade_offs):
+        raise _fail(path, "trade_offs", f"{unknown or trade_offs} : each once, from {list(COSTS)}")
     space = SearchSpace(
         path=str(path), objective=raw.get("objective", "val_guarded_macro_recall"), mode=mode,
         num_samples=raw["num_samples"], max_epochs=raw["max_epochs"], grace_period=grace,
         reduction_factor=float(factor), fixed=fixed, params=tuple(params.values()), points=(), cv=cv,
+        trade_offs=tuple((t, "min") for t in trade_offs),
     )
     points = []
     for index, point in enumerate(raw.get("points_to_evaluate") or []):

@@ -28,8 +28,8 @@ from defect_tune.data.folds import make_folds
 from defect_tune.data.shards import check_shards, data_location, read_meta
 from defect_tune.production.export import ExportError, package_versions, pick
 from defect_tune.search.post import start_report_post
-from defect_tune.search.ray_compat import (job_placement_groups, local_cluster_addresses, ray_temp_dir, remove_job_placement_group,
-                                           staged_experiment_states, start_data_stats_actor)
+from defect_tune.search.ray_compat import (job_placement_groups, local_cluster_addresses, optuna_trial_of, ray_temp_dir,
+                                           remove_job_placement_group, staged_experiment_states, start_data_stats_actor)
 from defect_tune.search.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.search.tracking import wandb_callbacks
 from defect_tune.search.trial import TrialSetup, run_trial
@@ -93,6 +93,11 @@ class AshaAwareOptunaSearch(OptunaSearch):
             # A trial whose own (searched) epoch budget ended before max_epochs completed.
             and result.get("epoch", self._max_epochs) < result.get("planned_epochs", self._max_epochs)
         )
+        # Tune hands a trial's last result here only: report it as its last epoch's value, so the
+        # stored study holds every epoch (Optuna takes no per-epoch values under several objectives).
+        trial = optuna_trial_of(self, trial_id) if result and not isinstance(self.metric, list) else None
+        if trial is not None and result.get(self.metric) is not None and "training_iteration" in result:
+            trial.report(float(result[self.metric]), int(result["training_iteration"]))
         super().on_trial_complete(trial_id, None if stopped_by_scheduler else result, error)
 
 
@@ -716,8 +721,11 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         if options.resume:
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
+            # With trade-offs, Optuna's TPE proposes for all of them (multi-objective); ASHA
+            # stops trials on the objective alone.
+            metric, mode = space.metrics if space.trade_offs else (selection_metric(space.objective), space.mode)
             searcher = AshaAwareOptunaSearch(
-                space=DefineByRun(space), metric=selection_metric(space.objective), mode=space.mode,
+                space=DefineByRun(space), metric=metric, mode=mode,
                 points_to_evaluate=[dict(p) for _, p in space.points] or None,
                 seed=options.seed, study_name=options.name, max_epochs=space.max_epochs, storage=study_storage(out),
             )
@@ -786,6 +794,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         "name": options.name, "space": SPACE_FILE, "space_source": space.path, "data": data_location(options.data),
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": in_results(experiment, out),
         "objective": space.objective, "mode": space.mode,
+        "trade_offs": [metric for metric, _ in space.trade_offs],  # what Optuna traded the objective against
         "ranked_by": ranked_by(board, space.objective),  # the objective, ties broken by validation AP
         "num_samples": space.num_samples if space.num_samples > 0 else None,  # None: until the time budget ran out
         "time_budget": time_budget,  # {"seconds", "cut_off": trial ids} of a sweep run with --time-budget

@@ -75,11 +75,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     worker.run(LoopConfig.from_dict(loop_config), loop_started)
 
 
-def diverged_report(objective: str, mode: str) -> dict:
+def diverged_report(objective: str, mode: str, trade_offs: tuple = ()) -> dict:
     """The objective a diverged trial reports: its worst value. Every metric a sweep maximises
-    (recall, precision, F2, AP) is at least 0; one it minimises (a loss) is at most infinity."""
+    (recall, precision, F2, AP) is at least 0; one it minimises (a loss, a cost) is at most
+    infinity. A multi-objective sweep's searcher needs each trade-off too."""
     worst = 0.0 if mode == "max" else math.inf
-    return {objective: worst, selection_metric(objective): worst}
+    return {objective: worst, selection_metric(objective): worst,
+            **{metric: 0.0 if how == "max" else math.inf for metric, how in trade_offs}}
 
 
 def dataset_config(workers: int) -> DataConfig:
@@ -98,7 +100,8 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
                               tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker))
     loop = LoopConfig(config=config.model_dump(), meta=meta, trial_started_s=started, datasets_built_s=time.time(),
                       keep_train=keep, trial_post=trial_post,
-                      diverged=diverged_report(setup.space.objective, setup.space.mode) if setup.space is not None else None)
+                      diverged=diverged_report(setup.space.objective, setup.space.mode, setup.space.trade_offs)
+                      if setup.space is not None else None)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop.as_dict(),

@@ -259,6 +259,7 @@ def search(
         console.print("error: --resume needs the --name of the sweep to continue", style="red", markup=False)
         raise typer.Exit(2)
 
+    from defect_tune.core.leaderboard import from_results
     from defect_tune.search.sweep import SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
     from defect_tune.search.space import load_space
     space = resolve_space(space)
@@ -279,7 +280,8 @@ def search(
     if best:
         console.print(
             f"best: trial {best['trial_id']} {summary['objective']} {best[summary['objective']]:.4f} at epoch {best['best_epoch']}; "
-            f"config {results}/best_config.yaml; leaderboard {results}/leaderboard.csv; Tune experiment {summary['experiment']}",
+            f"config {results}/best_config.yaml; leaderboard {results}/leaderboard.csv; Tune experiment "
+            f"{from_results(summary['experiment'], results)}",
             highlight=False, markup=False, soft_wrap=True,
         )
         console.print(f"next: defect-tune report {shlex.quote(str(results))}   (then: defect-tune export "

@@ -9,6 +9,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -79,3 +80,9 @@ def synthetic_data(tmp_path_factory) -> Path:
     prepare(PrepareOptions(source=root / "voc", format="synthetic", out=root / "data", image_size=32,
                            synthetic_images=400, synthetic_imbalance=10, workers=1))
     return root / "data"
+
+
+def read_csv(source, **options) -> pd.DataFrame:
+    """A leaderboard or progress.csv as written: Tune's trial ids are hex, and pandas reads one
+    like `161137e0` as the number 161137.0."""
+    return pd.read_csv(source, dtype={"trial_id": str}, **options)

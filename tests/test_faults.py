@@ -16,6 +16,8 @@ import psutil
 import pytest
 
 from test_search import read_progress, search_command
+from conftest import read_csv
+
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +96,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
             driver.kill()
     reader.join(timeout=10)
 
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = read_csv(out / "leaderboard.csv")
     assert len(board) == 2  # the sweep went on past both faults
     diverged = board.set_index("seed_point").loc["diverges"]
     assert diverged["status"] == "error" and diverged["stop_reason"] == "error"
@@ -136,7 +138,7 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    board = pd.read_csv(out / "leaderboard.csv").set_index("seed_point")
+    board = read_csv(out / "leaderboard.csv").set_index("seed_point")
     diverged, fine = board.loc["diverges"], board.loc["fine"]
     assert diverged["status"] == "error" and diverged["error"] == "fold 1: NonFiniteLoss: epoch 1, batch 4: training loss is nan"
     assert len(nan_runs.read_text().splitlines()) == 1  # fold 1 was trained once: a divergence is not retried

@@ -378,3 +378,18 @@ def test_costs_appear_in_the_leaderboard_and_the_pareto_front_marks_trials_no_ot
     assert f"on the front against milliseconds per image at batch 1: {IDS[2]}, {IDS[0]}, {IDS[5]}" in page
     table = page.split("<h2>Leaderboard</h2>", 1)[1].split("</table>", 1)[0]
     assert "ms / image, batch 1" in table and "params (M)" in table and "5.00" in table
+
+
+def test_the_best_trials_predictions_kept_in_the_results_folder_draw_its_curves_without_the_checkpoints(tmp_path):
+    results = make_results(tmp_path)
+    best = pd.read_parquet(results / "leaderboard.parquet").iloc[0]
+    kept = results / "predictions" / best["trial_id"]
+    kept.mkdir(parents=True)
+    shutil.copyfile(Path(best["checkpoint"]) / PREDICTIONS_FILE, kept / PREDICTIONS_FILE)
+    summary = json.loads((results / "sweep.json").read_text())
+    summary["best_predictions"] = {"trial_id": best["trial_id"], "files": [f"predictions/{best['trial_id']}/{PREDICTIONS_FILE}"]}
+    (results / "sweep.json").write_text(json.dumps(summary))
+    shutil.rmtree(tmp_path / "tune" / "train")  # as a committed results folder: no Tune checkpoints
+    page = write_report(results, tmp_path / "page").read_text()
+    assert "No precision-recall curves" not in page and "could not be drawn" not in page
+    assert (tmp_path / "page" / "precision_recall.png").is_file()

@@ -22,6 +22,8 @@ import yaml
 
 from defect_tune.core.config import load_config
 from test_wandb import assert_key_written_nowhere, assert_one_run_per_trial, offline_env
+from conftest import read_csv
+
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +60,7 @@ def parse_progress(text: bytes) -> pd.DataFrame | None:
     bytes checked, not the file again: Tune may be copying it."""
     if not text.endswith(b"\n") or text.count(b"\n") < 2:  # empty, cut in the header or in a row
         return None
-    return pd.read_csv(io.BytesIO(text))
+    return read_csv(io.BytesIO(text))
 
 
 def search_command(*args) -> list[str]:
@@ -141,7 +143,7 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert result.returncode == 0, result.stderr[-3000:]
         assert not _left_behind(before)
         assert "leaderboard" in result.stderr and "best: trial" in result.stderr
-        board = pd.read_csv(out / "leaderboard.csv")
+        board = read_csv(out / "leaderboard.csv")
         assert len(board) == 6 and board["rank"].tolist() == list(range(1, 7))
         assert set(board["stop_reason"]) <= {"asha", "completed"}
         assert (board["stop_reason"] == "asha").sum() >= 1  # ASHA stopped some trials...
@@ -160,7 +162,7 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         # Where each trial's start-up went, reported with its epochs (benchmarks/bench_sweep.py).
         assert (board["startup_seconds"] > 0).all() and (board["startup_seconds"] < board["wall_seconds"]).all()
         for progress in (out / "tune" / "leak").glob("run_trial_*/progress.csv"):
-            history = pd.read_csv(progress)
+            history = read_csv(progress)
             assert (history[["startup/datasets_s", "startup/trainer_s", "startup/model_s", "startup/first_batch_s", "epoch_s"]] > 0).all().all()
             assert (history["timestamp_s"] > history["trial_started_s"]).all()
             # The parts follow one another from the trial's start to its first batch, before its
@@ -201,17 +203,22 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         moved.parent.mkdir()
         shutil.move(out, moved)
         assert not board["checkpoint"].str.startswith("/").any()  # kept relative to the folder
-        reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(moved)], capture_output=True, text=True, timeout=600)
-        assert reported.returncode == 0, reported.stderr[-3000:]
-        page = (moved / "report" / "report.html").read_text()
-        assert "No precision-recall curves" not in page and (moved / "report" / "precision_recall.png").is_file()
-        assert "could not be drawn" not in page and "Values of" not in page  # the space was found (a copy in the folder)
         exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(moved), "--out", str(tmp_path / "moved.yaml")],
                                   capture_output=True, text=True, timeout=300)
         assert exported.returncode == 0, exported.stderr[-3000:]
         handed = yaml.safe_load((tmp_path / "moved.yaml").read_text())["sweep"]
         assert Path(handed["checkpoint"]).is_dir() and Path(handed["checkpoint"]).is_relative_to(moved)
         assert Path(handed["space"]) == moved / "space.yaml"
+        # Even without the Tune experiment (as the folder is committed), the report has every
+        # figure: the best trial's validation predictions were copied into the folder.
+        shutil.rmtree(moved / "tune")
+        kept = json.loads((moved / "sweep.json").read_text())["best_predictions"]
+        assert kept["trial_id"] == board["trial_id"][0] and (moved / kept["files"][0]).is_file()
+        reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(moved)], capture_output=True, text=True, timeout=600)
+        assert reported.returncode == 0, reported.stderr[-3000:]
+        page = (moved / "report" / "report.html").read_text()
+        assert "No precision-recall curves" not in page and (moved / "report" / "precision_recall.png").is_file()
+        assert "could not be drawn" not in page and "Values of" not in page  # the space was found (a copy in the folder)
 
         # Another sweep right after, cross-validated: two TorchTrainers per trial, side by side.
         (tmp_path / "again").mkdir()
@@ -223,7 +230,7 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         )
         assert again.returncode == 0, again.stderr[-3000:]
         assert not _left_behind(before)
-        board = pd.read_csv(tmp_path / "again" / "leaderboard.csv")
+        board = read_csv(tmp_path / "again" / "leaderboard.csv")
         assert len(board) == 1 and board["stop_reason"].tolist() == ["completed"]
         summary = json.loads((tmp_path / "again" / "sweep.json").read_text())
         assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
@@ -248,7 +255,7 @@ def assert_tune_received_the_fold_mean(out: Path, name: str, data: Path, folds: 
     progresses = sorted((out / "tune" / name).glob("run_trial_*/progress.csv"))
     assert progresses and len(progresses) == len(configs)  # every trial of the sweep
     for progress in progresses:
-        history = pd.read_csv(progress)
+        history = read_csv(progress)
         assert (history["folds"] == folds).all()
         per_fold = history[[f"{OBJECTIVE}/fold{f}" for f in range(folds)]]
         assert np.allclose(history[OBJECTIVE], per_fold.mean(axis=1))
@@ -321,7 +328,7 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
 
     resumed = subprocess.run(search_command(*args, "--resume"), capture_output=True, text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = read_csv(out / "leaderboard.csv")
     assert len(board) == 2 and (board["epochs"] == 2).all()
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["overrides"] == {"epochs": 2, "batch_size": 32} and summary["fixed"]["batch_size"] == 32
@@ -346,7 +353,7 @@ def test_a_time_budget_ends_the_sweep_and_keeps_every_trial(synthetic_data, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "until its time budget of 1m runs out" in result.stderr and "best: trial" in result.stderr
 
-    board = pd.read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
+    board = read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
     experiment = out / "tune" / "budget"
     assert len(board) == len(list(experiment.glob("run_trial_*"))) > 2  # every trial Tune started is kept
     reasons = board["stop_reason"]
@@ -467,11 +474,11 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synt
             pytest.fail("the sweep did not finish within 7 min of losing the node:\n" + "".join(lines[-60:]))
         assert driver.returncode == 0, "".join(lines[-60:])
 
-        board = pd.read_csv(out / "leaderboard.csv")
+        board = read_csv(out / "leaderboard.csv")
         assert len(board) == 3 and board["stop_reason"].eq("completed").all() and board["epochs"].eq(2).all()
         nodes = set(",".join(board["nodes"].dropna()).split(","))
         assert worker.node_id in nodes and len(nodes) == 2  # trials trained on the head and on the worker
-        moved = pd.read_csv(experiment / lost / "progress.csv")
+        moved = read_csv(experiment / lost / "progress.csv")
         assert moved["epoch"].tolist() == [1, 2]  # continued from its checkpoint, nothing trained twice
         assert moved["node_id"].iloc[-1] != worker.node_id  # and finished on the surviving node
     finally:
@@ -499,7 +506,11 @@ def test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_b
     result = subprocess.run(search_command("--data", synthetic_data, "--space", space, "--name", "pareto", "--out", out),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    board = pd.read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
+    # The sweep's own lines, without the start-up notices nobody acts on (ray_compat.quiet_start_notices).
+    for notice in ("Token authentication is enabled", "Configuration for experiment", "tensorboard", "A new study created"):
+        assert notice not in result.stderr + result.stdout
+    assert "[done]" in result.stderr and "next: defect-tune report" in result.stderr
+    board = read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
     sizes = board.groupby("param/model")["cost/params"].max()
     assert sizes["resnet18"] > 10 * sizes["el_cnn"]  # two backbones of different size, measured
     study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{out / 'optuna.db'}")

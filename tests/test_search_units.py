@@ -642,6 +642,11 @@ def test_the_sweep_console_prints_a_line_per_event_with_where_the_sweep_stands(t
                                     "1 stopped by ASHA); 0 running; best bbb 0.8000 (0.700-0.900); ")
         assert "elapsed; about " in lines[-1] and lines[-1].endswith(" left")
         assert "TERMINATED" not in plain and "┃" not in plain  # no table reprinted per trial
+    worse = SimpleNamespace(trial_id="ccc", config={}, local_path="/tune/ccc")
+    view.on_trial_start(0, [], worse)
+    view.on_trial_result(0, [], worse, {"epoch": 1, space.objective: 0.9, "val_selection_score": 0.9, "planned_epochs": 2})
+    view.on_trial_result(0, [], worse, {"epoch": 2, space.objective: 0.7, "val_selection_score": 0.7, "planned_epochs": 2})
+    assert view.rows["ccc"]["objective"] == 0.9 and view.best()[0] == "ccc"  # its best epoch counts, as on the leaderboard
     restored = pickle.loads(pickle.dumps(view))  # Tune pickles its callbacks with the experiment state
     assert restored.rows == view.rows and restored.live is None and restored.console is not None
     assert [clock(s) for s in (5, 192, 3900)] == ["5s", "3m12s", "1h05m"]

@@ -19,13 +19,14 @@ import time
 import zipfile
 from pathlib import Path
 
-import pandas as pd
 import psutil
 import pytest
 import requests
 
 from defect_tune.search import submit
 from defect_tune.search.submit import SubmitError
+from conftest import read_csv
+
 
 FAKE_KEY = "wandb-test-key-" + "0123456789abcdef" * 2  # must never leave this process's environment
 
@@ -258,7 +259,7 @@ def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in
     assert "sweep loopback: 2 trials" in result.stdout  # the job's own output, streamed
     assert "sweep-on-loopback SUCCEEDED" in result.stderr
     assert "WANDB_API_KEY is not sent" in result.stderr
-    board = pd.read_csv(shared / "results" / "loopback" / "leaderboard.csv")
+    board = read_csv(shared / "results" / "loopback" / "leaderboard.csv")
     assert len(board) == 2 and board["stop_reason"].eq("completed").all()
     assert (shared / "tune" / "loopback").is_dir()  # the Tune experiment, in the shared storage
     shipped = [p for p in head.temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]

@@ -20,6 +20,8 @@ from rich.console import Console
 from defect_tune.core.leaderboard import stop_reason
 from defect_tune.search.space import load_space
 from defect_tune.search.tracking import FINAL, SweepRuns, TrackingError, _TrialRun, wandb_callbacks, wandb_mode
+from conftest import read_csv
+
 
 # A key in W&B's format (40+ word characters) that must never reach a file or the output.
 SECRET = "dtsecret_" + "k3y" * 14
@@ -221,7 +223,7 @@ def assert_one_run_per_trial(out: Path, sweep: str, project: str, data: Path) ->
         assert run["config"]["seed_point"] == (row["seed_point"] if pd.notna(row["seed_point"]) else None)
         # Every epoch Tune recorded, in order, with our epoch as the x axis.
         (progress,) = (out / "tune" / sweep).glob(f"run_trial_{row['trial_id']}*/progress.csv")
-        tune_history = pd.read_csv(progress)
+        tune_history = read_csv(progress)
         epochs = [h for h in run["history"] if "val_guarded_macro_recall" in h]
         assert [h["epoch"] for h in epochs] == tune_history["epoch"].tolist() == list(range(1, row["epochs"] + 1))
         assert [h["val_guarded_macro_recall"] for h in epochs] == pytest.approx(tune_history["val_guarded_macro_recall"].tolist())

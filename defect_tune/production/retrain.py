@@ -247,7 +247,7 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     write_model_dir(out, parts.model, config, info, metrics_out, {ONNX_FILE: staging / ONNX_FILE} if "error" not in onnx_info else {})
     shutil.rmtree(staging, ignore_errors=True)
     console.print(
-        f"model: {out} (test macro recall {format_figure(metrics_out['test_macro_recall'])} at the {source} thresholds; "
+        f"model: {out} (test macro recall {format_figure(metrics_out['test_macro_recall'])} at its thresholds, {source}; "
         f"the sweep's validation objective was {format_figure(export['objective']['value'])})",
         highlight=False, markup=False, soft_wrap=True,
     )

@@ -741,14 +741,18 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
         section.notes.append("No trial reported an objective value, so there is no best trial.")
         return section
     best = finished.iloc[0]
+    kept = sweep.summary.get("best_predictions") or {}
     checkpoint = _plain(best.get("checkpoint"))
-    if checkpoint is None:
+    if kept.get("trial_id") == best["trial_id"]:  # copied into the results folder by the sweep
+        files = [from_results(file, sweep.folder) for file in kept["files"]]
+    elif checkpoint is None:
         section.notes.append(f"No precision-recall curves: the best trial {best['trial_id']} recorded no checkpoint.")
         return section
-    # A cross-validated trial: every fold's held-out predictions at that epoch, so each train+val image once.
-    folds = _plain(best.get("fold_predictions"))
-    files = json.loads(folds) if folds else [f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"]
-    files = [from_results(file, sweep.folder) for file in files]
+    else:
+        # A cross-validated trial: every fold's held-out predictions at that epoch, so each train+val image once.
+        folds = _plain(best.get("fold_predictions"))
+        files = json.loads(folds) if folds else [f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"]
+        files = [from_results(file, sweep.folder) for file in files]
     parts = []
     for file in files:
         path, problem = _predictions_path(sweep, file)
@@ -769,7 +773,7 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
         section.notes.append(f"No curve for {', '.join(empty)}: no positives among the {len(targets)} validation images.")
     if all(t is None for t in thresholds):
         section.notes.append("The leaderboard has no exported thresholds (threshold/<class> columns), so no operating points are marked.")
-    held_out = f"held-out images of {len(files)} folds" if folds else "validation images"
+    held_out = f"held-out images of {len(files)} folds" if len(files) > 1 else "validation images"
     title = f"Trial {best['trial_id']} (rank {_count(best.get('rank'))}), epoch {_count(best.get('best_epoch'))}: {len(targets)} {held_out}"
     section.figure = pr_figure(probs, targets, classes, thresholds, _precision_floor(sweep), title, out / "precision_recall.png")
     return section

@@ -143,3 +143,23 @@ def optuna_trial_of(searcher, trial_id: str):
     if trial_id in searcher._completed_trials:
         return None
     return searcher._ot_trials.get(trial_id)
+
+
+def quiet_start_notices() -> None:
+    """Leaves out what Ray, Tune and Optuna print at a sweep's start that tells a user nothing to
+    act on: Ray's notice that token authentication is on (it stays on), Tune's configuration box
+    with its "SearchGenerator", its TensorBoard hint into Ray's session folder, and Optuna's
+    "A new study created" line. The sweep prints its own plan and a line per event instead.
+
+    Private: the logger of `ray._private.authentication.authentication_token_setup`, and Tune's
+    `RAY_AIR_NEW_OUTPUT=0` (its older reporter, which prints nothing at `verbose=0`). Checked
+    against Ray 2.60. A user's own RAY_AIR_NEW_OUTPUT wins.
+    Guarded by: tests/test_search.py::test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_backbones.
+    """
+    import logging
+
+    import optuna
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -21,15 +21,16 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.table import Table
 
-from defect_tune.core.config import selection_metric
+from defect_tune.core.config import PREDICTIONS_FILE, selection_metric
 from defect_tune.core.errors import UserError
-from defect_tune.core.leaderboard import build_leaderboard, in_results, paths_in_results, plain, ranked_by
+from defect_tune.core.leaderboard import build_leaderboard, from_results, in_results, paths_in_results, plain, ranked_by
 from defect_tune.data.folds import make_folds
 from defect_tune.data.shards import check_shards, data_location, read_meta
 from defect_tune.production.export import ExportError, package_versions, pick
 from defect_tune.search.post import start_report_post
-from defect_tune.search.ray_compat import (job_placement_groups, local_cluster_addresses, optuna_trial_of, ray_temp_dir,
-                                           remove_job_placement_group, staged_experiment_states, start_data_stats_actor)
+from defect_tune.search.ray_compat import (job_placement_groups, local_cluster_addresses, optuna_trial_of, quiet_start_notices,
+                                           ray_temp_dir, remove_job_placement_group, staged_experiment_states,
+                                           start_data_stats_actor)
 from defect_tune.search.space import DefineByRun, SearchSpace, SpaceError, load_space
 from defect_tune.search.tracking import wandb_callbacks
 from defect_tune.search.trial import TrialSetup, run_trial
@@ -164,11 +165,15 @@ class SweepConsole(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         key = self.space.objective
-        row.update(epoch=result.get("epoch", 0), objective=result.get(key), low=result.get(f"{key}_low"),
-                   high=result.get(f"{key}_high"), planned=result.get("planned_epochs", self.space.max_epochs),
+        value = result.get(key)
+        score = result.get(selection_metric(key), value)
+        row.update(epoch=result.get("epoch", 0), planned=result.get("planned_epochs", self.space.max_epochs),
                    early=bool(result.get("early_stopped")))
-        value = "-" if row["objective"] is None else f"{row['objective']:.4f}"
-        self._say(f"[epoch {row['epoch']}/{row['planned']}] {trial.trial_id} {key}={value}")
+        # A trial counts with its best epoch so far, as the leaderboard ranks it.
+        if score is not None and (row.get("score") is None or (score > row["score"] if self.space.mode == "max" else score < row["score"])):
+            row.update(objective=value, score=score, low=result.get(f"{key}_low"), high=result.get(f"{key}_high"))
+        shown = "-" if value is None else f"{value:.4f}"
+        self._say(f"[epoch {row['epoch']}/{row['planned']}] {trial.trial_id} {key}={shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
@@ -188,8 +193,8 @@ class SweepConsole(tune.Callback):
         scored = [(t, r) for t, r in self.rows.items() if r["objective"] is not None and r["state"] != "error"]
         if not scored:
             return None
-        pick = max if self.space.mode == "max" else min
-        return pick(scored, key=lambda item: item[1]["objective"])
+        pick = max if self.space.mode == "max" else min  # ties on the objective go to validation AP, as in the leaderboard
+        return pick(scored, key=lambda item: item[1]["objective"] if item[1].get("score") is None else item[1]["score"])
 
     def standing(self) -> str:
         states = [row["state"] for row in self.rows.values()]
@@ -690,6 +695,7 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     # trial finished would otherwise lose it. Measured: a 2 s period lost finished trials to a
     # SIGKILL in the resume test; every step costs the 2-core quick sweep about a quarter of its time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    quiet_start_notices()
     cv, fold_seed, advice = folds_for_sweep(options, space, meta, out)
     if advice:
         console.print(advice, style="yellow" if advice.startswith("warning") else None, highlight=False, markup=False)
@@ -779,6 +785,25 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
                          gpu_memory, budget_record, leftovers)
 
 
+def keep_best_predictions(best, out: Path) -> dict | None:
+    """Copies the best trial's validation predictions at its best epoch (its checkpoint's, or under
+    --cv every fold's) into RESULTS/predictions/, so that the report draws its precision-recall
+    curves from the results folder alone, without the Tune experiment's checkpoints. Returns what
+    sweep.json records, or None where they are not on a local path."""
+    folds = plain(best.get("fold_predictions"))
+    checkpoint = plain(best.get("checkpoint"))
+    sources = json.loads(folds) if folds else ([f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"] if checkpoint else [])
+    sources = [from_results(source, out) for source in sources]
+    if not sources or any("://" in source or not Path(source).is_file() for source in sources):
+        return None
+    folder = out / "predictions" / str(best["trial_id"])
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [PREDICTIONS_FILE] if len(sources) == 1 else [f"fold{k}.npz" for k in range(len(sources))]
+    for source, name in zip(sources, names):
+        shutil.copyfile(source, folder / name)
+    return {"trial_id": str(best["trial_id"]), "files": [str((folder / name).relative_to(out)) for name in names]}
+
+
 def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, experiment: str, meta: dict,
                   seconds: float, free: dict, total: dict, cv: dict | None = None, gpu_memory: dict | None = None,
                   time_budget: dict | None = None, leftovers: int = 0) -> dict:
@@ -828,6 +853,7 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         (out / "best_config.yaml").write_text(header + config.to_yaml())
         summary["best"] = {"trial_id": best["trial_id"], space.objective: float(best[space.objective]),
                            "best_epoch": int(best["best_epoch"]), "params": sampled}
+        summary["best_predictions"] = keep_best_predictions(best, out)
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -854,7 +880,8 @@ def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
     table = Table(title=f"leaderboard (top {min(top, len(board))} of {len(board)})")
     columns = {"rank": "#", "trial_id": "trial", "seed_point": "seed point", "stop_reason": "stopped by",
                "epochs": "epochs", space.objective: "objective", "interval": "95% interval",
-               "val_macro_precision": "macro precision"}
+               "val_macro_precision": "macro precision",
+               **{c: label for c, label in (("cost/params", "params (M)"), ("cost/latency_ms_b1", "ms/image")) if c in board}}
     for label in columns.values():
         table.add_column(label, no_wrap=True)
     table.add_column("parameters")
@@ -867,6 +894,8 @@ def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
                 cells.append("-" if low is None or high is None else f"{low:.2f}-{high:.2f}")
                 continue
             value = plain(row.get(column))
+            if column == "cost/params" and value is not None:
+                value = value / 1e6
             cells.append("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
         sampled = {c.removeprefix("param/"): plain(row[c]) for c in params if plain(row[c]) is not None}
         table.add_row(*cells, _short(sampled))

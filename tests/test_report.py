@@ -393,3 +393,27 @@ def test_the_best_trials_predictions_kept_in_the_results_folder_draw_its_curves_
     page = write_report(results, tmp_path / "page").read_text()
     assert "No precision-recall curves" not in page and "could not be drawn" not in page
     assert (tmp_path / "page" / "precision_recall.png").is_file()
+
+
+def test_learning_curves_come_from_the_stored_study_with_ashas_cut_off_at_each_rung(tmp_path):
+    import optuna
+
+    from defect_tune.report.page import asha_cutoffs
+
+    # Rungs at 1 and 2 (grace 1, factor 2, 4 epochs): at each, the top half of the values recorded there went on.
+    curves = {0: {1: 0.2, 2: 0.3}, 1: {1: 0.4, 2: 0.6, 3: 0.7, 4: 0.8}, 2: {1: 0.1}, 3: {1: 0.5, 2: 0.5, 3: 0.6, 4: 0.6}}
+    assert asha_cutoffs(curves, 1, 2, 4, "max") == {1: pytest.approx(0.3), 2: pytest.approx(0.5)}
+    assert asha_cutoffs(curves, 1, 3, 4, "max") == {1: pytest.approx(np.percentile([0.2, 0.4, 0.1, 0.5], 100 * 2 / 3)),
+                                                    3: pytest.approx(np.percentile([0.7, 0.6], 100 * 2 / 3))}
+    assert asha_cutoffs(curves, 1, 2, 4, "min")[1] == pytest.approx(0.3)  # the bottom half goes on when lower is better
+
+    results = make_results(tmp_path)
+    study = optuna.create_study(study_name="sweep", storage=f"sqlite:///{results / 'optuna.db'}", direction="maximize")
+    for number, curve in curves.items():
+        trial = study.ask()
+        for step, value in curve.items():
+            trial.report(value, step)
+        study.tell(trial, None if len(curve) < 4 else curve[4], state=None if len(curve) == 4 else optuna.trial.TrialState.PRUNED)
+    page = write_report(results, tmp_path / "page").read_text()
+    assert "<h2>Learning curves</h2>" in page and (tmp_path / "page" / "learning_curves.png").is_file()
+    assert "ASHA&#x27;s cut-offs: epoch 1: 0.3000, epoch 2: 0.5000." in page

@@ -47,7 +47,7 @@ IMPORTANCE_BARS = 15
 FEW_TRIALS = 10  # complete trials below which importances get a warning
 DPI = 110
 FIGURE_FILES = ("history.png", "importances.png", "parallel_coordinates.png", "recall_per_class.png",
-                "asha_savings.png", "precision_recall.png", "pareto.png")
+                "asha_savings.png", "precision_recall.png", "pareto.png", "learning_curves.png")
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False}
 STOPS = {  # stop_reason: (legend label, colour), in the order legends list them
@@ -570,10 +570,12 @@ def pareto_figure(sweep: Sweep, costs: list[str], path: Path) -> Path:
         ax.scatter(x[front.to_numpy()], y[front.to_numpy()], color="#d62728", s=40, zorder=3, label="on the front")
         order = np.argsort(x[front.to_numpy()])
         ax.plot(x[front.to_numpy()][order], y[front.to_numpy()][order], color="#d62728", lw=1, zorder=2)
+        labels: dict[tuple[float, float], list[str]] = {}  # trials tied on both share one label
         for (_, row), on in zip(rows.iterrows(), front):
             if on:
-                ax.annotate(str(row["trial_id"]), (float(row[cost]), float(row[sweep.objective])), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points")
+                labels.setdefault((float(row[cost]), float(row[sweep.objective])), []).append(str(row["trial_id"]))
+        for point, ids in labels.items():
+            ax.annotate(", ".join(ids), point, fontsize=8, xytext=(4, 4), textcoords="offset points")
         if len(x) and x.min() > 0 and x.max() / x.min() > 20:
             ax.set_xscale("log")
         ax.set_xlabel(PARETO_COSTS[cost])
@@ -709,6 +711,83 @@ def savings_section(sweep: Sweep, out: Path) -> Section:
         f"<tbody>{rows}</tbody></table>"
     )
     section.figure = savings_figure(sweep, out / "asha_savings.png", numbers["share"])
+    return section
+
+
+def study_curves(sweep: Sweep) -> tuple[dict[int, dict[int, float]], dict[int, str]] | None:
+    """Each trial's value per epoch and its state, from the study the sweep kept (optuna.db), by
+    Optuna trial number; None for a sweep without one (older, or run with several objectives,
+    whose study holds no per-epoch values)."""
+    path = sweep.folder / "optuna.db"
+    if not path.is_file():
+        return None
+    study = optuna.load_study(study_name=str(sweep.summary.get("name")), storage=f"sqlite:///{path}")
+    if len(study.directions) > 1:
+        return None
+    curves = {t.number: dict(sorted(t.intermediate_values.items())) for t in study.trials if t.intermediate_values}
+    return curves, {t.number: t.state.name for t in study.trials}
+
+
+def asha_cutoffs(curves: dict[int, dict[int, float]], grace: int, factor: float, max_epochs: int, mode: str) -> dict[int, float]:
+    """At each of ASHA's rungs (grace, grace·factor, ... below max_epochs), the value a trial had to
+    reach there to go on: the top 1/factor of the values recorded at that rung, as ASHA keeps it
+    (a trial judged early saw fewer values; this is the cut-off over the whole sweep)."""
+    cutoffs = {}
+    rung = grace
+    while rung < max_epochs:
+        values = np.array([curve[rung] for curve in curves.values() if rung in curve], dtype=float)
+        if len(values):
+            quantile = (1 - 1 / factor) * 100 if mode == "max" else 100 / factor
+            cutoffs[rung] = float(np.nanpercentile(values, quantile))
+        rung = int(round(rung * factor))
+    return cutoffs
+
+
+def curves_figure(curves: dict, states: dict, cutoffs: dict, sweep: Sweep, path: Path) -> Path:
+    fig = Figure(figsize=(8.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for number, curve in curves.items():
+        pruned = states.get(number) == "PRUNED"
+        ax.plot(list(curve), list(curve.values()), color=STOPS["asha" if pruned else "completed"][1], alpha=0.75, lw=1.2,
+                ls="--" if pruned else "-", marker="o", ms=3)
+    for rung, cutoff in cutoffs.items():
+        ax.axvline(rung, color="#bbbbbb", lw=0.8, zorder=0)
+        ax.plot([rung], [cutoff], marker="_", ms=22, mew=2.5, color="#333333", zorder=5)
+    handles = [Line2D([], [], color=STOPS["completed"][1], label="ran on"), Line2D([], [], color=STOPS["asha"][1], ls="--",
+                                                                                        label="stopped by ASHA"),
+               Line2D([], [], color="#333333", marker="_", ms=14, mew=2.5, ls="none", label="cut-off at the rung")]
+    ax.legend(handles=handles, frameon=False, loc="lower right")
+    ax.set_xlabel("epoch (Tune's iteration)")
+    ax.set_ylabel(f"{sweep.objective} (ties broken by AP)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Each trial's objective per epoch, with ASHA's rungs")
+    return _save(fig, path)
+
+
+def curves_section(sweep: Sweep, out: Path) -> Section | None:
+    found = study_curves(sweep)
+    if found is None:
+        return None
+    curves, states = found
+    section = Section("Learning curves")
+    section.caption = ("One line per trial, its objective at every epoch, from the study the sweep kept (optuna.db). The grey "
+                       "lines are ASHA's rungs; the black mark on each is the value a trial needed there to go on (the top "
+                       "1/reduction-factor of the values recorded at that rung). Dashed trials were stopped by ASHA.")
+    if not curves:
+        section.notes.append("The study holds no per-epoch values (no trial finished an epoch).")
+        return section
+    space = sweep.summary.get("space")
+    try:
+        loaded = load_space(Path(space)) if space else None
+    except SpaceError:
+        loaded = None
+    cutoffs = {}
+    if loaded is not None:
+        cutoffs = asha_cutoffs(curves, loaded.grace_period, loaded.reduction_factor, sweep.max_epochs, sweep.mode)
+        section.notes.append("ASHA's cut-offs: " + (", ".join(f"epoch {r}: {v:.4f}" for r, v in cutoffs.items()) or "no rung below the epoch budget") + ".")
+    else:
+        section.notes.append("The search space is not at hand, so ASHA's rungs are not drawn.")
+    section.figure = curves_figure(curves, states, cutoffs, sweep, out / "learning_curves.png")
     return section
 
 
@@ -882,7 +961,8 @@ def write_report(results: Path, out: Path | None = None) -> Path:
     builders = [
         partial(leaderboard_section, sweep), partial(pareto_section, sweep, out), partial(history_section, sweep, out),
         partial(importance_section, study, values, reason, out), partial(parallel_section, sweep, study, ranked, out),
-        partial(recall_section, sweep, out), partial(savings_section, sweep, out), partial(pr_section, sweep, out),
+        partial(recall_section, sweep, out), partial(curves_section, sweep, out), partial(savings_section, sweep, out),
+        partial(pr_section, sweep, out),
         partial(errors_section, sweep),
     ]
     sections = []

@@ -303,8 +303,14 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
     reader.start()
+    experiment = out / "tune" / "resumable"
+
+    def finished_on_disk() -> bool:  # a trial's two epochs in the storage folder, not only announced
+        return any((table := parse_progress(p.read_bytes())) is not None and len(table) == 2
+                   for p in experiment.glob("run_trial_*/progress.csv"))
+
     deadline = time.monotonic() + 600
-    while sum(line.startswith("[done]") for line in lines) < 1 and time.monotonic() < deadline:
+    while not (any(line.startswith("[done]") for line in lines) and finished_on_disk()) and time.monotonic() < deadline:
         time.sleep(1)
     assert any(line.startswith("[done]") for line in lines), "no trial finished before the deadline"
     # Kill the driver and everything it started (its local Ray cluster), by the ids it started.
@@ -316,7 +322,6 @@ def test_resume_after_the_driver_is_killed_keeps_finished_trials(synthetic_data,
             pass
     psutil.wait_procs(processes, timeout=30)
 
-    experiment = out / "tune" / "resumable"
     finished = {}
     for trial_dir in experiment.glob("run_trial_*"):
         progress = trial_dir / "progress.csv"

@@ -77,7 +77,8 @@ def test_predict_with_the_onnx_runtime_matches_torch_and_says_when_there_is_no_o
     assert Path(model_dir / ONNX_FILE).stat().st_size > 0
 
 
-def test_a_model_directory_logged_to_mlflow_registers_a_version_that_loads_back_and_predicts_as_predict_does(tmp_path, synthetic_data):
+def test_a_model_directory_logged_to_mlflow_registers_a_version_that_loads_back_and_predicts_as_predict_does(
+        tmp_path, synthetic_data, monkeypatch):
     """The round trip against a real MLflow tracking store and registry (a SQLite file): the run
     holds the figures with their intervals, the thresholds, the card; the registered version,
     loaded back by name, gives predict's probabilities and decisions from pixels."""
@@ -92,6 +93,7 @@ def test_a_model_directory_logged_to_mlflow_registers_a_version_that_loads_back_
     classes = meta["classes"]
     model_dir = write_model_dir(tmp_path, synthetic_data, [0.3 + 0.1 * k for k in range(len(classes))])
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # a SQLite store puts its artifacts in ./mlruns, as MLflow does for any user
     with pytest.raises(RegistryError, match="model.onnx: not found"):
         log_model_dir(model_dir, store, "defects")
     model, _ = load_model(model_dir, torch.device("cpu"))

@@ -9,8 +9,6 @@ the thresholds in model.json to decide. It imports no Ray.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from torch import nn
 
 from defect_tune.core.errors import UserError
 from defect_tune.data.shards import MEAN, STD
+from defect_tune.training.cost import median_ms_per_item
 
 ONNX_FILE = "model.onnx"
 INPUT, OUTPUT = "pixels", "probabilities"
@@ -96,16 +95,9 @@ def parity(model: nn.Module, onnx: OnnxModel, pixels: np.ndarray, batch_size: in
 
 
 def latency_ms(run: Callable[[np.ndarray], object], height: int, width: int, batch: int, repeats: int = 7) -> float:
-    """Median milliseconds per image over `repeats` timed calls on a batch of `batch`, after one
-    warm-up call (which allocates and, for onnxruntime, plans)."""
+    """Median milliseconds per image of `run` on a batch of `batch` random images."""
     pixels = np.random.default_rng(0).integers(0, 256, (batch, height, width), dtype=np.uint8)
-    run(pixels)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run(pixels)
-        times.append((time.perf_counter() - started) * 1000 / batch)
-    return round(statistics.median(times), 3)
+    return round(median_ms_per_item(lambda: run(pixels), batch, repeats), 3)
 
 
 def cpu_latencies(model: nn.Module, onnx: OnnxModel, height: int, width: int) -> dict:

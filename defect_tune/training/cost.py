@@ -8,6 +8,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,6 +21,18 @@ REPEATS = 5  # timed calls per batch size, after one warm-up; the median is kept
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms_per_item(run: Callable[[], object], items: int, repeats: int) -> float:
+    """Median milliseconds per item over `repeats` timed calls of `run` (which handles `items`),
+    after one warm-up call (which allocates and, for onnxruntime, plans)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000 / items)
+    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -37,15 +50,7 @@ def model_cost(model: nn.Module, height: int, width: int, device: torch.device) 
         cost["cost/gflops_per_image"] = counter.get_total_flops() / 1e9
         for batch in LATENCY_BATCHES:
             x = torch.zeros(batch, 1, height, width, device=device)
-            model(x)
-            _sync(device)
-            times = []
-            for _ in range(REPEATS):
-                started = time.perf_counter()
-                model(x)
-                _sync(device)
-                times.append((time.perf_counter() - started) * 1000 / batch)
-            cost[f"cost/latency_ms_b{batch}"] = statistics.median(times)
+            cost[f"cost/latency_ms_b{batch}"] = median_ms_per_item(lambda: (model(x), _sync(device)), batch, REPEATS)
     finally:
         model.train(was_training)
     return cost

@@ -77,6 +77,18 @@ def paths_in_results(board: pd.DataFrame, results: Path) -> pd.DataFrame:
     return board
 
 
+def prediction_files(row, results: Path) -> list[str]:
+    """A leaderboard row's validation predictions at its best epoch, usable from here: under --cv
+    every fold's held-out file, otherwise the one in its checkpoint; none without a checkpoint."""
+    import json
+
+    from defect_tune.core.config import PREDICTIONS_FILE
+
+    folds, checkpoint = _clean(row.get("fold_predictions")), _clean(row.get("checkpoint"))
+    files = json.loads(folds) if folds else ([f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"] if checkpoint else [])
+    return [from_results(file, results) for file in files]
+
+
 def ranked_by(table: pd.DataFrame, objective: str) -> str:
     """The column to rank a trial's epochs or a sweep's trials by: the selection score (the
     objective, ties broken by AP) where the table has it; sweeps from before it, by the objective."""

@@ -37,7 +37,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, PREDICTIONS_FILE
 from defect_tune.core.errors import UserError, file_in_the_way
-from defect_tune.core.leaderboard import from_results
+from defect_tune.core.leaderboard import from_results, prediction_files
 from defect_tune.search.ray_compat import optuna_contains
 from defect_tune.search.space import SpaceError, load_space
 
@@ -821,17 +821,13 @@ def pr_section(sweep: Sweep, out: Path) -> Section:
         return section
     best = finished.iloc[0]
     kept = sweep.summary.get("best_predictions") or {}
-    checkpoint = _plain(best.get("checkpoint"))
     if kept.get("trial_id") == best["trial_id"]:  # copied into the results folder by the sweep
         files = [from_results(file, sweep.folder) for file in kept["files"]]
-    elif checkpoint is None:
+    else:  # a cross-validated trial: every fold's held-out predictions, so each train+val image once
+        files = prediction_files(best, sweep.folder)
+    if not files:
         section.notes.append(f"No precision-recall curves: the best trial {best['trial_id']} recorded no checkpoint.")
         return section
-    else:
-        # A cross-validated trial: every fold's held-out predictions at that epoch, so each train+val image once.
-        folds = _plain(best.get("fold_predictions"))
-        files = json.loads(folds) if folds else [f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"]
-        files = [from_results(file, sweep.folder) for file in files]
     parts = []
     for file in files:
         path, problem = _predictions_path(sweep, file)

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from defect_tune.core.config import PREDICTIONS_FILE, selection_metric
 from defect_tune.core.errors import UserError
-from defect_tune.core.leaderboard import build_leaderboard, from_results, in_results, paths_in_results, plain, ranked_by
+from defect_tune.core.leaderboard import build_leaderboard, in_results, paths_in_results, plain, prediction_files, ranked_by
 from defect_tune.data.folds import make_folds
 from defect_tune.data.shards import check_shards, data_location, read_meta
 from defect_tune.production.export import ExportError, package_versions, pick
@@ -790,10 +790,7 @@ def keep_best_predictions(best, out: Path) -> dict | None:
     --cv every fold's) into RESULTS/predictions/, so that the report draws its precision-recall
     curves from the results folder alone, without the Tune experiment's checkpoints. Returns what
     sweep.json records, or None where they are not on a local path."""
-    folds = plain(best.get("fold_predictions"))
-    checkpoint = plain(best.get("checkpoint"))
-    sources = json.loads(folds) if folds else ([f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"] if checkpoint else [])
-    sources = [from_results(source, out) for source in sources]
+    sources = prediction_files(best, out)
     if not sources or any("://" in source or not Path(source).is_file() for source in sources):
         return None
     folder = out / "predictions" / str(best["trial_id"])

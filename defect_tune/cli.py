@@ -103,6 +103,7 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for Parquet shards and meta.json")] = Path("data/prepared"),
     image_size: Annotated[int, typer.Option(help="Stored size in pixels (square side; the height for --fit keep/tile)")] = 224,
     fit: Annotated[Fit | None, typer.Option(help="How images reach --image-size (default: keep for severstal, pad otherwise)")] = None,
+    bit_depth: Annotated[int | None, typer.Option(help="Bits a deeper sensor records (e.g. 12 in 16-bit PNGs); default: per image, the smallest that holds it")] = None,
     split: Annotated[str, typer.Option(help="train/val/test fractions")] = "0.7/0.15/0.15",
     seed: Annotated[int, typer.Option(help="Seed for the split, the long-tail subsample and shard order")] = 0,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class order (default: discovered, sorted)")] = None,
@@ -127,6 +128,7 @@ def prepare(
         format=format,
         out=out,
         image_size=image_size,
+        bit_depth=bit_depth,
         fit=fit,
         split=_fractions(split),
         seed=seed,
@@ -161,8 +163,6 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from defect_tune.core.config import load_config
-    from defect_tune.data.shards import DataError
-    from defect_tune.training.models import ModelError
     from defect_tune.training.train import OBJECTIVE, NonFiniteLoss, fit
 
     settings = load_config(config, ctx.args)
@@ -182,8 +182,6 @@ def train(
     try:
         with progress:
             results = fit(settings, data, out, device, on_epoch=on_epoch, on_batch=lambda: progress.advance(task))
-    except (DataError, ModelError, ValueError) as error:
-        raise _fail(error) from None
     except NonFiniteLoss as error:
         console.print(f"training failed: {error} (status 'failed' in {out}/results.json)", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -359,6 +357,8 @@ def export(
         f"{exported['objective']['name']} {exported['objective']['value']:.4f} at epoch {exported['best_epoch']}) to {out}",
         highlight=False, markup=False, soft_wrap=True,
     )
+    for trial_id, reason in sweep["passed_over"].items():
+        console.print(f"passed over trial {trial_id}: {reason}", style="yellow", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import pickle
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ class Case:
     setup: Callable[[dict], None] = lambda w: None
     listed: str | None = None  # the run succeeds and OUT/bad_inputs.csv lists this file with `says`
     changed: Callable[[dict], list[Path]] = lambda w: []  # paths the command may write (its --out)
+    then: Callable[[dict, str], None] = lambda w, output: None  # more to assert once it ran
 
 
 def _meta_json(w: dict, text: str) -> None:
@@ -125,6 +127,122 @@ def _board_edit(w: dict, change: Callable) -> None:
 
 def _file(w: dict) -> None:
     (w["tmp"] / "afile").write_text("not a folder")
+
+
+def _prepared_with_split_file(w: dict) -> None:
+    _prepared_with_notes(w)
+    (w["tmp"] / "prepared" / "notes.txt").unlink()
+    (w["tmp"] / "prepared" / "train" / "important.txt").write_text("a file a user keeps beside the shards")
+
+
+def _linked_class(w: dict) -> None:
+    """A class folder that is a symlink to a share elsewhere, as factory NAS layouts are."""
+    elsewhere = w["tmp"] / "share" / "dent"
+    for k in range(6):
+        write_image(elsewhere / f"d{k}.png", 500 + k)
+    (w["raw"] / "dent").symlink_to(elsewhere, target_is_directory=True)
+
+
+def _webp_and_gif(w: dict) -> None:
+    from PIL import Image
+
+    for name, seed in (("a.webp", 600), ("b.gif", 601)):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24), dtype=np.uint8)).save(w["raw"] / "crack" / name)
+
+
+def _deep_frames(w: dict) -> None:
+    """A 12-bit sensor's frames in 16-bit PNGs, three of them dim (brightest under 2048)."""
+    from PIL import Image
+
+    for k in range(6):
+        high = 1500 if k < 3 else 4095
+        pixels = np.random.default_rng(700 + k).integers(0, high + 1, (24, 24)).astype(np.uint16)
+        pixels[0, 0] = high
+        Image.fromarray(pixels).save(w["raw"] / "crack" / f"deep{k}.png")
+
+
+def _deep_frame_above(w: dict) -> None:
+    from PIL import Image
+
+    _deep_frames(w)
+    Image.fromarray(np.full((24, 24), 5000, dtype=np.uint16)).save(w["raw"] / "crack" / "hot.png")
+
+
+def _meta_value(name: str) -> Callable[[dict], None]:
+    return lambda w: _meta_json(w, name)
+
+
+def _messy_factory_folder(w: dict) -> None:
+    """What a shared drive at a plant holds beside the images: OS droppings, notes, an empty and a
+    cut-off file, an upper-case suffix, a subfolder, a WebP, a 12-bit PNG, one image copied into a
+    second class folder, a class linked in from elsewhere and an empty class folder."""
+    from PIL import Image
+
+    raw = w["raw"]
+    (raw / "crack" / "Thumbs.db").write_bytes(bytes(64))
+    (raw / "scratch" / ".DS_Store").write_bytes(bytes(64))
+    (raw / "scratch" / "notes from night shift.txt").write_text("lamp 3 flickers")
+    (raw / "crack" / "empty.jpg").write_bytes(b"")
+    whole = (raw / "crack" / "c1.png").read_bytes()
+    (raw / "crack" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    write_image(raw / "crack" / "UPPER.PNG", 300)
+    write_image(raw / "crack" / "line 2" / "nested.png", 301)
+    write_image(raw / "scratch" / "s-copy.webp", 302)
+    Image.fromarray(np.random.default_rng(5).integers(0, 4096, (24, 24)).astype(np.uint16)).save(raw / "scratch" / "deep12.png")
+    (raw / "scratch" / "c0-again.png").write_bytes((raw / "crack" / "c0.png").read_bytes())
+    elsewhere = w["tmp"] / "share" / "dent"
+    for k in range(4):
+        write_image(elsewhere / f"d{k}.png", 400 + k)
+    (raw / "dent").symlink_to(elsewhere, target_is_directory=True)
+    (raw / "empty class").mkdir()
+
+
+def _messy_prepared(w: dict, output: str) -> None:
+    with open(w["tmp"] / "o" / "bad_inputs.csv", newline="") as handle:
+        listed = {Path(row["file"]).name: row["reason"] for row in csv.DictReader(handle)}
+    conflict = "but labelled differently (crack vs scratch); label the image once"
+    assert conflict in listed.pop("c0.png", "") and conflict in listed.pop("c0-again.png", ""), listed
+    assert listed == {
+        "Thumbs.db": "not an image file (suffix .db)",
+        "notes from night shift.txt": "not an image file (suffix .txt)",
+        "empty class": "class folder holds no images: the class would have no examples",
+        "cut.png": "cannot decode image: image file is truncated",
+        "empty.jpg": "cannot decode image: empty file (0 bytes)",
+    }, listed
+    meta = json.loads((w["tmp"] / "o" / "meta.json").read_text())
+    # crack: c1..c7, UPPER.PNG, line 2/nested.png; scratch: s0..s7, the WebP, the 12-bit PNG.
+    assert meta["positives"] == {"crack": 9, "dent": 4, "ok": 8, "scratch": 10}, meta["positives"]
+    assert meta["image"]["deep_images_by_bit_depth"] == {"12": 1}
+
+
+def _predicted(w: dict):
+    import pandas as pd
+
+    return pd.read_csv(w["tmp"] / "p.csv")
+
+
+def _errors(w: dict, names: list[str]) -> None:
+    table = _predicted(w)
+    assert sorted(Path(p).name for p in table.loc[table["error"].notna(), "path"]) == names, table
+
+
+def _positives(w: dict, name: str, count: int) -> None:
+    assert json.loads((w["tmp"] / "o" / "meta.json").read_text())["positives"][name] == count
+
+
+def _predicted_all(names: list[str]) -> Callable[[dict, str], None]:
+    def check(w: dict, output: str) -> None:
+        table = _predicted(w)
+        rows = table[table["path"].map(lambda p: Path(p).name).isin(names)]
+        assert len(rows) == len(names) and rows["error"].isna().all(), table
+    return check
+
+
+def _deep_scaled(depths: dict, bit_depth) -> Callable[[dict, str], None]:
+    def check(w: dict, output: str) -> None:
+        image = json.loads((w["tmp"] / "o" / "meta.json").read_text())["image"]
+        assert image["deep_images_by_bit_depth"] == depths and image["bit_depth"] == bit_depth
+    return check
 
 
 PREPARE = ["--format", "folders", "--image-size", "16"]
@@ -221,7 +339,8 @@ CASES = [
          "leaderboard.parquet: no column(s) ['status']", setup=lambda w: _board_edit(w, lambda b: b.drop(columns="status"))),
     Case("export-nan-best-epoch", "`export` where every trial's `best_epoch` is NaN",
          lambda w: ["export", str(w["results"]), "--out", str(w["tmp"] / "best.yaml")],
-         "--rank 1 asked for, but 0 trial(s)", setup=lambda w: _board_edit(w, lambda b: b.assign(best_epoch=float("nan")))),
+         "--rank 1 asked for, but 0 trial(s) can be exported; passed over: trial t_00001 (best_epoch is nan)",
+         setup=lambda w: _board_edit(w, lambda b: b.assign(best_epoch=float("nan")))),
     Case("export-string-objective", "`export` where the objective column holds text",
          lambda w: ["export", str(w["results"]), "--out", str(w["tmp"] / "best.yaml"), "--metric", "val_macro_precision"],
          "column 'val_macro_precision' holds no numbers",
@@ -287,6 +406,68 @@ CASES = [
                     "--register", "line3"], "--register line3: registering needs --mlflow URI"),
     Case("report-out-file", "`report --out` a file",
          lambda w: ["report", str(w["results"]), "--out", str(w["tmp"] / "afile")], "afile", setup=_file),
+    # Inputs of our own: what a factory's folders hold
+    Case("prepare-overwrite-split-user-file", "`prepare --overwrite` of an earlier output with a user's file in `train/`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "prepared"), "--overwrite"],
+         "it holds files prepare did not write: train/important.txt", setup=_prepared_with_split_file),
+    Case("prepare-symlinked-class", "a class folder that is a symlink to a share elsewhere",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "30 images, 4 classes", code=0, setup=_linked_class, changed=lambda w: [w["tmp"] / "o"],
+         then=lambda w, output: _positives(w, "dent", 6)),
+    Case("predict-symlinked-folder", "`predict` on a folder holding a symlinked subfolder",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "30 images,", code=0, setup=_linked_class, changed=lambda w: [w["tmp"] / "p.csv"],
+         then=_predicted_all([f"d{k}.png" for k in range(6)])),
+    Case("predict-webp-gif", "`predict` on a folder with a `.webp` and a `.gif`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "26 images,", code=0, setup=_webp_and_gif, changed=lambda w: [w["tmp"] / "p.csv"],
+         then=_predicted_all(["a.webp", "b.gif"])),
+    Case("predict-nan-pixel", "`predict` on a float TIFF with one NaN pixel",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "nan.tif: cannot decode image: 1 non-finite pixel(s)", code=0, setup=_float_tiff_with_nan,
+         changed=lambda w: [w["tmp"] / "p.csv"], then=lambda w, output: _errors(w, ["nan.tif"])),
+    Case("model-missing-threshold", "`model.json` without one class's threshold, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "model.json: thresholds for ['black_core'] are missing",
+         setup=lambda w: _model_json(w, lambda info: info["thresholds"].pop("black_core"))),
+    Case("train-meta-null", "`train` on a `meta.json` holding `null`",
+         lambda w: ["train", "--data", str(w["tmp"] / "badmeta"), "--out", str(w["tmp"] / "t")],
+         "meta.json: expected a JSON object, got NoneType", setup=_meta_value("null")),
+    Case("train-meta-string", "`train` on a `meta.json` holding a string",
+         lambda w: ["train", "--data", str(w["tmp"] / "badmeta"), "--out", str(w["tmp"] / "t")],
+         "meta.json: expected a JSON object, got str", setup=_meta_value('"classes: a, b"')),
+    Case("export-inf-objective", "`export` where the leading trial's objective is infinite",
+         lambda w: ["export", str(w["results"]), "--out", str(w["tmp"] / "best.yaml")],
+         "passed over trial t_00001: val_guarded_macro_recall is inf", code=0,
+         setup=lambda w: _board_edit(w, lambda b: b.assign(val_guarded_macro_recall=b["val_guarded_macro_recall"].where(
+             b["trial_id"] != "t_00001", float("inf")))),
+         changed=lambda w: [w["tmp"] / "best.yaml"]),
+    Case("manifest-newline-label", "a manifest label holding a line break (`\"crack\\ndent\"`)",
+         lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "class name 'crack\\ndent' is empty or holds a separator",
+         setup=lambda w: _manifest(w, 'path,labels\ncrack/c0.png,"crack\ndent"\n' + "".join(
+             f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(1, 8)))),
+    Case("manifest-conflicting-labels", "a manifest naming one image twice (`./crack/c0.png`, `crack/c0.png`) with different labels",
+         lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "is labelled ['scratch'] here but ['crack'] at line 2", code=0, listed="labels.csv:4",
+         setup=lambda w: _manifest(w, "path,labels\n./crack/c0.png,crack\nok/o0.png,\ncrack/c0.png,scratch\n" + "".join(
+             f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(1, 8))),
+         changed=lambda w: [w["tmp"] / "o"]),
+    Case("deep-png-own-depths", "16-bit PNGs from a 12-bit sensor, some frames dim, no `--bit-depth`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "scaled by each image's own bit depth: 11-bit (3), 12-bit (3); the dimmer ones were brightened", code=0,
+         setup=_deep_frames, changed=lambda w: [w["tmp"] / "o"], then=_deep_scaled({"11": 3, "12": 3}, None)),
+    Case("deep-png-bit-depth", "the same with `--bit-depth 12`, and one frame brighter than 12 bits",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--bit-depth", "12"],
+         "brightest pixel 5000 is above the 12-bit range", code=0, setup=_deep_frame_above, listed="hot.png",
+         changed=lambda w: [w["tmp"] / "o"], then=_deep_scaled({"12": 6}, 12)),
+    Case("bit-depth-8", "`prepare --bit-depth 8`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--bit-depth", "8"],
+         "--bit-depth must be between 9 and 32"),
+    Case("messy-factory-folder", "a plant's shared folder: `Thumbs.db`, `.DS_Store`, a note, an empty and a cut-off file, "
+         "`UPPER.PNG`, a subfolder, a WebP, a 12-bit PNG, one image in two class folders, a linked and an empty class folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "31 images, 4 classes", code=0, setup=_messy_factory_folder, changed=lambda w: [w["tmp"] / "o"], then=_messy_prepared),
 ]
 
 
@@ -302,9 +483,12 @@ def table_markdown() -> str:
 
 
 def checksums(root: Path, skip: list[Path]) -> dict[str, str]:
+    """Every file under `root`, through symlinked folders too (the prepared data is one), except
+    under `skip`."""
     skip = [path.resolve() for path in skip]
+    files = sorted(Path(folder) / name for folder, _, names in os.walk(root, followlinks=True) for name in names)
     return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*")) if path.is_file()
+            for path in files if path.is_file()
             and not any(path.resolve() == s or s in path.resolve().parents for s in skip)}
 
 
@@ -349,10 +533,26 @@ def test_a_bad_input_is_one_line_naming_it_and_changes_nothing_else(case, worksp
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and case.says in " ".join(done.stderr.split()), done.stderr[-3000:]
     assert checksums(workspace["tmp"], case.changed(workspace)) == before
+    case.then(workspace, output)
 
 
 def test_bad_inputs_page_carries_this_table():
     assert table_markdown() in PAGE.read_text(), "tests/BAD_INPUTS.md is out of date: run python tests/test_bad_inputs.py"
+
+
+def test_every_test_the_page_cites_exists():
+    """The hand-written rows name the test that asserts them; a renamed or deleted test must not
+    leave a row that nothing checks."""
+    import ast
+    import re
+
+    cited = set(re.findall(r"\b(test_\w+\.py)::(test_\w+)", PAGE.read_text()))
+    assert len(cited) > 50
+    defined = {}
+    for file in {file for file, _ in cited}:
+        tree = ast.parse((Path(__file__).parent / file).read_text())
+        defined[file] = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+    assert sorted(f"{file}::{name}" for file, name in cited if name not in defined[file]) == []
 
 
 if __name__ == "__main__":

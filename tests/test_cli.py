@@ -27,6 +27,25 @@ def test_prepare_prints_a_summary_and_records_the_command(small_voc, tmp_path):
     assert meta["split_fractions"] == {"train": 0.6, "val": 0.2, "test": 0.2}
 
 
+def test_a_fault_of_ours_keeps_its_traceback(synthetic_data, tmp_path):
+    """Only bad input (a UserError) is cut to one line: a plain ValueError raised inside training,
+    which is a bug of ours, must reach the user with its traceback and exit 1."""
+    program = textwrap.dedent("""
+        import sys
+        import defect_tune.training.train as train
+        def fit(*args, **kwargs):
+            raise ValueError("a bug of ours")
+        train.fit = fit
+        from defect_tune.cli import app
+        app(["train", "--data", sys.argv[1], "--out", sys.argv[2]])
+    """)
+    result = subprocess.run([sys.executable, "-c", program, str(synthetic_data), str(tmp_path / "t")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" in result.stderr and "ValueError: a bug of ours" in result.stderr
+    assert "error: " not in result.stderr
+
+
 def test_prepare_errors_exit_2_with_the_reason(small_voc, tmp_path):
     (small_voc / "JPEGImages" / "scratch_005.jpg").write_bytes(b"junk")
     result = defect_tune("prepare", small_voc, "--out", tmp_path / "out", "--image-size", "16", "--strict")

@@ -3,6 +3,7 @@
 import torch
 
 from defect_tune.core.config import TrainConfig
+from defect_tune.core.leaderboard import COSTS
 from defect_tune.training.cost import model_cost, peak_memory_mb
 from defect_tune.training.models import build_model
 
@@ -22,3 +23,6 @@ def test_cost_counts_parameters_and_flops_and_times_both_batch_sizes_leaving_the
     quarter = model_cost(large, 24, 32, torch.device("cpu"))["cost/gflops_per_image"]
     assert 0.15 < quarter / costs["large"]["cost/gflops_per_image"] < 0.35
     assert peak_memory_mb(torch.device("cpu")) > 50  # this process holds torch and two models
+    # Every cost measured has a name where costs are listed (trade-offs, export, report), and no
+    # name lacks its measurement (memory is reported per epoch by the worker).
+    assert set(costs["small"]) | {"cost/peak_memory_mb"} == set(COSTS)

@@ -112,6 +112,16 @@ def test_a_12_bit_frame_in_a_16_bit_png_keeps_its_grey_levels():
     assert dim.max() == round(3000 * 255 / 4095)
 
 
+def test_a_stated_bit_depth_scales_every_frame_alike_and_refuses_pixels_above_it():
+    """A dim 12-bit frame (brightest 1500) fits 11 bits and would be doubled by its own depth;
+    with bit_depth=12 it keeps its darkness, and a pixel the sensor cannot record is refused."""
+    dim = Image.fromarray(np.full((4, 4), 1500, dtype=np.uint16))
+    assert to_gray_uint8(dim).max() == round(1500 * 255 / 2047)
+    assert to_gray_uint8(dim, bit_depth=12).max() == round(1500 * 255 / 4095)
+    with pytest.raises(ValueError, match="brightest pixel 5000 is above the 12-bit range"):
+        to_gray_uint8(Image.fromarray(np.full((4, 4), 5000, dtype=np.uint16)), bit_depth=12)
+
+
 def test_a_float_image_with_a_nan_pixel_is_refused_with_the_count():
     pixels = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     pixels[2, 3] = np.nan

@@ -38,7 +38,8 @@ def test_voc_end_to_end_shards_agree_with_meta(small_voc, tmp_path):
     meta = run(small_voc, out, shard_rows=7)
     assert meta == json.loads((out / "meta.json").read_text())
     assert meta["classes"] == ["crack", "dark_area", "scratch"]
-    assert meta["image"] == {"height": 16, "width": 16, "channels": 1, "dtype": "uint8", "fit": "pad"}
+    assert meta["image"] == {"height": 16, "width": 16, "channels": 1, "dtype": "uint8", "fit": "pad",
+                             "bit_depth": None, "deep_images_by_bit_depth": {}}
     rows = {s: read_split(out, s) for s in SPLITS}
     assert sum(len(r) for r in rows.values()) == meta["images"] == 42
     for split in SPLITS:

@@ -84,7 +84,7 @@ def test_export_picks_the_best_trial_within_latency_and_size_limits_or_names_the
     assert within["sweep"]["cost"] == {"latency_ms_b1": 1.5, "params": 2e6}
     assert build_export(results, limits={"cost/params": parse_count("5M")})["sweep"]["trial_id"] == "t_00000"
     with pytest.raises(ExportError, match=r"no trial meets --max-latency-ms 1, --max-params 3e\+06; the closest is trial "
-                                          r"t_00000 with ms per image at batch 1 1.5, parameters 2e\+06"):
+                                          r"t_00000 with milliseconds per image at batch 1 1.5, parameters 2e\+06"):
         build_export(results, limits={"cost/latency_ms_b1": 1.0, "cost/params": 3e6})
     assert [parse_count(text) for text in ("5M", "500k", "2500000", "1.2e6")] == [5e6, 5e5, 2.5e6, 1.2e6]
     with pytest.raises(ExportError, match="expected a positive count"):

@@ -173,7 +173,7 @@ def test_manifest_labels_metadata_and_bad_rows(tmp_path):
         "img/a.png,crack; scratch,L1\n"
         "img/b.png,,L2\n"
         f"{absolute},crack,L1\n"
-        "img/a.png,crack,L1\n"
+        "./img/a.png,scratch;crack,L1\n"
         ",crack,L1\n"
         "img/x.png,crack\n"
     )
@@ -188,6 +188,19 @@ def test_manifest_labels_metadata_and_bad_rows(tmp_path):
     assert "duplicate row" in found["5"] and "line 2" in found["5"]
     assert "empty path" in found["6"]
     assert "2 fields" in found["7"]
+
+
+def test_manifest_rows_that_label_one_image_differently_drop_it(tmp_path):
+    """`./img/a.png` and `img/a.png` are one file: labelled two ways, neither row can be trusted,
+    so the image is left out and both rows are listed, each naming the other."""
+    write_image(tmp_path / "img" / "a.png", 1)
+    write_image(tmp_path / "img" / "b.png", 2)
+    (tmp_path / "m.csv").write_text("path,labels\n./img/a.png,crack\nimg/b.png,\nimg/a.png,scratch\n")
+    catalog = read_manifest(tmp_path / "m.csv")
+    assert [i.id for i in catalog.items] == ["img/b"]
+    found = {b.file.rsplit(":", 1)[1]: b.reason for b in catalog.bad}
+    assert "labelled ['scratch'] here but ['crack'] at line 2" in found["4"]
+    assert "a.png: labelled differently by a later row" in found["2"]
 
 
 def test_manifest_needs_path_and_labels_columns(tmp_path):

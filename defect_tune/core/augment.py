@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from defect_tune.core.errors import UserError
+
 if TYPE_CHECKING:
     import albumentations as A
     import torch
@@ -106,7 +108,7 @@ def build_augmentation(spec: str, shape: tuple[int, int], seed: int) -> A.Compos
     if not names:
         return None
     if "rot90" in names and shape[0] != shape[1]:
-        raise ValueError(f"augment rot90 needs square images; these are {shape[0]}x{shape[1]} (use hflip/vflip)")
+        raise UserError(f"augment={spec!r}: rot90 needs square images; these are {shape[0]}x{shape[1]} (use hflip/vflip)")
     return A.Compose([TRANSFORMS[name](A, min(shape)) for name in names], seed=seed)
 
 

@@ -40,21 +40,36 @@ class DecodeResult:
     content_hash: str  # sha256 of the file's bytes: exact duplicates share it
     source_shape: tuple[int, int]
     outputs: tuple[Decoded, ...]
+    bit_depth: int | None = None  # what a deeper-than-8-bit integer image was scaled by
 
 
-def to_gray_uint8(image: Image.Image) -> np.ndarray:
-    """8-bit grayscale, keeping a deeper image's full range (scaled, not clipped).
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # integer images deeper than 8 bits
+BIT_DEPTHS = range(9, 33)  # what --bit-depth may say a deeper sensor records
 
-    An integer image is scaled by the smallest whole bit depth that holds its brightest pixel:
-    a 12-bit sensor's frame in a 16-bit PNG uses 0..4095, and dividing it by 65535 would leave
-    it about 16 grey levels. A bit depth, not the image's own maximum, so that a dark frame stays
-    dark. A float image is stretched over its own range; a non-finite pixel is refused
-    (ValueError), since one NaN would otherwise turn the whole image black."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+
+def to_gray_uint8(image: Image.Image, bit_depth: int | None = None) -> np.ndarray:
+    """8-bit grayscale, keeping a deeper image's full range (scaled, not clipped); see `gray`."""
+    return gray(image, bit_depth)[0]
+
+
+def gray(image: Image.Image, bit_depth: int | None = None) -> tuple[np.ndarray, int | None]:
+    """8-bit grayscale and, for an integer image deeper than 8 bits, the bit depth it was scaled by.
+
+    A 12-bit sensor's frame in a 16-bit PNG uses 0..4095; dividing it by 65535 would leave it
+    about 16 grey levels. With `bit_depth` (prepare's --bit-depth) every such image is scaled by
+    it, and a pixel above its range is refused. Without, by the smallest whole bit depth that holds
+    the image's brightest pixel: a bit depth, not the maximum itself, so that a dim frame keeps
+    most of its darkness; prepare counts the depths it used, since a frame dim enough to fit a
+    smaller one is still brightened (--bit-depth says the sensor's once for all).
+    A float image is stretched over its own range; a non-finite pixel is refused (ValueError),
+    since one NaN would otherwise turn the whole image black."""
+    if image.mode in DEEP_MODES:
         array = np.asarray(image, dtype=np.float64)
         brightest = max(float(array.max()), 255.0)
-        maximum = 2.0 ** int(np.ceil(np.log2(brightest + 1))) - 1
-        return np.clip(np.rint(array * (255.0 / maximum)), 0, 255).astype(np.uint8)
+        depth = bit_depth or int(np.ceil(np.log2(brightest + 1)))
+        if brightest > 2.0 ** depth - 1:
+            raise ValueError(f"brightest pixel {brightest:.0f} is above the {depth}-bit range (--bit-depth {depth})")
+        return np.clip(np.rint(array * (255.0 / (2.0 ** depth - 1))), 0, 255).astype(np.uint8), depth
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         bad = int((~np.isfinite(array)).sum())
@@ -62,10 +77,10 @@ def to_gray_uint8(image: Image.Image) -> np.ndarray:
             raise ValueError(f"{bad} non-finite pixel(s) (NaN or infinity) in a floating-point image")
         low, high = float(array.min()), float(array.max())
         scale = 255.0 / (high - low) if high > low else 0.0
-        return np.rint((array - low) * scale).astype(np.uint8)
+        return np.rint((array - low) * scale).astype(np.uint8), None
     if image.mode != "L":
         image = image.convert("L")
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(image, dtype=np.uint8), None
 
 
 def _resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -147,15 +162,17 @@ def fit_image(item: Item, pixels: np.ndarray, size: int, fit: str) -> tuple[Deco
     raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
 
 
-def decode(item: Item, size: int, fit: str) -> DecodeResult:
+def decode(item: Item, size: int, fit: str, bit_depth: int | None = None) -> DecodeResult:
     """Read, hash, decode and fit one image. Raises OSError/ValueError with the reason."""
     data = item.path.read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         # A decompression-bomb warning is an error here: such a file is not a defect image.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            pixels = to_gray_uint8(image)
+            pixels, depth = gray(image, bit_depth)
     if min(pixels.shape) < 1:
         raise ValueError("image has no pixels")
     for region in item.regions:
@@ -165,14 +182,14 @@ def decode(item: Item, size: int, fit: str) -> DecodeResult:
         content_hash=hashlib.sha256(data).hexdigest(),
         source_shape=pixels.shape,
         outputs=fit_image(item, pixels, size, fit),
+        bit_depth=depth,
     )
 
 
-def decode_or_reason(job: tuple[Item, int, str]) -> DecodeResult | str:
+def decode_or_reason(job: tuple[Item, int, str] | tuple[Item, int, str, int | None]) -> DecodeResult | str:
     """`decode` for a process pool: the result, or why the image was skipped."""
-    item, size, fit = job
     try:
-        return decode(item, size, fit)
+        return decode(*job)
     except FileNotFoundError:
         return "image file not found"
     except UnidentifiedImageError:

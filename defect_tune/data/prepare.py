@@ -49,7 +49,7 @@ from rich.table import Table
 
 from defect_tune import __version__
 from defect_tune.core.errors import UserError, file_in_the_way
-from defect_tune.data.images import FITS, decode_or_reason
+from defect_tune.data.images import BIT_DEPTHS, FITS, decode_or_reason
 from defect_tune.data.readers import (
     BadInput,
     Catalog,
@@ -82,6 +82,7 @@ class PrepareOptions:
     format: str
     out: Path
     image_size: int = 224
+    bit_depth: int | None = None  # a deeper sensor's bit depth; None: each image's smallest that holds it
     fit: str | None = None  # None: "keep" for Severstal frames, "pad" otherwise
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
@@ -108,6 +109,8 @@ class PrepareOptions:
             raise PrepareError(f"unknown --format {self.format!r}; choose one of {FORMATS}")
         if self.resolved_fit not in FITS:
             raise PrepareError(f"unknown --fit {self.fit!r}; choose one of {FITS}")
+        if self.bit_depth is not None and self.bit_depth not in BIT_DEPTHS:
+            raise PrepareError(f"--bit-depth must be between {BIT_DEPTHS[0]} and {BIT_DEPTHS[-1]} (8-bit images need none), got {self.bit_depth}")
         if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
             raise PrepareError(f"--image-size must be between 8 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
         fractions = self.split
@@ -216,6 +219,18 @@ def _not_a_prepare_output(folder: Path) -> str | None:
     if not isinstance(meta, dict) or not {"format_version", "classes", "splits"} <= meta.keys():
         return "its meta.json is not one prepare wrote"
     others = sorted(entry.name for entry in folder.iterdir() if entry.name not in OUTPUT_ENTRIES)
+    # Inside the split folders only the shards meta.json lists: a user's file dropped beside them
+    # (or a folder linked in) would go with them.
+    splits = meta["splits"] if isinstance(meta["splits"], dict) else {}
+    listed = {shard.get("file") for split in splits.values() if isinstance(split, dict)
+              for shard in split.get("shards") or [] if isinstance(shard, dict)}
+    for name in SPLITS:
+        split = folder / name
+        if split.is_symlink() or split.exists() and not split.is_dir():
+            others.append(name)
+        elif split.is_dir():
+            others += sorted(str(path.relative_to(folder)) for path in split.rglob("*")
+                             if path.is_symlink() or not path.is_dir() and str(path.relative_to(folder)) not in listed)
     if others:
         return f"it holds files prepare did not write: {', '.join(others[:5])}"
     return None
@@ -234,19 +249,19 @@ class _Row:
 _CHUNK = 64  # images per decode task: big enough to amortise a task, small enough for a smooth bar
 
 
-def _decode_chunk(job: tuple[list[Item], int, str, Path]) -> list[tuple[str, list[tuple[str, tuple[str, ...], tuple[int, int]]]] | str]:
+def _decode_chunk(job: tuple[list[Item], int, str, int | None, Path]) -> list[tuple[str, list[tuple[str, tuple[str, ...], tuple[int, int]]], int | None] | str]:
     """Decode a run of items in a worker; the pixels go straight to a staging Parquet file, so
     only small metadata travels back to the parent (shipping pixels through the pool's pipe
     made two workers slower than one)."""
-    items, size, fit, path = job
+    items, size, fit, bit_depth, path = job
     pixels: list[bytes] = []
     results = []
     for item in items:
-        result = decode_or_reason((item, size, fit))
+        result = decode_or_reason((item, size, fit, bit_depth))
         if isinstance(result, str):
             results.append(result)
             continue
-        results.append((result.content_hash, [(o.suffix, o.labels, o.pixels.shape) for o in result.outputs]))
+        results.append((result.content_hash, [(o.suffix, o.labels, o.pixels.shape) for o in result.outputs], result.bit_depth))
         pixels.extend(o.pixels.tobytes() for o in result.outputs)
     pq.write_table(pa.table({"pixels": pa.array(pixels, pa.binary())}), path)
     return results
@@ -285,7 +300,7 @@ def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catal
     workers = options.workers or os.cpu_count() or 1
     staging.mkdir()
     jobs = [
-        (items[start : start + _CHUNK], options.image_size, options.resolved_fit, staging / f"{start // _CHUNK:08d}.parquet")
+        (items[start : start + _CHUNK], options.image_size, options.resolved_fit, options.bit_depth, staging / f"{start // _CHUNK:08d}.parquet")
         for start in range(0, len(items), _CHUNK)
     ]
     pool = None
@@ -299,6 +314,7 @@ def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catal
     else:
         results = map(_decode_chunk, jobs)
     rows: list[_Row] = []
+    depths: Counter[int] = Counter()  # deeper-than-8-bit images by the bit depth they were scaled by
     progress = Progress(
         TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, disable=console is None,
@@ -312,14 +328,16 @@ def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catal
                         catalog.skip(item.path, result)
                         _fail_if_strict(options, catalog.bad[-1:])
                         continue
-                    content_hash, outputs = result
+                    content_hash, outputs, depth = result
+                    if depth is not None:
+                        depths[depth] += 1
                     for suffix, labels, shape in outputs:
                         rows.append(_Row(item.id + suffix, str(item.path), content_hash, labels, item.meta, shape))
                 progress.advance(task, len(chunk))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return rows
+    return rows, depths
 
 
 def _common_shape(rows: list[_Row], catalog: Catalog, options: PrepareOptions) -> tuple[tuple[int, int], np.ndarray]:
@@ -484,7 +502,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
     tmp.mkdir(parents=True)
     try:
         decode_started = time.perf_counter()
-        rows = _decode_all(options, items, tmp / "staging", catalog, console)
+        rows, depths = _decode_all(options, items, tmp / "staging", catalog, console)
         decode_seconds = time.perf_counter() - decode_started
         shape, usable = _common_shape(rows, catalog, options)
         usable = _conflicting_labels(rows, usable, catalog, options)
@@ -509,7 +527,8 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
             "source": {"format": options.format, "path": str(options.source.absolute()) if options.source else None},
             "source_fingerprint": _fingerprint(rows, split_of),
             "classes": classes,
-            "image": {"height": shape[0], "width": shape[1], "channels": 1, "dtype": "uint8", "fit": options.resolved_fit},
+            "image": {"height": shape[0], "width": shape[1], "channels": 1, "dtype": "uint8", "fit": options.resolved_fit,
+                      "bit_depth": options.bit_depth, "deep_images_by_bit_depth": {str(d): n for d, n in sorted(depths.items())}},
             "metadata_columns": list(catalog.meta_columns),
             "images": len(stored),
             "positives": {c: sum(c in r.labels for r in stored) for c in classes},
@@ -566,4 +585,9 @@ def summary_table(meta: dict) -> Table:
         f"decoded {throughput['source_images']} images at {throughput['images_per_second']} images/s "
         f"on {throughput['workers']} workers"
     )
+    depths = meta["image"].get("deep_images_by_bit_depth") or {}
+    if len(depths) > 1 and meta["image"].get("bit_depth") is None:
+        used = ", ".join(f"{depth}-bit ({count})" for depth, count in depths.items())
+        table.caption += (f"\ndeeper than 8 bits, scaled by each image's own bit depth: {used}; the dimmer ones were "
+                          f"brightened: pass --bit-depth with the sensor's depth to scale them alike")
     return table

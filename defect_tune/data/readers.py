@@ -331,7 +331,9 @@ def read_manifest(manifest: Path) -> Catalog:
         raise ValueError(f"{manifest}: give the manifest CSV file itself, not a folder")
     base = manifest.parent
     catalog = Catalog()
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, tuple[str, ...]]] = {}  # path -> its first line and labels
+    conflicted: set[str] = set()
+    keys: list[str] = []  # each item's path key
     with read_text(manifest) as handle:
         reader = csv.reader(handle)
         header = [h.strip() for h in next(reader, [])]
@@ -351,10 +353,17 @@ def read_manifest(manifest: Path) -> Catalog:
                 catalog.skip(where, "empty path")
                 continue
             key = os.path.normpath(record["path"])  # ./img/a.jpg and img/a.jpg are one file
+            labels = tuple(sorted({name.strip() for name in record["labels"].split(";") if name.strip()}))
             if key in seen:
-                catalog.skip(where, f"duplicate row for {record['path']!r} (first at line {seen[key]})")
+                first, first_labels = seen[key]
+                if labels == first_labels:
+                    catalog.skip(where, f"duplicate row for {record['path']!r} (first at line {first})")
+                else:  # which row is right cannot be known here: neither is kept
+                    catalog.skip(where, f"{record['path']!r} is labelled {list(labels)} here but {list(first_labels)} "
+                                        f"at line {first}; label the image once")
+                    conflicted.add(key)
                 continue
-            seen[key] = line
+            seen[key] = (line, labels)
             if os.path.isabs(record["path"]):
                 path = Path(record["path"])  # a file elsewhere, named in full: the user's choice
             else:
@@ -363,7 +372,6 @@ def read_manifest(manifest: Path) -> Catalog:
                     catalog.skip(where, f"{record['path']!r} leaves the manifest's folder {base}; "
                                         "give an absolute path to use a file elsewhere")
                     continue
-            labels = tuple(sorted({name.strip() for name in record["labels"].split(";") if name.strip()}))
             catalog.items.append(
                 Item(
                     id=str(Path(record["path"]).with_suffix("")),
@@ -373,6 +381,14 @@ def read_manifest(manifest: Path) -> Catalog:
                     origin=where,
                 )
             )
+            keys.append(key)
+    kept = []
+    for item, key in zip(catalog.items, keys):
+        if key in conflicted:
+            catalog.skip(item.origin, f"{item.path.name}: labelled differently by a later row; label the image once")
+        else:
+            kept.append(item)
+    catalog.items = kept
     return catalog
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION
 from defect_tune.core.errors import UserError, file_in_the_way
-from defect_tune.core.leaderboard import from_results, plain, ranked_by
+from defect_tune.core.leaderboard import COSTS, from_results, plain, ranked_by
 
 EXPORT_FORMAT = 1
 PACKAGES = ("defect-tune", "torch", "torchvision", "timm", "ray", "optuna", "albumentations", "numpy", "pyarrow")
@@ -64,8 +64,9 @@ def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
     return sweep, board, _read_json(files["trial_configs.json"])
 
 
-# What `export` can cap, by leaderboard column (training/cost.py measures them in every trial).
-LIMITS = {"cost/latency_ms_b1": ("--max-latency-ms", "ms per image at batch 1"), "cost/params": ("--max-params", "parameters")}
+# What `export` can cap, by leaderboard column: the option and the cost in words.
+LIMITS = {column: (option, COSTS[column][0]) for column, option in (("cost/latency_ms_b1", "--max-latency-ms"),
+                                                                     ("cost/params", "--max-params"))}
 
 
 def parse_count(text: str) -> float:
@@ -100,6 +101,25 @@ def _within(usable: pd.DataFrame, limits: dict[str, float], where: Path) -> pd.D
     return meeting
 
 
+def passed_over(board: pd.DataFrame, metric: str) -> pd.Series:
+    """Why each trial cannot be exported, by row (NaN where it can): one that ended in error, or
+    that has a non-finite `metric` or no best epoch, has nothing to hand on."""
+    values = pd.to_numeric(board[metric], errors="coerce")
+    epochs = pd.to_numeric(board["best_epoch"], errors="coerce")
+    why = pd.Series(np.nan, index=board.index, dtype=object)
+    why[board["status"] == "error"] = "ended in error"
+    bad_value = why.isna() & ~np.isfinite(values)
+    why[bad_value] = [f"{metric} is {board.at[i, metric]}" for i in why.index[bad_value]]
+    bad_epoch = why.isna() & ~(np.isfinite(epochs) & (epochs >= 1))
+    why[bad_epoch] = [f"best_epoch is {board.at[i, 'best_epoch']}" for i in why.index[bad_epoch]]
+    return why
+
+
+def _listed(board: pd.DataFrame, passed: pd.Series, most: int = 5) -> str:
+    shown = [f"trial {board.at[index, 'trial_id']} ({reason})" for index, reason in passed.head(most).items()]
+    return ", ".join(shown) + (f" and {len(passed) - most} more" if len(passed) > most else "")
+
+
 def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path, limits: dict[str, float] | None = None) -> pd.Series:
     """The `rank`-th best trial by `metric` among trials that finished an epoch without error,
     and that meet `limits` (a leaderboard cost column -> its largest allowed value)."""
@@ -112,13 +132,13 @@ def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path, li
     values = pd.to_numeric(board[metric], errors="coerce")
     if board[metric].notna().any() and values.isna().all():
         raise ExportError(f"{where}: column {metric!r} holds no numbers")
-    epochs = pd.to_numeric(board["best_epoch"], errors="coerce")
-    # A trial with an infinite or missing figure, or no best epoch, has nothing to hand on.
-    usable = board[(board["status"] != "error") & np.isfinite(values) & np.isfinite(epochs) & (epochs >= 1)]
+    usable = board[passed_over(board, metric).isna()]
     if limits:
         usable = _within(usable, limits, where)
     if rank < 1 or rank > len(usable):
-        raise ExportError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) have a {metric} value")
+        passed = passed_over(board, metric).dropna()
+        why = f"; passed over: {_listed(board, passed)}" if len(passed) else ""
+        raise ExportError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) can be exported{why}")
     order = values[usable.index].sort_values(ascending=mode == "min", kind="stable").index
     return usable.loc[order].iloc[rank - 1]
 
@@ -134,6 +154,9 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     mode = mode or (sweep["mode"] if objective else "min" if "loss" in metric else "max")
     row = pick(board, metric, mode, rank, results / "leaderboard.parquet", limits)
     trial_id = row["trial_id"]
+    # Trials that finished yet cannot be ranked (a non-finite figure): named, never dropped unseen.
+    passed = passed_over(board, metric)
+    passed = passed[passed.notna() & (passed != "ended in error")]
     if trial_id not in configs:
         raise ExportError(f"{results / 'trial_configs.json'}: no config for trial {trial_id}")
     classes = sweep["classes"]
@@ -150,6 +173,7 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
             "seed_point": plain(row.get("seed_point")), "stop_reason": row["stop_reason"], "limits": limits or {},
             "cost": {column.removeprefix("cost/"): plain(row[column]) for column in board.columns if column.startswith("cost/")},
             "epochs_run": int(row["epochs"]), "checkpoint": from_results(plain(row.get("checkpoint")), results.absolute()),
+            "passed_over": {str(board.at[i, "trial_id"]): reason for i, reason in passed.items()},
         },
         "objective": {
             "name": OBJECTIVE, "mode": "max", "value": plain(row.get(OBJECTIVE)),

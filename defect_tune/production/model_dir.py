@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from defect_tune.core.config import TrainConfig
 from defect_tune.core.errors import UserError
 from defect_tune.core.metrics import PREDICT_NOTHING, per_class_table
-from defect_tune.data.images import FITS
+from defect_tune.data.images import BIT_DEPTHS, FITS
 from defect_tune.training.engine import pick_device
 from defect_tune.training.models import build_model
 
@@ -167,6 +167,9 @@ def check_model_info(info: dict, path: Path) -> None:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()) or pre["fit"] not in FITS:
         # Checked here so that predict blames model.json, not every image it then fails to fit.
         raise ModelDirError(f"{path}: preprocessing {pre} needs positive whole sizes and a fit among {FITS}")
+    if pre.get("bit_depth") is not None and pre["bit_depth"] not in BIT_DEPTHS:  # absent before --bit-depth existed
+        raise ModelDirError(f"{path}: preprocessing bit_depth {pre['bit_depth']!r} is not a whole number of bits "
+                            f"from {BIT_DEPTHS[0]} to {BIT_DEPTHS[-1]}")
 
 
 def read_model_info(model_dir: Path) -> dict:

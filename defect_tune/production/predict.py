@@ -99,12 +99,13 @@ def _runtime(model_dir: Path, runtime: str, device: str):
     return (lambda images, tta: _probabilities(model, images, target, tta)), info
 
 
-def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int]) -> Iterator[tuple[Path, np.ndarray | str]]:
+def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int],
+             bit_depth: int | None = None) -> Iterator[tuple[Path, np.ndarray | str]]:
     for path in paths:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             yield path, f"not an image file (suffix {path.suffix or 'none'}); images are {', '.join(IMAGE_SUFFIXES)}"
             continue
-        result = decode_or_reason((Item(id=str(path), path=path, labels=()), size, fit))
+        result = decode_or_reason((Item(id=str(path), path=path, labels=()), size, fit, bit_depth))
         if isinstance(result, str):
             yield path, result
             continue
@@ -145,7 +146,7 @@ def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta
                          "defects": ";".join(c for c, d in zip(classes, decisions) if d), "error": None})
         pending.clear()
 
-    for path, tiles in _decoded(paths, pre["image_size"], pre["fit"], (pre["height"], pre["width"])):
+    for path, tiles in _decoded(paths, pre["image_size"], pre["fit"], (pre["height"], pre["width"]), pre.get("bit_depth")):
         if isinstance(tiles, str):  # kept, with the reason: nothing is silently dropped
             rows.append({"path": str(path), "tiles": 0, "error": tiles})
             continue

@@ -218,7 +218,7 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         "preprocessing": {  # what `predict` must do to an image, the same as `prepare` did
             "image_size": meta["options"]["image_size"], "fit": meta["image"]["fit"],
             "height": meta["image"]["height"], "width": meta["image"]["width"], "grayscale": True,
-            "mean": MEAN, "std": STD,
+            "mean": MEAN, "std": STD, "bit_depth": meta["image"].get("bit_depth"),
         },
         "training": {
             "holdout": options.holdout, "train_splits": ["train"] if validate else ["train", "val"],

@@ -37,6 +37,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, PREDICTIONS_FILE
 from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.core.leaderboard import COSTS as COST_NAMES
 from defect_tune.core.leaderboard import from_results, prediction_files
 from defect_tune.search.ray_compat import optuna_contains
 from defect_tune.search.space import SpaceError, load_space
@@ -476,14 +477,11 @@ def tied_with_leader(board: pd.DataFrame, objective: str) -> pd.Series:
     return tied.fillna(False)
 
 
-# Cost columns the leaderboard shows where the sweep measured them (training/cost.py): label, format.
-COSTS = {
-    "cost/params": ("params (M)", lambda v: "–" if _missing(v) else f"{v / 1e6:.2f}"),
-    "cost/gflops_per_image": ("GFLOPs / image", lambda v: "–" if _missing(v) else f"{v:.3g}"),
-    "cost/latency_ms_b1": ("ms / image, batch 1", lambda v: "–" if _missing(v) else f"{v:.2f}"),
-    "cost/latency_ms_b32": ("ms / image, batch 32", lambda v: "–" if _missing(v) else f"{v:.2f}"),
-    "cost/peak_memory_mb": ("peak training MB", lambda v: "–" if _missing(v) else f"{v:.0f}"),
-}
+# How the leaderboard shows each cost the sweep measured (core.leaderboard.COSTS): label, format.
+_COST_FORMATS = {"cost/params": lambda v: f"{v / 1e6:.2f}", "cost/gflops_per_image": lambda v: f"{v:.3g}",
+                 "cost/peak_memory_mb": lambda v: f"{v:.0f}"}
+COSTS = {column: (label, lambda v, shown=_COST_FORMATS.get(column, lambda v: f"{v:.2f}"): "–" if _missing(v) else shown(v))
+         for column, (_, label) in COST_NAMES.items()}
 
 
 def leaderboard_section(sweep: Sweep) -> Section:
@@ -545,9 +543,7 @@ def pareto_front(board: pd.DataFrame, objective: str, mode: str, cost: str) -> p
     return on
 
 
-PARETO_COSTS = {"cost/latency_ms_b1": "milliseconds per image at batch 1", "cost/params": "parameters",
-                "cost/latency_ms_b32": "milliseconds per image at batch 32", "cost/gflops_per_image": "GFLOPs per image",
-                "cost/peak_memory_mb": "peak training memory (MB)"}
+PARETO_COSTS = {column: words for column, (words, _) in COST_NAMES.items()}
 DEFAULT_PARETO = ("cost/latency_ms_b1", "cost/params")  # drawn for every sweep that measured costs
 
 

@@ -32,13 +32,14 @@ import yaml
 
 from defect_tune.core.config import ConfigError, TrainConfig, load_config, validate_config
 from defect_tune.core.errors import UserError
+from defect_tune.core.leaderboard import COSTS as LEADERBOARD_COSTS
 
 BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.baseline_params)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
 TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "cv", "fixed", "params", "points_to_evaluate",
              "description", "trade_offs"}
-# What a trial reports once per trial that a sweep can trade its objective against (training/cost.py).
-COSTS = ("cost/latency_ms_b1", "cost/latency_ms_b32", "cost/params", "cost/gflops_per_image", "cost/peak_memory_mb")
+# What a sweep can trade its objective against: every cost a trial reports.
+COSTS = tuple(LEADERBOARD_COSTS)
 
 
 class SpaceError(UserError):

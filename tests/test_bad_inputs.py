@@ -453,6 +453,15 @@ CASES = [
          setup=lambda w: _manifest(w, "path,labels\n./crack/c0.png,crack\nok/o0.png,\ncrack/c0.png,scratch\n" + "".join(
              f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(1, 8))),
          changed=lambda w: [w["tmp"] / "o"]),
+    Case("train-weight-override-unknown", "`train class_weight_overrides={crak: 2}` (a misspelt class)",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "epochs=1", "class_weight_overrides={crak: 2}"],
+         "class_weight_overrides: class-weight overrides name unknown classes ['crak']", changed=lambda w: [w["tmp"] / "t"]),
+    Case("train-val-no-defects", "`train` on data whose validation split holds no defect",
+         lambda w: ["train", "--data", str(w["tmp"] / "copy"), "--out", str(w["tmp"] / "t"), "epochs=1"],
+         "meta.json: the val split holds no image with a defect",
+         setup=lambda w: _meta_edit(w, lambda meta: meta["splits"]["val"]["positives"].update(
+             dict.fromkeys(meta["splits"]["val"]["positives"], 0))),
+         changed=lambda w: [w["tmp"] / "t"]),
     Case("deep-png-own-depths", "16-bit PNGs from a 12-bit sensor, some frames dim, no `--bit-depth`",
          lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
          "scaled by each image's own bit depth: 11-bit (3), 12-bit (3); the dimmer ones were brightened", code=0,

@@ -200,7 +200,7 @@ def test_manifest_rows_that_label_one_image_differently_drop_it(tmp_path):
     assert [i.id for i in catalog.items] == ["img/b"]
     found = {b.file.rsplit(":", 1)[1]: b.reason for b in catalog.bad}
     assert "labelled ['scratch'] here but ['crack'] at line 2" in found["4"]
-    assert "a.png: labelled differently by a later row" in found["2"]
+    assert "a.png: labelled differently at line 4" in found["2"]
 
 
 def test_manifest_needs_path_and_labels_columns(tmp_path):

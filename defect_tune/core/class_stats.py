@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from defect_tune.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class ClassCounts:
@@ -29,23 +31,25 @@ def class_weights(
     negative/positive ratio (BCE's usual `pos_weight`). `overrides` set a class's weight outright,
     as the EL seed lowered crack from 1.9 to 1.5 because crack is frequent but ambiguous.
     A class with no positives has no defined weight: override it or leave it out of training.
+    Each of these is the user's config or data, so a UserError naming the key.
     """
     if exponent < 0:
-        raise ValueError(f"class-weight exponent must be >= 0, got {exponent}")
+        raise UserError(f"class_weight_exponent: class-weight exponent must be >= 0, got {exponent}")
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(counts.positives))
     if unknown:
-        raise ValueError(f"class-weight overrides name unknown classes {unknown}; classes are {sorted(counts.positives)}")
+        raise UserError(f"class_weight_overrides: class-weight overrides name unknown classes {unknown}; "
+                        f"classes are {sorted(counts.positives)}")
     weights = {}
     for name, positives in counts.positives.items():
         if name in overrides:
             if overrides[name] < 0:
-                raise ValueError(f"class-weight override for {name!r} must be >= 0, got {overrides[name]}")
+                raise UserError(f"class_weight_overrides: class-weight override for {name!r} must be >= 0, got {overrides[name]}")
             weights[name] = float(overrides[name])
         elif not 0 < positives <= counts.total:
-            raise ValueError(
-                f"class {name!r} has {positives} positives among {counts.total} images: "
-                "its weight is undefined; give it an override"
+            raise UserError(
+                f"class {name!r} has {positives} positives among {counts.total} training images: "
+                "its weight is undefined; give it an override (class_weight_overrides) or prepare a larger train split"
             )
         else:
             weights[name] = float(((counts.total - positives) / positives) ** exponent)

@@ -174,12 +174,12 @@ def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = froze
 
 # What a trial's model costs, by leaderboard column (training/cost.py measures them once per
 # trial; memory is its peak over epochs): the cost in words, and its label in a table. A space's
-# trade_offs, export's limits, the report and the console all take their costs from here.
+# trade_offs, export's limits and the report take their costs from here.
 COSTS = {
-    "cost/latency_ms_b1": ("milliseconds per image at batch 1", "ms / image, batch 1"),
-    "cost/latency_ms_b32": ("milliseconds per image at batch 32", "ms / image, batch 32"),
     "cost/params": ("parameters", "params (M)"),
     "cost/gflops_per_image": ("GFLOPs per image", "GFLOPs / image"),
+    "cost/latency_ms_b1": ("milliseconds per image at batch 1", "ms / image, batch 1"),
+    "cost/latency_ms_b32": ("milliseconds per image at batch 32", "ms / image, batch 32"),
     "cost/peak_memory_mb": ("peak training memory (MB)", "peak training MB"),
 }
 

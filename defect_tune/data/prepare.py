@@ -222,8 +222,9 @@ def _not_a_prepare_output(folder: Path) -> str | None:
     # Inside the split folders only the shards meta.json lists: a user's file dropped beside them
     # (or a folder linked in) would go with them.
     splits = meta["splits"] if isinstance(meta["splits"], dict) else {}
-    listed = {shard.get("file") for split in splits.values() if isinstance(split, dict)
-              for shard in split.get("shards") or [] if isinstance(shard, dict)}
+    shards = [split.get("shards") for split in splits.values() if isinstance(split, dict)]
+    listed = {shard.get("file") for entries in shards if isinstance(entries, list)
+              for shard in entries if isinstance(shard, dict) and isinstance(shard.get("file"), str)}
     for name in SPLITS:
         split = folder / name
         if split.is_symlink() or split.exists() and not split.is_dir():
@@ -588,6 +589,6 @@ def summary_table(meta: dict) -> Table:
     depths = meta["image"].get("deep_images_by_bit_depth") or {}
     if len(depths) > 1 and meta["image"].get("bit_depth") is None:
         used = ", ".join(f"{depth}-bit ({count})" for depth, count in depths.items())
-        table.caption += (f"\ndeeper than 8 bits, scaled by each image's own bit depth: {used}; the dimmer ones were "
+        table.caption += (f"\n16-bit images scaled by each image's own bit depth: {used}; the dimmer ones were "
                           f"brightened: pass --bit-depth with the sensor's depth to scale them alike")
     return table

@@ -332,7 +332,7 @@ def read_manifest(manifest: Path) -> Catalog:
     base = manifest.parent
     catalog = Catalog()
     seen: dict[str, tuple[int, tuple[str, ...]]] = {}  # path -> its first line and labels
-    conflicted: set[str] = set()
+    conflicted: dict[str, int] = {}  # path -> the first later line that labels it differently
     keys: list[str] = []  # each item's path key
     with read_text(manifest) as handle:
         reader = csv.reader(handle)
@@ -361,7 +361,7 @@ def read_manifest(manifest: Path) -> Catalog:
                 else:  # which row is right cannot be known here: neither is kept
                     catalog.skip(where, f"{record['path']!r} is labelled {list(labels)} here but {list(first_labels)} "
                                         f"at line {first}; label the image once")
-                    conflicted.add(key)
+                    conflicted.setdefault(key, line)
                 continue
             seen[key] = (line, labels)
             if os.path.isabs(record["path"]):
@@ -385,7 +385,7 @@ def read_manifest(manifest: Path) -> Catalog:
     kept = []
     for item, key in zip(catalog.items, keys):
         if key in conflicted:
-            catalog.skip(item.origin, f"{item.path.name}: labelled differently by a later row; label the image once")
+            catalog.skip(item.origin, f"{item.path.name}: labelled differently at line {conflicted[key]}; label the image once")
         else:
             kept.append(item)
     catalog.items = kept

@@ -108,6 +108,11 @@ def check_shards(data_dir: str | os.PathLike, meta: dict, splits: tuple[str, ...
         entry = meta["splits"].get(split)
         if entry is None:
             raise DataError(f"{meta_file}: no {split!r} split")
+        positives = entry.get("positives") if isinstance(entry, dict) else None
+        if split == "val" and isinstance(positives, dict) and positives and not any(positives.values()):
+            # The objective, the thresholds and early stopping all rank on validation defects.
+            raise DataError(f"{meta_file}: the val split holds no image with a defect, so nothing can be ranked "
+                            "on it; prepare with a larger validation fraction (--split)")
         shards = entry.get("shards", [])
         rows = 0
         for shard in shards:

@@ -104,8 +104,9 @@ def _within(usable: pd.DataFrame, limits: dict[str, float], where: Path) -> pd.D
 def passed_over(board: pd.DataFrame, metric: str) -> pd.Series:
     """Why each trial cannot be exported, by row (NaN where it can): one that ended in error, or
     that has a non-finite `metric` or no best epoch, has nothing to hand on."""
-    values = pd.to_numeric(board[metric], errors="coerce")
-    epochs = pd.to_numeric(board["best_epoch"], errors="coerce")
+    board = board.reset_index(drop=True)  # one row per label, so each reason is one value
+    values = pd.to_numeric(board[metric], errors="coerce").astype("float64")  # pandas' NA as NaN
+    epochs = pd.to_numeric(board["best_epoch"], errors="coerce").astype("float64")
     why = pd.Series(np.nan, index=board.index, dtype=object)
     why[board["status"] == "error"] = "ended in error"
     bad_value = why.isna() & ~np.isfinite(values)

@@ -5,7 +5,7 @@
 One invocation, two real `defect-tune search` runs one after the other on the same data, space
 (the bundled quick.yaml: seed CNNs, loss, class weighting, learning rate) and seed:
 
-1. FIFO: TPE proposes the trials (after the space's two seed points) and every trial trains all
+1. FIFO: TPE proposes the trials (after the space's two starting points) and every trial trains all
    `--epochs` (ASHA's grace period = the budget, so it never stops one).
 2. ASHA (grace 1, reduction factor 2): exactly the trials FIFO ran, replayed in the same order as
    `points_to_evaluate`, so the two runs differ only in the scheduler.
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
 from common import data_or_synthetic, emit, machine
 
 from defect_tune.core.config import OBJECTIVE
-from defect_tune.search.sweep import resolve_space
+from defect_tune.search.space import resolve_space
 
 
 def write_space(path: Path, trials: int, epochs: int, grace: int, points: list[dict] | None) -> Path:

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import emit, machine, neu_det_or_synthetic
+
 from defect_tune.core.augment import PRESETS, TRANSFORMS, build_augmentation
 from defect_tune.core.config import TrainConfig
 from defect_tune.data.shards import load_split, read_meta

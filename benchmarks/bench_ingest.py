@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from common import emit, machine, neu_det_or_synthetic
 
 from defect_tune.core.config import load_config
 from defect_tune.data.shards import data_file, load_split, read_meta, to_tensor
-from defect_tune.search.ingest import build_datasets
-
-from common import emit, machine, neu_det_or_synthetic
+from defect_tune.raytrain.ingest import build_datasets
 
 BATCH = 64
 

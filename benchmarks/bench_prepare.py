@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import NEU_DET
 from PIL import Image
 
-from common import NEU_DET
 from defect_tune.data.prepare import PrepareOptions, prepare
 from defect_tune.data.readers import read_voc
 from defect_tune.data.synthetic import SyntheticSpec, generate_voc

@@ -46,10 +46,10 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
-from defect_tune.search.sweep import SearchOptions, cpus_for_workers, trials_at_once
-
 from common import Sampler, data_or_synthetic, each, emit, machine
+
+from defect_tune.search.options import SearchOptions
+from defect_tune.search.resources import cpus_for_workers, trials_at_once
 
 STARTUP = {
     "startup/datasets_s": "trial start → its Ray Datasets built (in Tune's trial actor)",

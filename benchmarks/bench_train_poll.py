@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import emit, machine
 
-SETTINGS = ("2.0", "0.25")  # Ray's default, and defect_tune.search.trial.TRAIN_POLL_S
+SETTINGS = ("2.0", "0.25")  # Ray's default, and defect_tune.raytrain.loop.TRAIN_POLL_S
 
 
 def one_sweep(trials: int, reports: int, work: float, scratch: Path) -> dict:
@@ -34,7 +34,7 @@ def one_sweep(trials: int, reports: int, work: float, scratch: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from defect_tune.search.sweep import start_ray
+    from defect_tune.raytrain.cluster import start_ray
     from defect_tune.search.trial import fit_and_report
 
     def loop(config: dict) -> None:

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from common import data_or_synthetic, emit, machine, sampled_search
 
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
 from common import data_or_synthetic, emit, machine
 
 CONFIG = {"model": "el_cnn", "batch_size": 64, "augment": "light", "warmup_epochs": 0, "early_stopping_patience": 0,

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
 from common import data_or_synthetic, each, emit, machine, sampled_search
 
 SETTINGS = {"1000": "Ray's default, 1 s", "60000": "60 s (what `search` sets)"}

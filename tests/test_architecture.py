@@ -30,7 +30,7 @@ def import_graph() -> dict[str, set[str]]:
                              for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 if node.module.startswith("defect_tune"):
-                    # `from defect_tune.search import worker` imports the module defect_tune.search.worker
+                    # `from defect_tune.raytrain import worker` imports the module defect_tune.raytrain.worker
                     found.update(f"{node.module}.{alias.name}" for alias in node.names
                                  if f"{node.module}.{alias.name}" in modules)
                     found.add(node.module)
@@ -68,21 +68,26 @@ def packages_reached(module: str) -> set[str]:
 RAY = {"ray", "optuna"}
 # package -> what none of its modules may reach, directly or not, even from inside a function
 NEVERS = {
-    "core": (RAY, {"data", "training", "search", "production", "report"}),
-    "data": (RAY, {"training", "search", "production", "report"}),
-    "training": (RAY, {"search", "production", "report"}),
+    "core": (RAY, {"data", "training", "raytrain", "search", "production", "report"}),
+    "data": (RAY, {"training", "raytrain", "search", "production", "report"}),
+    "training": (RAY, {"raytrain", "search", "production", "report"}),
+    # The Ray Train layer (one TorchTrainer run fed by Ray Data) serves the sweep and retrain alike.
+    # It reaches Optuna only through ray_compat, whose Optuna hooks it never calls.
+    "raytrain": ({"wandb"}, {"search", "production", "report"}),
+    "search": (set(), {"production", "report"}),
+    "production": (set(), {"search", "report"}),
     # The report reads a sweep's folder and its space, and redraws the study with Optuna. It reaches
     # Ray only through ray_compat's function-level imports, which it never calls: it loads no Ray
     # (test_light_modules_load_without_torch_or_ray).
-    "report": ({"wandb"}, {"production"}),
+    "report": ({"wandb"}, {"raytrain", "production"}),
 }
 
 
 @pytest.mark.parametrize("module", modules_of(*NEVERS))
 def test_a_module_never_reaches_what_its_package_forbids(module):
-    # The graph reader sees what it should: the sweep reaches Ray, retrain the sweep.
+    # The graph reader sees what it should: the sweep reaches Ray, retrain the Ray Train layer's worker.
     assert "ray" in reach(GRAPH, "defect_tune.search.sweep")
-    assert "defect_tune.search.trial" in reach(GRAPH, "defect_tune.production.retrain")
+    assert "defect_tune.raytrain.worker" in reach(GRAPH, "defect_tune.production.retrain")
     libraries, packages = NEVERS[package(module)]
     broken = sorted(libraries & reach(GRAPH, module)) + sorted(packages & packages_reached(module))
     assert not broken, f"{module} reaches {broken}"
@@ -94,15 +99,45 @@ def test_prediction_never_reaches_ray_optuna_or_the_sweep(module):
     assert not broken, f"{module} reaches {broken}"
 
 
-def test_every_module_but_the_two_front_doors_lives_in_a_package():
-    """The command line and the Python API (api.py) sit on top; nothing below imports them."""
-    assert sorted(path.name for path in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "api.py", "cli.py"]
+def test_every_module_but_the_two_front_doors_and_ray_compat_lives_in_a_package():
+    """The command line and the Python API (api.py) sit on top; nothing below imports them.
+    ray_compat is the one leaf below every package: each private Ray or Optuna name, imported
+    inside its functions, so it imports nothing of ours or theirs when loaded."""
+    assert sorted(path.name for path in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "api.py", "cli.py", "ray_compat.py"]
     assert not sorted(m for m, children in GRAPH.items() if "defect_tune.api" in children)
-    assert {path.parent.name for path in PACKAGE.glob("*/*.py")} == {"core", "data", "training", "search", "production", "report"}
+    assert not {m for m in GRAPH["defect_tune.ray_compat"] if m.startswith("defect_tune")}
+    assert {path.parent.name for path in PACKAGE.glob("*/*.py")} == {
+        "core", "data", "training", "raytrain", "search", "production", "report"}
+
+
+def package_graph() -> dict[str, set[str]]:
+    """package -> the other packages its modules import (the front doors and ray_compat left out)."""
+    graph: dict[str, set[str]] = {}
+    for module, children in GRAPH.items():
+        if module.count(".") != 2:
+            continue
+        graph.setdefault(package(module), set()).update(
+            package(child) for child in children if child.startswith("defect_tune.") and child.count(".") == 2
+            and package(child) != package(module))
+    return graph
+
+
+def test_packages_only_import_down_the_layers_and_have_no_cycle():
+    """Module cycles are not enough: search importing production while production imports search
+    is a cycle of packages whose modules need not form one. Each package imports only those below
+    it: core < data < training < raytrain < search < production < report (production never the
+    sweep; the report reads a sweep's folder and space); the front doors sit on top."""
+    packages = package_graph()
+    cycles = sorted(p for p in packages if p in reach(packages, p))
+    assert not cycles, f"packages that reach themselves: {cycles}"
+    order = ["core", "data", "training", "raytrain", "search", "production", "report"]
+    upward = sorted(f"{p} -> {q}" for p, qs in packages.items() for q in qs if order.index(q) > order.index(p))
+    assert not upward, upward
+    assert "search" not in packages["production"]  # siblings: retrain shares the Ray Train layer, not the sweep
 
 
 @pytest.mark.parametrize("module", modules_of("core") + ["defect_tune.data.splits", "defect_tune.data.readers",
-                                                         "defect_tune.report.page", "defect_tune.search.ray_compat"])
+                                                         "defect_tune.report.page", "defect_tune.report.study", "defect_tune.ray_compat"])
 def test_light_modules_load_without_torch_or_ray(module):
     """What only needs names and figures (the leaderboard, export, Ray's per-trial processes)
     loads no torch or timm when imported; their functions may import it when called."""
@@ -119,7 +154,7 @@ def test_nothing_imports_the_command_line_and_the_graph_has_no_cycles():
 
 
 def test_private_ray_and_optuna_names_are_used_only_in_ray_compat():
-    """When the Ray or Optuna pin moves, search/ray_compat.py lists everything to check."""
+    """When the Ray or Optuna pin moves, defect_tune/ray_compat.py lists everything to check."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "ray_compat.py":

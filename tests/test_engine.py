@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from defect_tune.core.config import TrainConfig
-from defect_tune.search.loop_config import LoopConfig
-from defect_tune.search.worker import WorkerHooks
+from defect_tune.raytrain.loop_config import LoopConfig
+from defect_tune.raytrain.worker import WorkerHooks
 from defect_tune.training.engine import EarlyStopping, Progress, build_parts, run_epochs, seed_everything
 from defect_tune.training.train import LoaderHooks, make_loader
 

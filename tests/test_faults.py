@@ -14,10 +14,8 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-
-from test_search import read_progress, search_command
 from conftest import read_csv
-
+from test_search import read_progress, search_command
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +62,19 @@ def _progress(experiment: Path, lr: float) -> pd.DataFrame | None:
     return None
 
 
+def _first_epoch_reported(lines: list[str], lr: float) -> bool:
+    """Whether the sweep printed the first epoch of the trial it started with this lr."""
+    started = [line.split()[2] for line in lines if line.startswith("[start ") and f"lr={lr:g}" in line]
+    return bool(started) and any(line.startswith("[epoch 1/") and line.split()[2] == started[0] for line in lines)
+
+
 def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_from_its_checkpoint(synthetic_data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("PYTHONPATH", str(FAULTS))
     monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_LR", str(NAN_LR))
     nan_runs = tmp_path / "nan_runs.txt"
     monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_RUNS", str(nan_runs))
+    monkeypatch.setenv("DEFECT_TUNE_TEST_SLOW_LR", str(KILL_LR))
     driver = subprocess.Popen(
         search_command("--data", synthetic_data, "--space", write_space(tmp_path), "--name", "faults", "--out", out,
                        "--max-concurrent", 1, "--max-failures", 1),
@@ -83,12 +88,13 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
     try:
         deadline = time.monotonic() + 900
         while killed is None and driver.poll() is None and time.monotonic() < deadline:
-            progress = _progress(experiment, KILL_LR)
-            if progress is not None and len(progress) == 1:  # its first epoch is checkpointed: kill mid-second
+            # The driver's own lines, not the trial's progress.csv: Tune copies that to storage
+            # when it syncs, which may be after the trial's last epoch.
+            if _first_epoch_reported(list(lines), KILL_LR):  # checkpointed; it sleeps through the second
                 (worker,) = _train_workers(driver.pid)  # one trial at a time, one worker per trial
                 worker.send_signal(signal.SIGKILL)
                 killed = worker.pid
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert killed, "the worker to kill never reported its first epoch:\n" + "".join(lines[-40:])
         assert driver.wait(timeout=900) == 0, "".join(lines[-60:])
     finally:
@@ -98,7 +104,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
 
     board = read_csv(out / "leaderboard.csv")
     assert len(board) == 2  # the sweep went on past both faults
-    diverged = board.set_index("seed_point").loc["diverges"]
+    diverged = board.set_index("starting_point").loc["diverges"]
     assert diverged["status"] == "error" and diverged["stop_reason"] == "error"
     assert diverged["error"] == "NonFiniteLoss: epoch 1, batch 4: training loss is nan"  # the reason, not "trial failed"
     # A diverged configuration is trained once: neither Train nor Tune retries it (--max-failures
@@ -106,7 +112,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
     assert len(nan_runs.read_text().splitlines()) == 1
     reported = _progress(experiment, NAN_LR)
     assert reported["epoch"].tolist() == [1] and reported["val_guarded_macro_recall"].tolist() == [0.0]
-    recovered = board.set_index("seed_point").loc["worker_killed"]
+    recovered = board.set_index("starting_point").loc["worker_killed"]
     assert recovered["status"] == "terminated" and recovered["stop_reason"] == "completed" and recovered["epochs"] == 3
     # Retried from its last checkpoint: every epoch reported once, in order, none trained twice.
     assert _progress(experiment, KILL_LR)["epoch"].tolist() == [1, 2, 3]
@@ -138,7 +144,7 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    board = read_csv(out / "leaderboard.csv").set_index("seed_point")
+    board = read_csv(out / "leaderboard.csv").set_index("starting_point")
     diverged, fine = board.loc["diverges"], board.loc["fine"]
     assert diverged["status"] == "error" and diverged["error"] == "fold 1: NonFiniteLoss: epoch 1, batch 4: training loss is nan"
     assert len(nan_runs.read_text().splitlines()) == 1  # fold 1 was trained once: a divergence is not retried

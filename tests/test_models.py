@@ -3,7 +3,14 @@ import torch
 from pydantic import ValidationError
 
 from defect_tune.core.config import TrainConfig, load_config
-from defect_tune.training.models import ElCNN, ModelError, SteelCNN, build_model, parameter_counts, set_backbone_trainable
+from defect_tune.training.models import (
+    ElCNN,
+    ModelError,
+    SteelCNN,
+    build_model,
+    parameter_counts,
+    set_backbone_trainable,
+)
 
 
 def logits_of(model, size=64, batch=2):
@@ -56,7 +63,8 @@ def test_unknown_model_suggests_close_names():
 
 def test_pretrained_without_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="cannot load pretrained weights.*pretrained_path"):
+    monkeypatch.delenv("DEFECT_TUNE_WEIGHTS", raising=False)
+    with pytest.raises(ModelError, match=r"no ImageNet weights for resnet18: looked in .*HF_HUB_OFFLINE is set.*weights add"):
         build_model(load_config(None, ["model=resnet18", "pretrained=true"]), 2)
     with pytest.raises(ModelError, match="no published weights"):
         build_model(load_config(None, ["model=el_cnn", "pretrained=true"]), 2)
@@ -73,7 +81,7 @@ def test_pretrained_from_a_local_file(tmp_path):
     torch.save(el.state_dict(), tmp_path / "el.pt")
     loaded = build_model(load_config(None, ["model=el_cnn", f"pretrained_path={tmp_path / 'el.pt'}"]), 2)
     assert torch.equal(loaded.backbone.features[0][0].weight, el.features[0][0].weight)
-    with pytest.raises(ModelError, match="cannot load"):
+    with pytest.raises(ModelError, match="missing.pt: no such file"):
         build_model(load_config(None, ["model=el_cnn", f"pretrained_path={tmp_path / 'missing.pt'}"]), 2)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import NEU_DET, balanced_labels, make_voc, needs_neu_det, voc_xml, write_image
+
 from defect_tune.data.prepare import PrepareError, PrepareOptions, prepare
 
 SPLITS = ("train", "val", "test")
@@ -352,3 +352,80 @@ def test_decode_workers_die_with_a_killed_prepare_and_the_next_run_clears_its_st
     done = subprocess.run([*command[:-2], "--workers", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not staging.exists() and f"removed {staging}" in done.stderr.replace("\n", "")  # ... until the next run
+
+
+def _prepare_command(source: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "defect_tune", "prepare", str(source), "--format", "synthetic", "--out", str(out),
+            "--image-size", "64", "--synthetic-images", "3000", "--workers", "1", *extra]
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"prepare ended (exit {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.005)
+
+
+def test_two_concurrent_prepares_of_one_out_the_second_is_refused_naming_the_first(tmp_path):
+    """The second run is refused at once, naming the first's process; the first, held still
+    meanwhile (SIGSTOP, so the overlap is certain), then finishes and its output is whole."""
+    out = tmp_path / "out"
+    first = subprocess.Popen(_prepare_command(tmp_path / "voc", out), stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".out.lock"
+    _wait_for(lambda: lock.is_file() and lock.read_text().startswith(f"process {first.pid} "), first, "lock")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(_prepare_command(tmp_path / "voc2", out), capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"{out}: another prepare is writing this --out (process {first.pid} started " in " ".join(second.stderr.split())
+    _, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["images"] == 3000 and str(tmp_path / "voc") in meta["command"] and "voc2" not in meta["command"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "voc"]  # no lock, staging or second source left
+
+
+def test_sigterm_mid_run_leaves_the_earlier_output_as_it_was_and_a_rerun_replaces_it(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run(_prepare_command(tmp_path / "earlier", out, "--seed", "1"), check=True, capture_output=True)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    stopped = subprocess.Popen(_prepare_command(tmp_path / "voc", out, "--overwrite"), stderr=subprocess.PIPE, text=True)
+    staging = lambda: any((p / "staging").is_dir() for p in tmp_path.glob(".out.tmp-*"))  # noqa: E731 - decoding has begun
+    _wait_for(staging, stopped, "staging folder")
+    stopped.send_signal(signal.SIGSTOP)  # between two polls it may not have got far: hold it where it is
+    stopped.send_signal(signal.SIGTERM)
+    stopped.send_signal(signal.SIGCONT)
+    _, errors = stopped.communicate(timeout=120)
+    assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in errors, errors
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out", "voc"]  # its staging folder and lock went with it
+    rerun = subprocess.run(_prepare_command(tmp_path / "voc", out, "--overwrite"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / "meta.json").read_text())["options"]["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out", "voc"]
+
+
+def test_a_full_disk_mid_run_is_one_line_naming_the_file_and_leaves_out_and_its_folder_as_they_were(small_voc, tmp_path, monkeypatch):
+    """The disk fills while shards are written: the error names the file and the cause, --out
+    keeps the earlier output, and neither staging nor lock is left beside it."""
+    import errno
+
+    import pyarrow.parquet
+
+    out = tmp_path / "out"
+    run(small_voc, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+
+    def full(table, where, **options):
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", full)
+    with pytest.raises(PrepareError, match=r"\.parquet: No space left on device; free some space or write "
+                                           r"elsewhere \(while preparing --out .*out: nothing was replaced there\)"):
+        run(small_voc, out, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing

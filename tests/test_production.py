@@ -24,8 +24,9 @@ from defect_tune.core.config import TrainConfig
 from defect_tune.core.metrics import PREDICT_NOTHING, evaluate
 from defect_tune.data.shards import read_meta
 from defect_tune.production.export import ExportError, build_export, read_export, write_export
+from defect_tune.search.options import SearchOptions
+from defect_tune.search.results import write_results
 from defect_tune.search.space import load_space
-from defect_tune.search.sweep import SearchOptions, write_results
 from defect_tune.training.models import build_model
 from defect_tune.training.train import OBJECTIVE, OBJECTIVE_DEFINITION
 
@@ -52,7 +53,7 @@ def make_results(tmp_path: Path, data: Path) -> Path:
 
     def row(trial_id, loss, lr, objective, precision, epochs, best_epoch, reason, status="terminated", gamma=math.nan,
             latency=None, params=None):
-        values = {"trial_id": trial_id, "seed_point": None, "param/loss": loss, "param/focal_gamma": gamma,
+        values = {"trial_id": trial_id, "starting_point": None, "param/loss": loss, "param/focal_gamma": gamma,
                   "param/lr": lr, "status": status, "stop_reason": reason, "epochs": epochs,
                   "error": "RuntimeError: boom" if status == "error" else None, OBJECTIVE: objective,
                   "best_epoch": best_epoch, "val_macro_precision": precision,
@@ -302,9 +303,9 @@ def test_a_broken_model_directory_is_one_line_naming_the_file(tmp_path, syntheti
 def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, synthetic_data, request):
     """Two retrains with the same seed give the same weights on CPU; train+val uses the export's
     epoch and thresholds. Each retrain is a real TorchTrainer run on a local Ray cluster."""
-    from defect_tune.production.retrain import RetrainError, RetrainOptions, retrain
-
     import ray
+
+    from defect_tune.production.retrain import RetrainError, RetrainOptions, retrain
 
     results = make_results(tmp_path, synthetic_data)
     best = tmp_path / "best.yaml"

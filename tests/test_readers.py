@@ -1,10 +1,10 @@
+import os
 from pathlib import Path
 
 import pytest
-
 from conftest import make_voc, voc_xml, write_image
-from defect_tune.data.readers import read_elpv, read_folders, read_manifest, read_severstal, read_voc
 
+from defect_tune.data.readers import one_item_per_file, read_elpv, read_folders, read_manifest, read_severstal, read_voc
 
 # ---------------------------------------------------------------- VOC
 
@@ -257,4 +257,44 @@ def test_folders_follow_symlinked_class_folders_once(tmp_path):
     (root / "crack" / "loop").symlink_to(root / "crack", target_is_directory=True)
     catalog = read_folders(root)
     assert sorted(item.id for item in catalog.items) == ["crack/c0", "scratch/s0", "scratch/s1", "scratch/s2"]
-    assert {item.labels for item in catalog.items} == {("crack",), ("scratch",)} and not catalog.bad
+    assert {item.labels for item in catalog.items} == {("crack",), ("scratch",)}
+    assert [(bad.file, bad.reason.split(" (")[0]) for bad in catalog.bad] == [(str(root / "crack" / "loop"), "link back up the tree")]
+
+
+def test_one_link_rule_a_file_reachable_under_two_labels_is_refused_and_listed_never_relabelled(tmp_path):
+    """A class folder linked into another (`crazing/inc -> ../inclusion`) used to lend its images to
+    whichever folder came first alphabetically. Now each such file is refused, listed under both
+    paths; a link within one class reads the file once; dangling links and FIFOs are listed."""
+    root = tmp_path / "F"
+    for k in range(2):
+        write_image(root / "crazing" / f"c{k}.png", k)
+        write_image(root / "inclusion" / f"i{k}.png", 10 + k)
+    (root / "crazing" / "inc").symlink_to("../inclusion", target_is_directory=True)
+    (root / "crazing" / "again.png").symlink_to("c1.png")  # within one class: read once
+    (root / "crazing" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(root / "crazing" / "pipe.png")
+    catalog = one_item_per_file(read_folders(root))
+    assert sorted((item.id, item.labels) for item in catalog.items) == [
+        ("crazing/c0", ("crazing",)), ("crazing/c1", ("crazing",))]
+    reasons = {bad.file: bad.reason for bad in catalog.bad}
+    for k in range(2):
+        for path in (root / "inclusion" / f"i{k}.png", root / "crazing" / "inc" / f"i{k}.png"):
+            assert reasons[str(path)].startswith("one file reached under 2 labels (crazing, inclusion) through links")
+    assert reasons[str(root / "crazing" / "again.png")] == f"the same file as {root / 'crazing' / 'c1.png'} (through a link): read once"
+    assert reasons[str(root / "crazing" / "gone.png")].startswith("dangling link (to ")
+    assert reasons[str(root / "crazing" / "pipe.png")] == "not a regular file: a FIFO (named pipe)"
+
+
+def test_an_id_is_unique_per_image_file_and_two_rows_for_one_file_with_two_labels_are_refused(tmp_path):
+    root = tmp_path / "F"
+    write_image(root / "crazing" / "a.png", 1)
+    write_image(root / "crazing" / "a.jpg", 2)
+    write_image(root / "crazing" / "b.png", 3)
+    catalog = one_item_per_file(read_folders(root))
+    assert sorted(item.id for item in catalog.items) == ["crazing/a.jpg", "crazing/a.png", "crazing/b"]
+    manifest = tmp_path / "m.csv"
+    (tmp_path / "link.png").symlink_to(root / "crazing" / "b.png")
+    manifest.write_text("path,labels\nF/crazing/b.png,crazing\nlink.png,scratch\nF/crazing/a.png,crazing\n")
+    catalog = one_item_per_file(read_manifest(manifest))
+    assert [item.id for item in catalog.items] == ["F/crazing/a"]
+    assert len(catalog.bad) == 2 and all("is one file labelled ['crazing'] vs ['scratch']" in bad.reason for bad in catalog.bad)

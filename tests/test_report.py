@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from defect_tune.cli import app
 from defect_tune.core.config import PREDICTIONS_FILE
 from defect_tune.core.metrics import learn_thresholds
-from defect_tune.report.page import (ReportError, importances, load_sweep, rebuild_study, savings, tied_with_leader, trial_indices,
-                                write_report)
+from defect_tune.report.load import ReportError, load_sweep, trial_indices
+from defect_tune.report.page import write_report
+from defect_tune.report.study import importances, rebuild_study, savings, tied_with_leader
 
 CLASSES = ["crack", "dark_area", "finger_interruption", "scratch"]
 MAX_EPOCHS = 4
@@ -45,7 +46,7 @@ points_to_evaluate:
 """
 # In the order Tune started them; conditional parameters only where their branch samples them.
 TRIALS = [
-    dict(index=0, seed_point="el_seed", stop="completed", epochs=4, objective=0.62,
+    dict(index=0, starting_point="el_seed", stop="completed", epochs=4, objective=0.62,
          params=dict(model="el_cnn", loss="weighted_bce", class_weight_exponent=0.5, lr=1e-3)),
     dict(index=1, stop="asha", epochs=1, objective=0.31,
          params=dict(model="steel_cnn", loss="focal", class_weight_exponent=0.3, focal_gamma=2.0, lr=2e-3)),
@@ -87,7 +88,7 @@ def make_results(root: Path, trials=TRIALS, space: str | None = SPACE, params=PA
     for trial in trials:
         # As Tune names a trial's folder: trainable, id, 1-based index, parameters, start time.
         (root / "tune" / "sweep" / f"run_trial_{trial_id(trial)}_{trial['index'] + 1}_lr={trial['params']['lr']:.4f}_2026-11-26_13-22-58").mkdir(parents=True)
-        row = {"trial_id": trial_id(trial), "seed_point": trial.get("seed_point")}
+        row = {"trial_id": trial_id(trial), "starting_point": trial.get("starting_point")}
         row.update({f"param/{p}": trial["params"].get(p, np.nan) for p in params})
         row.update(status="error" if trial["stop"] == "error" else "terminated", stop_reason=trial["stop"],
                    epochs=trial["epochs"], error=trial.get("error"))
@@ -148,7 +149,7 @@ def test_the_page_is_self_contained_and_has_every_section(report):
     assert "http" not in page and "<link" not in page and "<script" not in page
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in page
-    assert "sha256:0123abcd" in page and "guarded" in page and "12 min 34 s" in page
+    assert "sha256:0123abcd" in page and "guarded" in page and "12m34s" in page
 
 
 def test_the_leaderboard_lists_every_trial_best_first(report):
@@ -230,7 +231,7 @@ def test_a_sweep_bounded_by_its_time_budget_says_so_and_counts_cut_off_trials_as
     study, _ = rebuild_study(load_sweep(results))
     assert study.trials[-1].state.name == "PRUNED" and study.trials[-1].intermediate_values == {2: 0.45}
     page = write_report(results).read_text()
-    assert "<dd class=text>4 within a time budget of 20 min 00 s, up to 4 epochs each</dd>" in page
+    assert "<dd class=text>4 within a time budget of 20m, up to 4 epochs each</dd>" in page
     assert "cut off by the time budget 1" in page
 
 
@@ -356,7 +357,7 @@ def test_a_sweep_without_trials_is_an_error_naming_the_file(tmp_path):
 
 
 def test_costs_appear_in_the_leaderboard_and_the_pareto_front_marks_trials_no_other_beats_on_both(tmp_path):
-    from defect_tune.report.page import pareto_front
+    from defect_tune.report.figures import pareto_front
 
     results = make_results(tmp_path)
     board = pd.read_parquet(results / "leaderboard.parquet")
@@ -398,7 +399,7 @@ def test_the_best_trials_predictions_kept_in_the_results_folder_draw_its_curves_
 def test_learning_curves_come_from_the_stored_study_with_ashas_cut_off_at_each_rung(tmp_path):
     import optuna
 
-    from defect_tune.report.page import asha_cutoffs
+    from defect_tune.report.study import asha_cutoffs
 
     # Rungs at 1 and 2 (grace 1, factor 2, 4 epochs): at each, the top half of the values recorded there went on.
     curves = {0: {1: 0.2, 2: 0.3}, 1: {1: 0.4, 2: 0.6, 3: 0.7, 4: 0.8}, 2: {1: 0.1}, 3: {1: 0.5, 2: 0.5, 3: 0.6, 4: 0.6}}

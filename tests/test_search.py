@@ -19,11 +19,10 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
+from conftest import read_csv
+from test_wandb import assert_key_written_nowhere, assert_one_run_per_trial, offline_env
 
 from defect_tune.core.config import load_config
-from test_wandb import assert_key_written_nowhere, assert_one_run_per_trial, offline_env
-from conftest import read_csv
-
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +100,11 @@ def assert_study_stored_and_served(out: Path, name: str, board: pd.DataFrame) ->
     assert sorted(len(t.intermediate_values) for t in study.trials) == sorted(board["epochs"])
     for trial in (t for t in study.trials if t.state.name == "COMPLETE"):  # told its last epoch's selection score
         assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
+    # TPE proposes from the first trial asked for after a trial was told: the starting point
+    # first, then at most one trial asked beside it (two at a time) at random, then TPE.
+    proposers = [t.user_attrs["proposed_by"] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert proposers[0] == "el_seed" and proposers[1] in ("random (startup)", "tpe"), proposers
+    assert set(proposers[2:]) == {"tpe"}, proposers
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -148,7 +152,7 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert set(board["stop_reason"]) <= {"asha", "completed"}
         assert (board["stop_reason"] == "asha").sum() >= 1  # ASHA stopped some trials...
         assert (board["stop_reason"] == "completed").sum() >= 1  # ...and let the best run to the end
-        assert board.loc[board["seed_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
+        assert board.loc[board["starting_point"] == "el_seed", "param/class_weight_exponent"].tolist() == [0.5]
         assert board["val_guarded_macro_recall"].is_monotonic_decreasing
         assert board["checkpoint"].notna().all()
         # Each objective with its bootstrap interval, each class's recall with its counts and Wilson interval.
@@ -184,7 +188,7 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert f"runs go to {out / 'wandb'}" in result.stderr and "wandb sync" in result.stderr
         assert_one_run_per_trial(out, "leak", "defect-tune-test", synthetic_data)
         assert_key_written_nowhere(result, out, ray_tmp, tmp_path)
-        # The local cluster search started got search.LOCAL_CLUSTER_ENV: no preemption watcher per
+        # The local cluster search started got raytrain.cluster.LOCAL_CLUSTER_ENV: no preemption watcher per
         # trial. (Ray writes each actor's class into its worker's log: the controllers are there.)
         actors = [line for log in ray_tmp.glob("ray/session_2*/logs/worker-*.out")
                   for line in log.read_text(errors="replace").splitlines() if line.startswith(":actor_name:")]
@@ -192,9 +196,9 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         # Ray Data's stats actor, started by the driver, served all six trials (created in a trial,
         # it died with each and was started again).
         assert actors.count(":actor_name:TrainController") >= 6 and actors.count(":actor_name:_StatsActor") == 1
-        # One report post for the sweep, not a queue actor per trial: the queue actors left are
+        # One report relay for the sweep, not a queue actor per trial: the queue actors left are
         # W&B's, one beside each trial's W&B logging actor.
-        assert actors.count(":actor_name:ReportPost") == 1
+        assert actors.count(":actor_name:ReportRelay") == 1
         assert actors.count(":actor_name:_QueueActor") == actors.count(":actor_name:_TrialRun") == 6
 
         # The results folder moves whole: report (with the best trial's precision-recall curves,
@@ -392,7 +396,7 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
 
     from defect_tune.core.config import OBJECTIVE, TrainConfig
     from defect_tune.data.shards import read_meta
-    from defect_tune.search.post import start_report_post
+    from defect_tune.search.report_relay import start_report_relay
     from defect_tune.search.trial import QueueReportCallback, TrialSetup, _trainer
 
     config = TrainConfig(model="el_cnn", epochs=3, batch_size=64, augment="light", warmup_epochs=0, pretrained=False)
@@ -408,7 +412,7 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)  # the State API lists the tasks
     request.addfinalizer(ray.shutdown)
 
-    reports = start_report_post()
+    reports = start_report_relay()
 
     def fit(config: TrainConfig = config, setup: TrialSetup = setup, name: str = "again-t1") -> list[dict]:
         """One fit of the trial's Train run, and what it reported (as a trial would hand it on)."""

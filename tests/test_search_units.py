@@ -18,14 +18,34 @@ import pandas as pd
 import pytest
 
 from defect_tune.core.config import SELECTION, selection_score
-from defect_tune.core.leaderboard import build_leaderboard, error_reason, ranked_by
-from defect_tune.search.post import ReportPost
-from defect_tune.search.space import DefineByRun, SpaceError, load_space
-from defect_tune.search.sweep import (BUDGET_RECORD, GPU_MEMORY_FILL, LOCAL_CLUSTER_ENV, AshaAwareOptunaSearch, BudgetCutoffs,
-                                SearchError, SearchOptions, budget_end_note, budget_for_sweep, bundled_spaces, check_gpu_options,
-                                check_time_budget, cut_off_trials, fit_on_gpu, folds_side_by_side, format_duration, gpu_share,
-                                gpus_for_workers, refuse_second_local_cluster, resolve_cv, resolve_space, start_ray,
-                                trials_at_once, wait_for_release)
+from defect_tune.core.leaderboard import ranked_by
+from defect_tune.core.units import clock
+from defect_tune.raytrain.cluster import LOCAL_CLUSTER_ENV, ClusterError, refuse_second_local_cluster, start_ray
+from defect_tune.raytrain.errors import error_reason
+from defect_tune.search.leaderboard import build_leaderboard
+from defect_tune.search.options import SearchError, SearchOptions
+from defect_tune.search.records import (
+    BUDGET_RECORD,
+    BudgetCutoffs,
+    budget_end_note,
+    budget_for_sweep,
+    check_time_budget,
+    cut_off_trials,
+    resolve_cv,
+)
+from defect_tune.search.report_relay import ReportRelay
+from defect_tune.search.resources import (
+    GPU_MEMORY_FILL,
+    check_gpu_options,
+    fit_on_gpu,
+    folds_side_by_side,
+    gpu_share,
+    gpus_for_workers,
+    trials_at_once,
+    wait_for_release,
+)
+from defect_tune.search.searcher import AshaAwareOptunaSearch
+from defect_tune.search.space import DefineByRun, SpaceError, bundled_spaces, load_space, resolve_space
 from defect_tune.search.trial import diverged_report
 
 QUICK = Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml"
@@ -88,14 +108,14 @@ def test_trials_per_gpu_values_that_cannot_work_are_refused_before_ray_starts():
 
 
 def test_a_time_budget_is_a_positive_duration_in_seconds_minutes_or_hours():
-    from defect_tune.cli import parse_duration
+    from defect_tune.core.units import parse_duration
 
     for text, seconds in (("90s", 90), ("20m", 1200), ("1.5h", 5400), ("600", 600), ("0.5", 0.5), (" 2H ", 7200), (".5m", 30)):
         assert parse_duration(text) == seconds
     for text in ("0", "0s", "-5", "-5m", "abc", "nan", "inf", "1e3", "", "5 m", "5d", "9" * 400):
         with pytest.raises(ValueError, match=r"expected a positive duration such as 90s, 20m, 1\.5h or 600 \(seconds\)"):
             parse_duration(text)
-    assert [format_duration(s) for s in (5400, 1200, 3600, 90, 60.5, 0.5)] == ["90m", "20m", "1h", "90s", "60.5s", "0.5s"]
+    assert [clock(s) for s in (5400, 1200, 3600, 90, 60.4, 0.4)] == ["1h30m", "20m", "1h", "1m30s", "1m", "0s"]
     check_time_budget(options())
     check_time_budget(options(time_budget_s=1))
     for value in (0, -60, math.nan, math.inf, "20m", True):
@@ -203,6 +223,7 @@ def test_the_memory_measured_for_auto_is_each_backbone_at_the_spaces_largest_set
         assert row["trainable"] == row["total"]
 
 
+@pytest.mark.slow  # starts a local Ray cluster
 def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, monkeypatch):
     """On a cluster that offers Ray a GPU; this machine has none for torch, so the measurement
     that runs on it says so, naming the node."""
@@ -336,7 +357,7 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     assert board["stop_reason"].tolist() == ["early_stopping", "completed", "asha", "error"]
     a = board.set_index("trial_id").loc["a"]
     assert a["val_guarded_macro_recall"] == 0.7 and a["best_epoch"] == 3 and a["epochs"] == 4
-    assert a["seed_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
+    assert a["starting_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
     # The best epoch's interval and counts, and the Wilson interval of 3 recalled of 6 positives.
     assert a["val_guarded_macro_recall_low"] == pytest.approx(0.6) and a["val_guarded_macro_recall_high"] == pytest.approx(0.8)
     assert (a["val_recalled/a"], a["val_positives/a"]) == (3, 6)
@@ -352,7 +373,7 @@ def test_a_diverged_trial_is_a_failed_row_naming_its_loss_and_is_never_exported(
     """A trial whose loss turned NaN ended itself with a report of the objective's worst value and
     the loss: the leaderboard counts it failed, with that reason, even where its best epoch before
     the divergence beats every other trial, and the export passes over it."""
-    from defect_tune.production.export import pick
+    from defect_tune.core.leaderboard import pick
 
     space = load_space(QUICK)
     diverged = fake_result({"id": "a", "model": "el_cnn", "lr": 0.003}, 2, [0.9, 0.0])
@@ -370,7 +391,7 @@ def test_trials_and_epochs_tied_on_the_objective_rank_by_validation_ap(tmp_path)
     """Two trials that both reach a guarded recall of 1.0: the one whose best epoch has the higher
     validation AP ranks first, its best epoch is the tied one with the higher AP (not the first to
     reach 1.0), and a higher recall still beats any AP."""
-    from defect_tune.production.export import pick
+    from defect_tune.core.leaderboard import pick
 
     space = load_space(QUICK)
     results = [fake_result({"id": "first", "model": "el_cnn", "lr": 0.001}, 3, [0.9, 1.0, 1.0], ap=[0.99, 0.90, 0.93], index=0),
@@ -395,7 +416,7 @@ def test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_sh
     state to the storage folder, leaving `experiment_state-*.json` at 0 bytes, and Tune resumed
     from nothing (the two finished trials were gone from the leaderboard). The driver's staging
     folder under Ray's temp dir still held the whole copy, as laid out here (Ray 2.60's layout)."""
-    from defect_tune.search.sweep import finish_interrupted_sync
+    from defect_tune.search.records import finish_interrupted_sync
 
     experiment = tmp_path / "storage" / "sweep"
     (experiment / "run_trial_a_1").mkdir(parents=True)
@@ -418,6 +439,7 @@ def test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_sh
     assert finish_interrupted_sync("s3://bucket/sweep", "sweep") is None  # object stores write whole objects
 
 
+@pytest.mark.slow  # starts a local Ray cluster
 def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch):
     import ray
 
@@ -425,7 +447,7 @@ def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch)
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        with pytest.raises(SearchError, match=f"already running on this machine \\(.*{re.escape(address)}.*\\); pass --address"):
+        with pytest.raises(ClusterError, match=f"already running on this machine \\(.*{re.escape(address)}.*\\); pass --address"):
             refuse_second_local_cluster(None)
         refuse_second_local_cluster(address)  # connecting to it is fine
         monkeypatch.setenv("RAY_ADDRESS", address)  # a Ray job's driver: Ray says which cluster
@@ -437,7 +459,7 @@ def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch)
 def test_a_local_cluster_started_here_gets_its_settings_and_this_process_keeps_none(monkeypatch):
     """start_ray hands LOCAL_CLUSTER_ENV to the processes of a local cluster it starts (they inherit
     the environment at ray.init), never to a cluster it connects to, and never overrides the user."""
-    import defect_tune.search.sweep as search
+    import defect_tune.raytrain.cluster as search
 
     seen = []
 
@@ -511,7 +533,7 @@ def test_a_failed_trials_reason_is_its_root_cause_not_rays_wrapper():
 
 
 def test_a_resumed_sweep_keeps_the_folds_it_started_with(tmp_path):
-    from defect_tune.search.sweep import folds_for_sweep
+    from defect_tune.search.records import folds_for_sweep
 
     space = load_space(QUICK)
     rare = meta_with_val(crack=40, finger=2)
@@ -531,8 +553,8 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
     import torch
 
     from defect_tune.core.augment import build_augmentation
-    from defect_tune.data.shards import to_tensor
     from defect_tune.core.config import TrainConfig
+    from defect_tune.data.shards import to_tensor
     from defect_tune.training.engine import memory_batches
 
     images = (np.arange(10, dtype=np.uint8) * 20).repeat(16).reshape(10, 4, 4)  # image k is all 20k
@@ -563,7 +585,7 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
 
 
 def test_a_worker_keeps_its_train_shard_only_when_the_shard_fits_the_limit():
-    from defect_tune.search.trial import keeps_train
+    from defect_tune.raytrain.loop import keeps_train
 
     meta = {"image": {"height": 100, "width": 100}, "splits": {"train": {"images": 1000}, "val": {"images": 200}}}
     assert keeps_train(meta, 1, 10_000_000)  # 1,000 images of 10,000 bytes
@@ -573,9 +595,9 @@ def test_a_worker_keeps_its_train_shard_only_when_the_shard_fits_the_limit():
     assert not keeps_train(meta, 1, 0)  # --keep-train-gb 0: always streamed
 
 
-def test_the_report_post_hands_each_trial_its_own_reports_in_order_and_waits_for_the_first():
+def test_the_report_relay_hands_each_trial_its_own_reports_in_order_and_waits_for_the_first():
     async def run() -> None:
-        reports = ReportPost()
+        reports = ReportRelay()
         assert await reports.take("trial", 0) == []
         assert await reports.take("trial", 0.1) == []  # waited, and nothing came
         for item in ("epoch 1", "epoch 2"):
@@ -597,9 +619,9 @@ def test_the_report_post_hands_each_trial_its_own_reports_in_order_and_waits_for
     asyncio.run(run())
 
 
-def test_the_report_post_process_imports_neither_torch_nor_the_training_core():
+def test_the_report_relay_process_imports_neither_torch_nor_the_training_core():
     """Its actor process imports the module that defines it: that must stay light."""
-    loaded = subprocess.run([sys.executable, "-c", "import sys, defect_tune.search.post; "
+    loaded = subprocess.run([sys.executable, "-c", "import sys, defect_tune.search.report_relay; "
                              "print(sorted(m for m in ('torch', 'defect_tune.search.trial', 'defect_tune.training.train') if m in sys.modules))"],
                             capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
@@ -612,7 +634,7 @@ def test_the_sweep_console_prints_a_line_per_event_with_where_the_sweep_stands(t
 
     from rich.console import Console
 
-    from defect_tune.search.sweep import SweepConsole, clock
+    from defect_tune.search.console import SweepConsole
 
     space = load_space(QUICK)
     for terminal in (False, True):
@@ -647,6 +669,14 @@ def test_the_sweep_console_prints_a_line_per_event_with_where_the_sweep_stands(t
     view.on_trial_result(0, [], worse, {"epoch": 1, space.objective: 0.9, "val_selection_score": 0.9, "planned_epochs": 2})
     view.on_trial_result(0, [], worse, {"epoch": 2, space.objective: 0.7, "val_selection_score": 0.7, "planned_epochs": 2})
     assert view.rows["ccc"]["objective"] == 0.9 and view.best()[0] == "ccc"  # its best epoch counts, as on the leaderboard
+    diverged = SimpleNamespace(trial_id="ddd", config={}, local_path="/tune/ddd")
+    view.on_trial_start(0, [], diverged)
+    view.on_trial_result(0, [], diverged, {"epoch": 1, space.objective: 0.0, "planned_epochs": 2,
+                                           "diverged": "NonFiniteLoss: epoch 1, batch 4: training loss is nan"})
+    view.on_trial_complete(0, [], diverged)  # it ends itself with that report: a failure, not an ASHA stop
+    said = shown.getvalue().splitlines()[-1]
+    assert said.startswith("[done] ddd failed after epoch 1 (NonFiniteLoss: epoch 1, batch 4: training loss is nan)")
+    assert "1 failed" in said and view.rows["ddd"]["state"] == "error" and view.best()[0] == "ccc"
     restored = pickle.loads(pickle.dumps(view))  # Tune pickles its callbacks with the experiment state
     assert restored.rows == view.rows and restored.live is None and restored.console is not None
     assert [clock(s) for s in (5, 192, 3900)] == ["5s", "3m12s", "1h05m"]
@@ -673,13 +703,14 @@ def test_paths_inside_the_results_folder_are_kept_relative_and_read_back_from_wh
     assert board["checkpoint"][0] == str(inside)  # the caller's table is left as it was
 
 
+@pytest.mark.slow  # starts a local Ray cluster
 def test_placement_groups_a_sweep_left_behind_are_found_by_job_and_removed(monkeypatch):
     """The end of wait_for_release: a placement group nothing will remove (as one a killed trial's
     Train run leaves) is found by this job's id and removed, and its CPU is free again."""
     import ray
     from ray.util.placement_group import placement_group
 
-    from defect_tune.search.ray_compat import job_placement_groups
+    from defect_tune.ray_compat import job_placement_groups
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
@@ -694,3 +725,94 @@ def test_placement_groups_a_sweep_left_behind_are_found_by_job_and_removed(monke
         assert job_placement_groups(ray.get_runtime_context().get_job_id()) == []
     finally:
         ray.shutdown()
+
+
+def test_tpe_proposes_once_the_starting_points_are_told_not_at_random(monkeypatch):
+    """Optuna's default TPE samples its first 10 trials at random; ours only until `startup`
+    trials are told. Random sampling is what TPE's start-up calls; after it, nothing does."""
+    from defect_tune.search.searcher import startup_trials, tpe_sampler
+
+    assert startup_trials(points=3, concurrent=2) == 2 and startup_trials(points=1, concurrent=2) == 1
+    assert startup_trials(points=0, concurrent=2) == 4
+    space = load_space(QUICK)
+    study = optuna.create_study(direction="maximize", sampler=tpe_sampler(startup_trials(len(space.points), 1), seed=0))
+    for _, point in space.points:
+        study.enqueue_trial(point)
+    random_draws = []
+    real = optuna.samplers.RandomSampler.sample_independent
+    monkeypatch.setattr(optuna.samplers.RandomSampler, "sample_independent",
+                        lambda self, *args: random_draws.append(args[2]) or real(self, *args))
+    for value in (0.4, 0.6, 0.5, 0.3):  # the points: fixed values, no sampling at all
+        trial = study.ask()
+        space.sample(trial)
+        study.tell(trial, value)
+    assert random_draws == []
+    for _ in range(3):  # TPE's proposals, from the first trial after the points
+        trial = study.ask()
+        space.sample(trial)
+        study.tell(trial, 0.5)
+    assert random_draws == []
+
+
+def test_no_trial_starts_that_cannot_reach_the_first_rung_before_the_budget_ends(monkeypatch):
+    from ray.tune.search import Searcher
+
+    from defect_tune.search.searcher import tpe_sampler
+
+    clock = [1000.0]
+    monkeypatch.setattr("defect_tune.search.searcher.time.time", lambda: clock[0])
+    space = load_space(QUICK)
+    storage = optuna.storages.InMemoryStorage()
+    searcher = AshaAwareOptunaSearch(space=DefineByRun(space), metric=SELECTION, mode="max", sampler=tpe_sampler(1, 0),
+                                     storage=storage, study_name="budget",
+                                     max_epochs=4, grace_period=1, budget_s=100.0, startup=1,
+                                     point_names=[name for name, _ in space.points],
+                                     points_to_evaluate=[dict(p) for _, p in space.points])
+    assert searcher.suggest("a") is not None  # no trial has reached the rung yet: nothing to judge by
+    searcher.on_trial_result("a", {"epoch": 1, "time_total_s": 40.0, SELECTION: 0.5, "training_iteration": 1})
+    assert searcher.rung_estimate() == 40.0
+    clock[0] += 50
+    assert searcher.suggest("b") is not None  # 40 s to the rung fit in the 50 s left
+    clock[0] += 20
+    assert searcher.suggest("c") == Searcher.FINISHED  # 30 s left: a new trial would be cut off before it
+    asked = optuna.load_study(study_name="budget", storage=storage).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert [t.user_attrs["proposed_by"] for t in asked] == ["transfer", "baseline"]  # the first two points, by name
+
+
+def test_asha_judges_the_proposals_but_lets_the_starting_points_train_to_the_end():
+    """A recipe the sweep starts from is not stopped at a rung, where a small validation set and an
+    early point of its schedule make the call noisy; its values still set the bar for proposals."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from defect_tune.search.searcher import PointsFinishASHA
+
+    scheduler = PointsFinishASHA(points=[{"model": "efficientnet_lite0", "lr": 1e-3}], time_attr="epoch", metric="score",
+                                 mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    leader, point, weak = (SimpleNamespace(trial_id=name, config=config) for name, config in (
+        ("leader", {"model": "resnet18", "lr": 3e-3}), ("point", {"model": "efficientnet_lite0", "lr": 1e-3}),
+        ("weak", {"model": "efficientnet_lite0", "lr": 2e-3})))
+    for trial in (leader, point, weak):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, leader, {"epoch": 1, "score": 0.9}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, point, {"epoch": 1, "score": 0.1}) == TrialScheduler.CONTINUE  # ASHA would stop it
+    assert scheduler.on_trial_result(None, weak, {"epoch": 1, "score": 0.05}) == TrialScheduler.STOP  # a proposal is judged
+    assert scheduler.on_trial_result(None, point, {"epoch": 4, "score": 0.5}) == TrialScheduler.STOP  # its last epoch
+    assert scheduler.is_point({"model": "efficientnet_lite0", "lr": 1e-3, "augment": "light"}) and not scheduler.is_point(weak.config)
+
+
+def test_train_keeps_the_checkpoint_of_the_epoch_the_leaderboard_names_in_the_objectives_direction():
+    """A space ranking by its own `mode: min` objective (a loss) keeps the lowest-loss epoch's
+    checkpoint, the one the leaderboard and `export` name; the built-in objective keeps the best
+    selection score."""
+    import dataclasses
+
+    from defect_tune.search.trial import kept_checkpoint
+
+    space = load_space(QUICK)
+    kept = kept_checkpoint(space)
+    assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (1, SELECTION, "max")
+    by_loss = dataclasses.replace(space, objective="val_loss", mode="min")
+    kept = kept_checkpoint(by_loss)
+    assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == ("val_loss", "min")

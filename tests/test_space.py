@@ -3,28 +3,33 @@ from pathlib import Path
 import optuna
 import pytest
 
-from defect_tune.core.config import TrainConfig
-from defect_tune.search.space import DefineByRun, SpaceError, load_space
+from defect_tune.core.config import TrainConfig, load_config, recipe
+from defect_tune.search.space import RECIPE_POINTS, DefineByRun, SpaceError, load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @pytest.mark.parametrize("name", ["quick", "defects", "el_solar", "steel", "full"])
-def test_shipped_spaces_load_and_their_seed_points_are_valid_configs(name):
+def test_shipped_spaces_load_and_their_starting_points_are_valid_configs(name):
     space = load_space(SPACES / f"{name}.yaml")
     assert space.objective == "val_guarded_macro_recall" and space.mode == "max"
     for point_name, params in space.points:
         config = space.config_for(params)
         assert config.epochs == params.get("epochs", space.max_epochs)
         assert all(getattr(config, key) == value for key, value in params.items()), point_name
-    # Every shipped space measures the plain recipe first: `train` with no keys, but for `fixed`.
-    name, params = space.points[0]
-    assert name == "baseline"
-    recipe = TrainConfig()
-    config = space.config_for(params)
-    differs = {key for key in TrainConfig.model_fields if getattr(config, key) != getattr(recipe, key)}
-    assert differs <= set(space.fixed) | {"epochs"}, differs
+    # A space with pretrained backbones measures the transfer recipe first, one without the plain
+    # recipe; `defects` (sized for a short budget) leaves the plain recipe from scratch out.
+    # Each as `train --recipe` trains it, but for `fixed` and the epoch budget.
+    named = dict(space.points)
+    assert list(named)[0] == ("transfer" if "transfer" in named else "baseline")
+    assert ("baseline" in named) == (name != "defects")
+    for point, recipe_name in RECIPE_POINTS.items():
+        if point in named:
+            expected = load_config(None, base=recipe(recipe_name))
+            config = space.config_for(named[point])
+            differs = {key for key in TrainConfig.model_fields if getattr(config, key) != getattr(expected, key)}
+            assert differs <= set(space.fixed) | {"epochs"}, (point, differs)
 
 
 def test_a_baseline_point_is_the_recipe_and_must_be_reachable(tmp_path):
@@ -147,7 +152,8 @@ def test_command_line_overrides_set_fixed_values_and_the_epoch_budget_never_a_se
 
 
 def test_a_resumed_sweep_keeps_its_overrides_and_refuses_others(tmp_path):
-    from defect_tune.search.sweep import OVERRIDES_RECORD, SearchError, SearchOptions, overrides_for_sweep, record_overrides
+    from defect_tune.search.options import SearchError, SearchOptions
+    from defect_tune.search.records import OVERRIDES_RECORD, overrides_for_sweep, record_overrides
 
     new = SearchOptions(data=tmp_path, space=SPACES / "quick.yaml", name="s", overrides={"epochs": 2})
     assert overrides_for_sweep(new, tmp_path) == {"epochs": 2}

@@ -22,11 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from conftest import read_csv
 
 from defect_tune.search import submit
 from defect_tune.search.submit import SubmitError
-from conftest import read_csv
-
 
 FAKE_KEY = "wandb-test-key-" + "0123456789abcdef" * 2  # must never leave this process's environment
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import read_csv
 from rich.console import Console
 
-from defect_tune.core.leaderboard import stop_reason
+from defect_tune.search.leaderboard import stop_reason
 from defect_tune.search.space import load_space
 from defect_tune.search.tracking import FINAL, SweepRuns, TrackingError, _TrialRun, wandb_callbacks, wandb_mode
-from conftest import read_csv
-
 
 # A key in W&B's format (40+ word characters) that must never reach a file or the output.
 SECRET = "dtsecret_" + "k3y" * 14
@@ -220,7 +219,7 @@ def assert_one_run_per_trial(out: Path, sweep: str, project: str, data: Path) ->
         sampled = {k.removeprefix("param/"): v for k, v in row.items() if k.startswith("param/") and pd.notna(v)}
         assert {k: run["config"][k] for k in sampled} == pytest.approx(sampled)
         assert run["config"]["sweep"] == sweep and run["config"]["data_fingerprint"]
-        assert run["config"]["seed_point"] == (row["seed_point"] if pd.notna(row["seed_point"]) else None)
+        assert run["config"]["starting_point"] == (row["starting_point"] if pd.notna(row["starting_point"]) else None)
         # Every epoch Tune recorded, in order, with our epoch as the x axis.
         (progress,) = (out / "tune" / sweep).glob(f"run_trial_{row['trial_id']}*/progress.csv")
         tune_history = read_csv(progress)

@@ -30,8 +30,8 @@ def _elastic(A, side: int):
     and varies over a twentieth of it. The displacement field is uniform noise in [-1, 1]
     (standard deviation 1/sqrt(3)), smoothed by a Gaussian of `sigma`, which divides its standard
     deviation by 2 sqrt(pi) sigma, times `alpha`. albumentations' own defaults (alpha 1, sigma 50),
-    which the seeds used, move pixels by under 0.01 px: at 224 px they changed an image by 0.02
-    grey levels on average, for 11 ms of CPU (results/benchmarks/augment.md)."""
+    which the seeds used, move pixels by under 0.01 px: CPU spent on next to no change
+    (results/benchmarks/augment.md)."""
     sigma = side / 20
     alpha = 0.01 * side * 2 * math.sqrt(math.pi) * sigma * math.sqrt(3)
     return A.ElasticTransform(alpha=alpha, sigma=sigma, noise_distribution="uniform", p=0.3)
@@ -82,8 +82,8 @@ def _albumentations():
       of every Ray Data and training process, waiting up to its 2 s timeout where a factory network
       drops it. NO_ALBUMENTATIONS_UPDATE=1 is set unless the user set it.
     - Its package imports its torch helpers (ToTensorV2, unused here) when torch is installed, so a
-      Ray Data process that only augments numpy images imported all of torch. Measured here: 7.0 s
-      of CPU and 564 MB at peak, against 2.6 s and 96 MB without. In a process that has not
+      Ray Data process that only augments numpy images imported all of torch, several times the
+      CPU and memory of the import without it. In a process that has not
       imported torch, `albumentations.pytorch` is held back during the package's import (it skips
       it on ImportError, as on an install without torch), then released: importing it later
       works as usual.

@@ -22,6 +22,40 @@ class ConfigError(UserError):
     """A config that cannot be used; the message names the key (and the file)."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names one key twice: plain YAML keeps the last value without a word."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping. Every YAML file a user
+    writes (config, search space, export) is read through `load_yaml`."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: overriding its keys is the point
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key; SafeLoader says so below
+                continue
+            if first is not None:
+                raise DuplicateKeyError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                        f"(first at line {first}); write each key once")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load`, refusing duplicate keys (`DuplicateKeyError`, a yaml.YAMLError)."""
+    loader = UniqueKeyLoader(text)  # what yaml.safe_load does, with this loader
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 # The metric every trial reports and the search maximises. Here, not in train.py, so that what
 # only needs the name (leaderboard, export, Ray's per-trial processes) does not import torch and timm.
 OBJECTIVE = "val_guarded_macro_recall"
@@ -47,6 +81,17 @@ def selection_score(objective: float, average_precision: float | None) -> float:
     return objective + TIE_BREAK_WEIGHT * ap
 
 
+def better(value: float, than: float | None, mode: str) -> bool:
+    """Whether `value` beats `than` in the objective's direction (`mode`: max or min); anything
+    beats None. The one place a direction is applied to two figures."""
+    return than is None or (value > than if mode == "max" else value < than)
+
+
+def direction(mode: str) -> float:
+    """+1 for an objective maximised, -1 for one minimised: times a figure, higher is better."""
+    return 1.0 if mode == "max" else -1.0
+
+
 def selection_metric(objective: str) -> str:
     """The column a sweep ranks by: SELECTION for the built-in objective; a space's own
     objective (any metric its trials report) as it is."""
@@ -70,7 +115,7 @@ class TrainConfig(BaseModel):
 
     # model: any timm backbone by name, or the seeds' own CNNs ("el_cnn", "steel_cnn")
     model: str = "resnet18"
-    pretrained: bool = False  # timm hub weights (needs network), or pretrained_path
+    pretrained: bool = False  # ImageNet weights, found as training/weights.py says; or pretrained_path
     pretrained_path: str | None = None  # a local weights file (timm's format, or a state dict)
     cbam: bool = False  # CBAM (channel + spatial attention) on the last stage's feature map
     head: Literal["linear", "mlp"] = "linear"  # mlp: the casting seed's deeper head
@@ -136,6 +181,24 @@ class TrainConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
+# The starting recipes, each as its changes to the defaults: `train --recipe NAME` and the space
+# points of the same name. `scratch` is the plain recipe itself. `transfer` fine-tunes
+# EfficientNet-Lite0 from ImageNet, the field's first lever on small defect sets: light enough
+# for a CPU, with weights that install as a package (the `weights` extra) for air-gapped
+# machines; half the epochs, since a pretrained backbone converges sooner.
+RECIPES: dict[str, dict] = {
+    "scratch": {},
+    "transfer": {"model": "efficientnet_lite0", "pretrained": True, "epochs": 15},
+}
+
+
+def recipe(name: str) -> dict:
+    """A recipe's changes to the defaults, or a ConfigError listing the recipes."""
+    if name not in RECIPES:
+        raise ConfigError(f"recipe {name!r}: expected one of {sorted(RECIPES)}")
+    return dict(RECIPES[name])
+
+
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 
@@ -164,20 +227,21 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r}: expected key=value")
         try:
-            values[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            values[key.strip()] = load_yaml(text) if text.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {pair!r}: {error}") from None
     return values
 
 
-def load_config(path: Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """Defaults, then the YAML file, then the overrides; validated once."""
-    values: dict = {}
+def load_config(path: Path | None = None, overrides: list[str] | dict | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """Defaults, then `base` (a recipe), then the YAML file, then the overrides; validated once."""
+    values: dict = dict(base or {})
     where = "config"
     if path is not None:
         where = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = load_yaml(Path(path).read_text())
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"{path}: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from defect_tune.core.config import OBJECTIVE, selection_metric
+from defect_tune.core.config import selection_metric
+from defect_tune.core.errors import UserError
 
-STOP_REASONS = ("completed", "early_stopping", "asha", "time_budget", "error", "no_result")
+# How a trial ended (the leaderboard's stop_reason), in the order tables and legends list them,
+# with the words the console and the report both use for it.
+STOP_REASONS = {"completed": "completed", "early_stopping": "early-stopped", "asha": "stopped by ASHA",
+                "time_budget": "cut off by the time budget", "error": "failed", "no_result": "no epoch finished"}
 
 
 def _clean(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def plain(value):
-    """numpy/pandas scalars to Python; NaN (e.g. a parameter this trial's branch did not sample) to None."""
+def python_value(value):
+    """numpy/pandas scalars to Python; a missing value (NaN, pandas' NA: e.g. a parameter this
+    trial's branch did not sample) to None."""
     if hasattr(value, "item"):
         value = value.item()
-    return _clean(value)
-
-
-# The last line of a Python traceback: `package.module.SomeError: message`.
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Loss|Exit|Interrupt)): (\S.*)$")
-
-
-def error_reason(error: BaseException | str) -> str:
-    """A failed trial's cause in one line, e.g. `NonFiniteLoss: epoch 1, batch 4: training loss
-    is nan`: the innermost exception of the traceback Ray wraps it in (Tune's error.txt keeps the
-    whole). Falls back to the error's own type and first line."""
-    text = str(error)
-    causes = [m for m in map(_EXCEPTION_LINE.match, (line.strip() for line in text.splitlines())) if m]
-    if causes:
-        name, message = causes[-1].groups()
-    else:
-        name = type(error).__name__ if isinstance(error, BaseException) else "Error"
-        message = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{name}: {message}"[:500]
+    return None if value is pd.NA else _clean(value)
 
 
 # Leaderboard columns that hold paths (the second: a JSON list of them), kept relative to the results folder.
@@ -55,6 +42,16 @@ def in_results(path, results: Path):
         return str(Path(path).absolute().relative_to(Path(results).absolute()))
     except ValueError:
         return str(path)
+
+
+# Columns a leaderboard written by an earlier version names otherwise, by their current names.
+RENAMED_COLUMNS = {"seed_point": "starting_point"}
+
+
+def read_leaderboard(path: Path) -> pd.DataFrame:
+    """`leaderboard.parquet` as this version names its columns, whichever version wrote it."""
+    board = pd.read_parquet(path)
+    return board.rename(columns={old: new for old, new in RENAMED_COLUMNS.items() if old in board and new not in board})
 
 
 def from_results(path, results: Path):
@@ -96,82 +93,6 @@ def ranked_by(table: pd.DataFrame, objective: str) -> str:
     return column if column in table else objective
 
 
-def stop_reason(epochs: int, max_epochs: int, early_stopped: bool, failed: bool, cut_off: bool = False) -> str:
-    """Why a trial ended: an error, its epoch budget (`max_epochs`: the epochs this trial was to
-    run, which a space that searches `epochs` sets per trial), its own early stopping, the
-    sweep's time budget (`cut_off`: it was still running when that ran out), or ASHA, which
-    stops a trial between epochs without telling it."""
-    if failed:
-        return "error"
-    if cut_off and epochs < max_epochs and not early_stopped:
-        return "time_budget"
-    if epochs == 0:
-        return "no_result"
-    if epochs >= max_epochs:
-        return "completed"
-    return "early_stopping" if early_stopped else "asha"
-
-
-def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = frozenset()) -> dict:
-    """One `ray.tune.Result` as a leaderboard row: sampled parameters, how the trial ended, and
-    its best epoch's validation figures. `cut_off`: the trials the sweep's time budget ended."""
-    from defect_tune.core.metrics import wilson_interval  # scipy: here, not for the W&B actor, which imports stop_reason
-
-    sampled = {name: value for name, value in (result.config or {}).items() if not name.startswith("_")}
-    history = result.metrics_dataframe
-    metrics = result.metrics or {}
-    row: dict = {"trial_id": metrics.get("trial_id") or (result.path or "").rsplit("_", 1)[-1]}
-    # The order Tune started it in, from its folder name (`run_trial_<id>_<index>_...`).
-    started = re.search(rf"_{re.escape(row['trial_id'])}_(\d+)(?:_|$)", Path(result.path or "").name)
-    row["trial_index"] = int(started.group(1)) if started else None
-    points = {tuple(sorted(p.items())): name for name, p in space.points}
-    row["seed_point"] = points.get(tuple(sorted(sampled.items())))
-    row.update({f"param/{k}": v for k, v in sampled.items()})
-    # Our epoch, not Tune's training_iteration, which restarts at 1 when a trial resumes.
-    epochs = int(history["epoch"].max()) if history is not None and "epoch" in history and len(history) else 0
-    # A diverged trial (its training loss non-finite) ended itself with a report naming the loss,
-    # which is what it failed of: it counts as failed everywhere a failed trial does.
-    diverged = metrics.get("diverged") or None
-    failed = result.error is not None or diverged is not None
-    planned = metrics.get("planned_epochs", space.max_epochs)  # the trial's own epoch budget, as its worker reports it
-    reason = stop_reason(epochs, planned, bool(metrics.get("early_stopped")), failed, row["trial_id"] in cut_off)
-    row.update(status="error" if failed else "terminated", stop_reason=reason, epochs=epochs)
-    row["error"] = diverged if result.error is None else error_reason(result.error)
-    key = space.objective
-    if epochs and key in history:
-        rank = ranked_by(history, key)
-        best = history.loc[history[rank].idxmax() if space.mode == "max" else history[rank].idxmin()]
-        row[key] = float(best[key])
-        row[rank] = float(best[rank])
-        row["best_epoch"] = int(best["epoch"])
-        for column in dict.fromkeys((OBJECTIVE, f"{OBJECTIVE}_low", f"{OBJECTIVE}_high", "val_macro_precision",
-                                     "val_macro_f2", "val_macro_ap", "val_macro_recall@0.5", "val_loss")):
-            row[column] = _clean(best.get(column))
-        for c in classes:
-            row[f"val_recall/{c}"] = _clean(best.get(f"val_recall/{c}"))
-        for c in classes:  # recalled of positives, and the Wilson interval of that proportion
-            recalled, positives = _clean(best.get(f"val_recalled/{c}")), _clean(best.get(f"val_positives/{c}"))
-            row[f"val_recalled/{c}"], row[f"val_positives/{c}"] = recalled, positives
-            interval = wilson_interval(int(recalled), int(positives)) if recalled is not None and positives is not None else None
-            row[f"val_recall_low/{c}"], row[f"val_recall_high/{c}"] = interval or (None, None)
-        for c in classes:  # the best epoch's learned thresholds, which `export` hands to production
-            row[f"threshold/{c}"] = _clean(best.get(f"threshold/{c}"))
-        row["checkpoint"] = _clean(best.get("checkpoint_path"))  # the best epoch's, which Train keeps
-        if "folds" in best:  # --cv: each fold's held-out predictions at that epoch, and the folds' spread
-            row["folds"] = int(best["folds"])
-            row["fold_predictions"] = _clean(best.get("fold_predictions"))
-            row[f"{key}_fold_sd"] = _clean(best.get(f"{key}_fold_sd"))
-        row["nodes"] = ",".join(sorted(set(history["node_id"].dropna()))) if "node_id" in history else None
-        row["wall_seconds"] = float(history["time_total_s"].max())
-        startup = [c for c in history if c.startswith("startup/")]  # trial start to first batch, in parts
-        for column in (c for c in history if c.startswith("cost/")):  # measured once; memory: its peak over epochs
-            row[column] = _clean(float(history[column].max()))
-        row["startup_seconds"] = float(history[startup].iloc[0].sum()) if startup else None
-    else:
-        row[key] = None
-    return row
-
-
 # What a trial's model costs, by leaderboard column (training/cost.py measures them once per
 # trial; memory is its peak over epochs): the cost in words, and its label in a table. A space's
 # trade_offs, export's limits and the report take their costs from here.
@@ -184,14 +105,74 @@ COSTS = {
 }
 
 
-def build_leaderboard(results, space, classes: list[str], cut_off: frozenset[str] = frozenset()) -> pd.DataFrame:
-    rows = [trial_row(result, space, classes, cut_off) for result in results]
-    board = pd.DataFrame(rows)
-    if board.empty:
-        return board
-    ascending = space.mode == "min"
-    board = board.sort_values(ranked_by(board, space.objective), ascending=ascending, na_position="last", kind="stable")
-    # A failed trial ranks after every other, whatever its best epoch before it failed.
-    board = board.sort_values("status", key=lambda status: status == "error", kind="stable").reset_index(drop=True)
-    board.insert(0, "rank", range(1, len(board) + 1))
-    return board
+# ---------------------------------------------------------------- ranking trials: `export` and the sweep's best
+
+
+class RankingError(UserError):
+    """A leaderboard from which no trial can be picked as asked; the message names the file."""
+
+
+# The cost columns `export` can limit, with the option that limits each and how it is shown.
+LIMITS = {column: (option, COSTS[column][0]) for column, option in (("cost/latency_ms_b1", "--max-latency-ms"),
+                                                                     ("cost/params", "--max-params"))}
+
+
+def _within(usable: pd.DataFrame, limits: dict[str, float], where: Path) -> pd.DataFrame:
+    """The trials that meet every limit; an error naming the closest trial when none does."""
+    for column in limits:
+        if column not in usable.columns or pd.to_numeric(usable[column], errors="coerce").isna().all():
+            raise RankingError(f"{where}: no {column!r} column; {LIMITS[column][0]} needs a sweep that measured costs "
+                              "(defect-tune search from this version on)")
+    excess = pd.concat([pd.to_numeric(usable[c], errors="coerce") / limit for c, limit in limits.items()], axis=1).max(axis=1)
+    meeting = usable[excess <= 1.0]
+    if meeting.empty and len(usable):
+        closest = usable.loc[excess.idxmin()]
+        asked = ", ".join(f"{LIMITS[c][0]} {limit:g}" for c, limit in limits.items())
+        has = ", ".join(f"{LIMITS[c][1]} {python_value(closest[c]):.4g}" for c in limits)
+        raise RankingError(f"{where}: no trial meets {asked}; the closest is trial {closest['trial_id']} with {has}")
+    return meeting
+
+
+def passed_over(board: pd.DataFrame, metric: str) -> pd.Series:
+    """Why each trial cannot be exported, by row (NaN where it can): one that ended in error, or
+    that has a non-finite `metric` or no best epoch, has nothing to hand on."""
+    board = board.reset_index(drop=True)  # one row per label, so each reason is one value
+    values = pd.to_numeric(board[metric], errors="coerce").astype("float64")  # pandas' NA as NaN
+    epochs = pd.to_numeric(board["best_epoch"], errors="coerce").astype("float64")
+    why = pd.Series(np.nan, index=board.index, dtype=object)
+    why[board["status"] == "error"] = "ended in error"
+    bad_value = why.isna() & ~np.isfinite(values)
+    why[bad_value] = [f"{metric} is {board.at[i, metric]}" for i in why.index[bad_value]]
+    bad_epoch = why.isna() & ~(np.isfinite(epochs) & (epochs >= 1))
+    why[bad_epoch] = [f"best_epoch is {board.at[i, 'best_epoch']}" for i in why.index[bad_epoch]]
+    return why
+
+
+def _listed(board: pd.DataFrame, passed: pd.Series, most: int = 5) -> str:
+    shown = [f"trial {board.at[index, 'trial_id']} ({reason})" for index, reason in passed.head(most).items()]
+    return ", ".join(shown) + (f" and {len(passed) - most} more" if len(passed) > most else "")
+
+
+def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path, limits: dict[str, float] | None = None) -> pd.Series:
+    """The `rank`-th best trial by `metric` among trials that finished an epoch without error,
+    and that meet `limits` (a leaderboard cost column -> its largest allowed value)."""
+    if metric not in board.columns:
+        close = [c for c in board.columns if c.startswith(("val_", "param/"))]
+        raise RankingError(f"{where}: no column {metric!r} in the leaderboard; columns include {', '.join(close)}")
+    missing = [c for c in ("trial_id", "status", "stop_reason", "epochs", "best_epoch") if c not in board.columns]
+    if missing:
+        raise RankingError(f"{where}: no column(s) {missing}; not a leaderboard that `search` wrote")
+    values = pd.to_numeric(board[metric], errors="coerce")
+    if board[metric].notna().any() and values.isna().all():
+        raise RankingError(f"{where}: column {metric!r} holds no numbers")
+    usable = board[passed_over(board, metric).isna()]
+    if limits:
+        usable = _within(usable, limits, where)
+    if rank < 1:
+        raise RankingError(f"--rank {rank}: ranks start at 1 (the best trial)")
+    if rank > len(usable):
+        passed = passed_over(board, metric).dropna()
+        why = f"; passed over: {_listed(board, passed)}" if len(passed) else ""
+        raise RankingError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) can be exported{why}")
+    order = values[usable.index].sort_values(ascending=mode == "min", kind="stable").index
+    return usable.loc[order].iloc[rank - 1]

@@ -42,7 +42,8 @@ def make_folds(data_dir: str | os.PathLike, meta: dict, k: int, seed: int = 0) -
 
     Raises DataError when train+val has fewer groups than folds.
     """
-    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # here: it imports scikit-learn, which trials need not
+    # Imported here: it pulls in scikit-learn, which trials need not load
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
     if k < 2:
         raise ValueError(f"--cv needs at least 2 folds, got {k}")

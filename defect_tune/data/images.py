@@ -21,9 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from defect_tune.data.choices import FITS
+from defect_tune.data.files import file_problem
 from defect_tune.data.readers import Item, Region
 
-FITS = ("pad", "keep", "tile", "squash")
+# The largest --image-size: far above any defect image a CPU-side pipeline streams; above it a typo
+# (50000) would ask for gigabytes per image before the first decode. predict holds model.json to it too.
+MAX_IMAGE_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,10 @@ def _resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _rle_mask(rle: str, height: int, width: int) -> np.ndarray:
-    numbers = np.array(rle.split(), dtype=np.int64)
+    try:
+        numbers = np.array(rle.split(), dtype=np.int64)
+    except OverflowError:  # readers.check_rle refuses these first; a Region built by hand may not
+        raise ValueError("EncodedPixels holds a number too large for any image") from None
     starts, lengths = numbers[0::2] - 1, numbers[1::2]
     if (starts + lengths).max(initial=0) > height * width:
         raise ValueError(f"EncodedPixels runs past the {height}x{width} image")
@@ -188,6 +195,8 @@ def decode(item: Item, size: int, fit: str, bit_depth: int | None = None) -> Dec
 
 def decode_or_reason(job: tuple[Item, int, str] | tuple[Item, int, str, int | None]) -> DecodeResult | str:
     """`decode` for a process pool: the result, or why the image was skipped."""
+    if (problem := file_problem(job[0].path)) is not None:  # a FIFO would block the read forever
+        return problem
     try:
         return decode(*job)
     except FileNotFoundError:

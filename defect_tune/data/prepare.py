@@ -24,8 +24,8 @@ Rows are shuffled within each split (seeded), so every shard is a fair sample of
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import ctypes
+import datetime as dt
 import hashlib
 import json
 import math
@@ -48,12 +48,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defect_tune import __version__
-from defect_tune.core.errors import UserError, file_in_the_way
-from defect_tune.data.images import BIT_DEPTHS, FITS, decode_or_reason
+from defect_tune.core.errors import environment_error
+from defect_tune.data.choices import FITS, FORMATS
+from defect_tune.data.images import BIT_DEPTHS, MAX_IMAGE_SIZE, decode_or_reason
+from defect_tune.data.prepare_out import (
+    PrepareError,
+    check_out_dir,
+    clear_dead_staging,
+    lock_out,
+    swap_in,
+    terminate_as_exit,
+)
 from defect_tune.data.readers import (
     BadInput,
     Catalog,
     Item,
+    one_item_per_file,
     read_elpv,
     read_folders,
     read_manifest,
@@ -63,17 +73,7 @@ from defect_tune.data.readers import (
 from defect_tune.data.splits import SPLITS, long_tail_subsample, stratified_split
 from defect_tune.data.synthetic import SyntheticSpec, generate_voc
 
-FORMATS = ("voc", "severstal", "folders", "csv", "elpv", "synthetic")
-# Far above any defect image a CPU-side pipeline streams; above it a typo (50000) would ask for
-# gigabytes per image before the first decode.
-MAX_IMAGE_SIZE = 8192
-# What prepare writes in --out; --overwrite replaces a folder holding nothing else.
-OUTPUT_ENTRIES = frozenset({"meta.json", "bad_inputs.csv", *SPLITS})
 META_FORMAT_VERSION = 1
-
-
-class PrepareError(UserError):
-    """A dataset that cannot be prepared; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ class PrepareOptions:
             raise PrepareError(f"--long-tail is the ratio of the most to the least frequent class, at least 1; got {self.long_tail}")
         if not 0 <= self.seed < 2**32:
             raise PrepareError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.workers is not None and self.workers < 1:
+            raise PrepareError(f"--workers must be at least 1 decode process (leave it out for one per core), got {self.workers}")
         if self.shard_rows < 1:
             raise PrepareError(f"--shard-rows must be at least 1, got {self.shard_rows}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -132,6 +134,10 @@ class PrepareOptions:
 
 
 def read_catalog(options: PrepareOptions) -> Catalog:
+    return one_item_per_file(_read(options))
+
+
+def _read(options: PrepareOptions) -> Catalog:
     source = options.source
     try:
         if options.format == "synthetic":
@@ -184,57 +190,18 @@ def _fail_if_strict(options: PrepareOptions, bad: list[BadInput]) -> None:
         raise PrepareError(f"--strict: {len(bad)} bad input(s):\n{listed}{more}")
 
 
-def _check_out_dir(options: PrepareOptions) -> None:
-    """Refuse an --out that would put the source at risk, or that --overwrite may not replace:
-    only a folder holding nothing but an earlier prepare's output, apart from the source."""
-    out = options.out.resolve()
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"{options.out}: --out is a file, not a folder")
-    if (blocker := file_in_the_way(out)) is not None:
-        raise PrepareError(f"{options.out}: --out lies under {blocker}, which is a file")
-    if options.source is not None and options.format != "synthetic":
-        source = options.source.resolve()
-        if out == source or out in source.parents:
-            raise PrepareError(f"{options.out}: --out holds the source {options.source}; choose a folder outside it")
-        if options.overwrite and source in out.parents and out.exists():
-            raise PrepareError(f"{options.out}: --overwrite would replace a folder inside the source {options.source}; "
-                               "choose an --out outside it")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not options.overwrite:
-        raise PrepareError(f"{options.out} already exists and is not empty; pass --overwrite to replace it")
-    problem = _not_a_prepare_output(out)
-    if problem:
-        raise PrepareError(f"{options.out}: {problem}; --overwrite only replaces an earlier prepare's output, refusing to delete it")
-
-
-def _not_a_prepare_output(folder: Path) -> str | None:
-    """Why `folder` is not recognisably an earlier prepare's output; None when it is."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except FileNotFoundError:
-        return "no meta.json"
-    except (OSError, ValueError):
-        return "its meta.json is not readable JSON"
-    if not isinstance(meta, dict) or not {"format_version", "classes", "splits"} <= meta.keys():
-        return "its meta.json is not one prepare wrote"
-    others = sorted(entry.name for entry in folder.iterdir() if entry.name not in OUTPUT_ENTRIES)
-    # Inside the split folders only the shards meta.json lists: a user's file dropped beside them
-    # (or a folder linked in) would go with them.
-    splits = meta["splits"] if isinstance(meta["splits"], dict) else {}
-    shards = [split.get("shards") for split in splits.values() if isinstance(split, dict)]
-    listed = {shard.get("file") for entries in shards if isinstance(entries, list)
-              for shard in entries if isinstance(shard, dict) and isinstance(shard.get("file"), str)}
-    for name in SPLITS:
-        split = folder / name
-        if split.is_symlink() or split.exists() and not split.is_dir():
-            others.append(name)
-        elif split.is_dir():
-            others += sorted(str(path.relative_to(folder)) for path in split.rglob("*")
-                             if path.is_symlink() or not path.is_dir() and str(path.relative_to(folder)) not in listed)
-    if others:
-        return f"it holds files prepare did not write: {', '.join(others[:5])}"
-    return None
+def _reasons(bad: list[BadInput], most: int = 4, examples: int = 2) -> str:
+    """The skipped inputs' reasons, counted, each with a few of its files: `: 58 not an image file
+    (suffix .txt), e.g. a.txt, b.txt; 2 ...`."""
+    if not bad:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for entry in bad:
+        by_reason.setdefault(entry.reason, []).append(Path(entry.file).name)
+    ranked = sorted(by_reason.items(), key=lambda pair: -len(pair[1]))
+    shown = "; ".join(f"{len(files)} {reason}, e.g. {', '.join(files[:examples])}" for reason, files in ranked[:most])
+    more = f"; and {len(ranked) - most} other reason(s)" if len(ranked) > most else ""
+    return f": {shown}{more}"
 
 
 @dataclass
@@ -275,25 +242,6 @@ def _die_with_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
-
-
-def _clear_dead_staging(out: Path, console: Console | None) -> None:
-    """Remove the staging folders (`.OUT.tmp-PID`) of earlier runs for this --out whose process
-    is gone: a prepare killed outright (SIGKILL, out of memory) cannot remove its own."""
-    for folder in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive: another prepare of the same --out is running; leave its folder alone
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, under another user
-        shutil.rmtree(folder, ignore_errors=True)
-        if console is not None:
-            console.print(f"removed {folder}, the staging folder of an earlier prepare (process {pid}) that did not finish")
 
 
 def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catalog: Catalog, console: Console | None):
@@ -379,12 +327,15 @@ def _conflicting_labels(rows: list[_Row], usable: np.ndarray, catalog: Catalog, 
     return usable & np.array([row.group not in conflicted for row in rows], dtype=bool)
 
 
-def _check_class_names(classes: list[str], source) -> None:
-    """Refuse class names that would split one class in two or break the files they end up in."""
+def _check_class_names(classes: list[str], catalog: Catalog, source) -> None:
+    """Refuse class names that would split one class in two or break the files they end up in
+    (a `/` turns predict's column `prob/<class>` into a path), naming where the first image carrying
+    the name got it (its XML, manifest line or folder)."""
     for name in classes:
-        if not name.strip() or any(ch in name for ch in ",;\n\r\t") or not name.isprintable():
-            raise PrepareError(f"{source}: class name {name!r} is empty or holds a separator (, ;), a line break or "
-                               "another unprintable character; rename it")
+        if not name.strip() or any(ch in name for ch in ",;/\\\n\r\t") or not name.isprintable():
+            where = next((item.origin or item.path for item in catalog.items if name in item.labels), source)
+            raise PrepareError(f"{where}: class name {name!r} is empty or holds a separator (, ; / \\), a line break "
+                               "or another unprintable character; rename it")
     folded: dict[str, str] = {}
     for name in classes:
         other = folded.setdefault(name.strip().casefold(), name)
@@ -482,14 +433,25 @@ def _fingerprint(rows: list[_Row], split_of: np.ndarray) -> str:
 def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
     """Run the whole preparation; returns meta.json's content. `console` shows progress."""
     options.validate()
-    _check_out_dir(options)
+    check_out_dir(options)  # before the lock: refusals that need no write come first
+    with lock_out(options.out.absolute(), options.command or "prepare"), terminate_as_exit():
+        check_out_dir(options)  # again, now that no other prepare can change --out
+        try:
+            return _prepare(options, console)
+        except OSError as error:
+            if (line := environment_error(error)) is None:
+                raise
+            raise PrepareError(f"{line} (while preparing --out {options.out}: nothing was replaced there)") from None
+
+
+def _prepare(options: PrepareOptions, console: Console | None) -> dict:
     started = time.perf_counter()
     catalog = read_catalog(options)
     classes = _apply_classes(catalog, options.classes)
-    _check_class_names(classes, options.source)
+    _check_class_names(classes, catalog, options.source)
     _fail_if_strict(options, catalog.bad)
     if not catalog.items:
-        raise PrepareError(f"{options.source}: no usable images found ({len(catalog.bad)} skipped)")
+        raise PrepareError(f"{options.source}: no usable images found ({len(catalog.bad)} skipped{_reasons(catalog.bad)})")
 
     items, long_tail = catalog.items, None
     if options.long_tail is not None:
@@ -498,7 +460,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
 
     out = options.out.absolute()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    _clear_dead_staging(out, console)
+    clear_dead_staging(out, console)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -522,7 +484,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
         meta = {
             "format_version": META_FORMAT_VERSION,
             "defect_tune_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "command": options.command,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items() if k != "command"},
             "source": {"format": options.format, "path": str(options.source.absolute()) if options.source else None},
@@ -553,9 +515,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> dict:
         }
         text = json.dumps(meta, indent=2) + "\n"
         (tmp / "meta.json").write_text(text)
-        if out.exists():
-            shutil.rmtree(out)  # _check_out_dir allowed it: empty, or an earlier prepare's output
-        tmp.rename(out)
+        swap_in(tmp, out, options)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

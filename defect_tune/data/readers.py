@@ -15,8 +15,10 @@ import io
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
+
+from defect_tune.data.files import walk_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -67,21 +69,49 @@ def _require(layout: str, *paths: Path, check=Path.exists) -> None:
             raise FileNotFoundError(f"{path}: not found; {layout}")
 
 
-def walk_files(root: Path) -> list[Path]:
-    """Every file below `root`, sorted, following symlinked folders (a shared drive often links
-    class folders in from elsewhere; `rglob` does not follow them). A link back up the tree is
-    entered once."""
-    seen: set[str] = set()
-    files: list[Path] = []
-    for directory, folders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in seen:
-            folders[:] = []
+def one_item_per_file(catalog: Catalog) -> Catalog:
+    """Every reader's last step: one item per image file, and one id per item.
+
+    Two items that reach one file (two manifest rows through a link, an absolute and a relative
+    path, two annotations of one image) keep the first where their labels agree; where they
+    disagree the file has no one label, and every such item is refused and listed. Items whose
+    ids collide (`a.png` and `a.jpg` in one folder) get their file suffix in the id, so splits,
+    folds and counts never merge two images."""
+    groups: dict[str, list[Item]] = {}
+    for item in catalog.items:
+        groups.setdefault(os.path.realpath(item.path), []).append(item)
+    kept: list[Item] = []
+    for items in groups.values():
+        if len(items) == 1:
+            kept.append(items[0])
             continue
-        seen.add(real)
-        folders.sort()
-        files.extend(Path(directory) / name for name in names)
-    return sorted(path for path in files if path.is_file())
+        where = ", ".join(str(item.origin or item.path) for item in items)
+        if len({item.labels for item in items}) > 1:
+            labels = " vs ".join(str(list(item.labels)) for item in items)
+            for item in items:
+                catalog.skip(item.origin or item.path, f"{item.path} is one file labelled {labels} by {where}; label it once")
+        else:
+            kept.append(items[0])
+            for item in items[1:]:
+                catalog.skip(item.origin or item.path, f"{item.path} is the same file as {items[0].path} (through a link "
+                                                       "or another path to it): read once")
+    order = {id(item): n for n, item in enumerate(catalog.items)}
+    kept.sort(key=lambda item: order[id(item)])
+    counts: dict[str, int] = {}
+    for item in kept:
+        counts[item.id] = counts.get(item.id, 0) + 1
+    taken: set[str] = set()
+    unique: list[Item] = []
+    for item in kept:
+        name = base = item.id if counts[item.id] == 1 else item.id + item.path.suffix
+        n = 1
+        while name in taken:  # the same name and suffix twice (files in different places): numbered
+            n += 1
+            name = f"{base}#{n}"
+        taken.add(name)
+        unique.append(item if name == item.id else replace(item, id=name))
+    catalog.items = unique
+    return catalog
 
 
 def read_text(path: Path) -> io.StringIO:
@@ -209,16 +239,24 @@ def read_voc(root: Path) -> Catalog:
 # ---------------------------------------------------------------- Severstal steel (train.csv + RLE)
 
 _RLE = re.compile(r"^\s*\d+(\s+\d+)*\s*$")
+# Above any frame decode accepts (PIL refuses images of more than twice its 89-megapixel limit),
+# and far below int64, which a mask's start + length must fit in.
+MAX_RLE_VALUE = 2**31 - 1
 
 
 def check_rle(rle: str) -> None:
     """Raise ValueError unless `rle` is pairs of positive integers (start, length)."""
     if not _RLE.match(rle):
         raise ValueError("EncodedPixels is not a list of integers")
-    numbers = [int(n) for n in rle.split()]
-    if len(numbers) % 2:
+    values = rle.split()
+    if len(values) % 2:
         raise ValueError("EncodedPixels has an odd number of values (needs start/length pairs)")
-    if any(n < 1 for n in numbers):
+    # Compared as text first: Python refuses to read an integer of over 4300 digits.
+    huge = next((v for v in values if len(v.lstrip("0")) > len(str(MAX_RLE_VALUE)) or int(v) > MAX_RLE_VALUE), None)
+    if huge is not None:
+        shown = huge if len(huge) <= 24 else f"{huge[:12]}...({len(huge)} digits)"
+        raise ValueError(f"EncodedPixels value {shown} is larger than any image's pixel count (at most {MAX_RLE_VALUE})")
+    if any(int(n) < 1 for n in values):
         raise ValueError("EncodedPixels has a start or length below 1")
 
 
@@ -298,11 +336,39 @@ def read_folders(root: Path, defect_free: tuple[str, ...] = (), exclude: tuple[s
     if missing:
         raise ValueError(f"{root}: defect-free folder(s) {missing} not found; folders are {sorted(folders)}")
     catalog = Catalog()
-    for path in walk_files(root):
+    walk = walk_files(root)
+
+    def left_out(path: Path) -> bool:  # hidden, or excluded on purpose
         relative = path.relative_to(root)
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
-            continue
-        if any(relative.match(pattern) for pattern in exclude):
+        return any(part.startswith(".") for part in relative.parts) or any(relative.match(p) for p in exclude)
+
+    def label_of(path: Path) -> str:
+        folder = path.relative_to(root).parts[0]
+        return "defect-free" if folder in defect_free else folder
+
+    # A file reached through two class folders (a folder or file linked into another class) has
+    # no one label: it is refused, and listed with every path that reaches it.
+    paths_of: dict[Path, list[Path]] = {}
+    for later, first in walk.again.items():
+        if not left_out(later) and not left_out(first):
+            paths_of.setdefault(first, [first]).append(later)
+    refused: set[Path] = set()
+    for first, paths in paths_of.items():
+        labels = sorted({label_of(p) for p in paths if len(p.relative_to(root).parts) > 1})
+        if len(labels) > 1:
+            refused.add(first)
+            for path in paths:
+                catalog.skip(path, f"one file reached under {len(labels)} labels ({', '.join(labels)}) through links: "
+                                   f"{', '.join(str(p) for p in paths)}; keep it in one class folder")
+        else:
+            for path in paths[1:]:
+                catalog.skip(path, f"the same file as {first} (through a link): read once")
+    for path, problem in walk.problems:
+        if not left_out(path):
+            catalog.skip(path, problem)
+    for path in walk.files:
+        relative = path.relative_to(root)
+        if left_out(path) or path in refused:
             continue
         if len(relative.parts) < 2:
             catalog.skip(path, "file is not inside a class folder")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -140,9 +141,39 @@ def check_shards(data_dir: str | os.PathLike, meta: dict, splits: tuple[str, ...
                 raise DataError(f"{name}: missing column(s) {missing}; not a `defect-tune prepare` shard")
             if "rows" in shard and parquet.metadata.num_rows != shard["rows"]:
                 raise DataError(f"{name}: holds {parquet.metadata.num_rows} rows, {meta_file} says {shard['rows']}")
+            _check_shard_content(name, parquet, meta, meta_file)
             rows += parquet.metadata.num_rows
         if rows != entry.get("images", rows):
             raise DataError(f"{meta_file}: split {split!r} has {entry['images']} images, its shards hold {rows} rows")
+
+
+def _check_shard_content(name: str, parquet: pq.ParquetFile, meta: dict, meta_file: str) -> None:
+    """The shard's images have meta.json's shape and its labels are 0/1, one per class. A
+    meta.json saying 16x64 for 32x32 shards holds the same pixel count, and training would read
+    every image scrambled."""
+    height, width, classes = meta["image"]["height"], meta["image"]["width"], len(meta["classes"])
+    names = parquet.schema_arrow.names
+    if "height" in names and "width" in names:  # prepare writes both; each image's own shape
+        table = parquet.read(columns=["height", "width"])
+        shapes = {(h, w) for h, w in zip(table.column("height").to_pylist(), table.column("width").to_pylist())}
+        if shapes - {(height, width)}:
+            found = ", ".join(f"{h}x{w}" for h, w in sorted(shapes, key=str)[:3])
+            raise DataError(f"{name}: holds images of {found}, {meta_file} says {height}x{width}; "
+                            "meta.json does not belong to these shards: prepare again")
+    else:
+        lengths = pa.compute.binary_length(parquet.read(columns=["pixels"]).column("pixels"))
+        if len(lengths) and pa.compute.min_max(lengths).as_py() != {"min": height * width, "max": height * width}:
+            raise DataError(f"{name}: an image's pixel count is not {height}x{width} as {meta_file} says")
+    labels = parquet.read(columns=["labels"]).column("labels").combine_chunks()
+    if labels.null_count:
+        raise DataError(f"{name}: {labels.null_count} row(s) have no labels; not a `defect-tune prepare` shard")
+    widths = set(pa.compute.list_value_length(labels).to_pylist()) if len(labels) else set()
+    if widths - {classes}:
+        raise DataError(f"{name}: its labels have {sorted(widths)[0]} columns, {meta_file} lists {classes} classes; "
+                        "meta.json does not belong to these shards")
+    values = set(np.unique(labels.flatten().to_numpy(zero_copy_only=False)).tolist()) if len(labels) else set()
+    if values - {0, 1}:
+        raise DataError(f"{name}: holds label value(s) {sorted(values - {0, 1})}; a label is 0 (absent) or 1 (present)")
 
 
 def load_split(data_dir: str | os.PathLike, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:

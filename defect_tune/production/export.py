@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import json
-import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION
+from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, load_yaml
 from defect_tune.core.errors import UserError, file_in_the_way
-from defect_tune.core.leaderboard import COSTS, from_results, plain, ranked_by
+from defect_tune.core.leaderboard import (
+    RankingError,
+    from_results,
+    passed_over,
+    pick,
+    python_value,
+    ranked_by,
+    read_leaderboard,
+)
+from defect_tune.core.versions import package_versions
 
 EXPORT_FORMAT = 1
-PACKAGES = ("defect-tune", "torch", "torchvision", "timm", "ray", "optuna", "albumentations", "numpy", "pyarrow")
 
 
 class ExportError(UserError):
     """A sweep result that cannot be exported; the message names the file."""
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 # The sweep.json keys read below. search.write_results writes them; test_production exports
@@ -57,16 +53,13 @@ def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
     missing = [key for key in SWEEP_KEYS if key not in sweep]
     if missing:
         raise ExportError(f"{files['sweep.json']}: missing {missing}; not a sweep.json written by `defect-tune search`")
+    if sweep["mode"] not in ("max", "min"):  # copied into the export, where retrain would rank by it
+        raise ExportError(f"{files['sweep.json']}: mode {sweep['mode']!r} is neither max nor min")
     try:
-        board = pd.read_parquet(files["leaderboard.parquet"])
+        board = read_leaderboard(files["leaderboard.parquet"])
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise ExportError(f"{files['leaderboard.parquet']}: not a readable Parquet file: {error}") from None
     return sweep, board, _read_json(files["trial_configs.json"])
-
-
-# What `export` can cap, by leaderboard column: the option and the cost in words.
-LIMITS = {column: (option, COSTS[column][0]) for column, option in (("cost/latency_ms_b1", "--max-latency-ms"),
-                                                                     ("cost/params", "--max-params"))}
 
 
 def parse_count(text: str) -> float:
@@ -85,65 +78,6 @@ def parse_count(text: str) -> float:
     return value
 
 
-def _within(usable: pd.DataFrame, limits: dict[str, float], where: Path) -> pd.DataFrame:
-    """The trials that meet every limit; an error naming the closest trial when none does."""
-    for column in limits:
-        if column not in usable.columns or pd.to_numeric(usable[column], errors="coerce").isna().all():
-            raise ExportError(f"{where}: no {column!r} column; {LIMITS[column][0]} needs a sweep that measured costs "
-                              "(defect-tune search from this version on)")
-    excess = pd.concat([pd.to_numeric(usable[c], errors="coerce") / limit for c, limit in limits.items()], axis=1).max(axis=1)
-    meeting = usable[excess <= 1.0]
-    if meeting.empty and len(usable):
-        closest = usable.loc[excess.idxmin()]
-        asked = ", ".join(f"{LIMITS[c][0]} {limit:g}" for c, limit in limits.items())
-        has = ", ".join(f"{LIMITS[c][1]} {plain(closest[c]):.4g}" for c in limits)
-        raise ExportError(f"{where}: no trial meets {asked}; the closest is trial {closest['trial_id']} with {has}")
-    return meeting
-
-
-def passed_over(board: pd.DataFrame, metric: str) -> pd.Series:
-    """Why each trial cannot be exported, by row (NaN where it can): one that ended in error, or
-    that has a non-finite `metric` or no best epoch, has nothing to hand on."""
-    board = board.reset_index(drop=True)  # one row per label, so each reason is one value
-    values = pd.to_numeric(board[metric], errors="coerce").astype("float64")  # pandas' NA as NaN
-    epochs = pd.to_numeric(board["best_epoch"], errors="coerce").astype("float64")
-    why = pd.Series(np.nan, index=board.index, dtype=object)
-    why[board["status"] == "error"] = "ended in error"
-    bad_value = why.isna() & ~np.isfinite(values)
-    why[bad_value] = [f"{metric} is {board.at[i, metric]}" for i in why.index[bad_value]]
-    bad_epoch = why.isna() & ~(np.isfinite(epochs) & (epochs >= 1))
-    why[bad_epoch] = [f"best_epoch is {board.at[i, 'best_epoch']}" for i in why.index[bad_epoch]]
-    return why
-
-
-def _listed(board: pd.DataFrame, passed: pd.Series, most: int = 5) -> str:
-    shown = [f"trial {board.at[index, 'trial_id']} ({reason})" for index, reason in passed.head(most).items()]
-    return ", ".join(shown) + (f" and {len(passed) - most} more" if len(passed) > most else "")
-
-
-def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path, limits: dict[str, float] | None = None) -> pd.Series:
-    """The `rank`-th best trial by `metric` among trials that finished an epoch without error,
-    and that meet `limits` (a leaderboard cost column -> its largest allowed value)."""
-    if metric not in board.columns:
-        close = [c for c in board.columns if c.startswith(("val_", "param/"))]
-        raise ExportError(f"{where}: no column {metric!r} in the leaderboard; columns include {', '.join(close)}")
-    missing = [c for c in ("trial_id", "status", "stop_reason", "epochs", "best_epoch") if c not in board.columns]
-    if missing:
-        raise ExportError(f"{where}: no column(s) {missing}; not a leaderboard that `search` wrote")
-    values = pd.to_numeric(board[metric], errors="coerce")
-    if board[metric].notna().any() and values.isna().all():
-        raise ExportError(f"{where}: column {metric!r} holds no numbers")
-    usable = board[passed_over(board, metric).isna()]
-    if limits:
-        usable = _within(usable, limits, where)
-    if rank < 1 or rank > len(usable):
-        passed = passed_over(board, metric).dropna()
-        why = f"; passed over: {_listed(board, passed)}" if len(passed) else ""
-        raise ExportError(f"{where}: --rank {rank} asked for, but {len(usable)} trial(s) can be exported{why}")
-    order = values[usable.index].sort_values(ascending=mode == "min", kind="stable").index
-    return usable.loc[order].iloc[rank - 1]
-
-
 def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: str | None = None,
                  limits: dict[str, float] | None = None) -> dict:
     """The export of the `rank`-th best trial (by `metric`, default the sweep's ranking) among
@@ -153,7 +87,10 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     metric = metric or ranked_by(board, sweep["objective"])
     objective = metric in (sweep["objective"], ranked_by(board, sweep["objective"]))
     mode = mode or (sweep["mode"] if objective else "min" if "loss" in metric else "max")
-    row = pick(board, metric, mode, rank, results / "leaderboard.parquet", limits)
+    try:
+        row = pick(board, metric, mode, rank, results / "leaderboard.parquet", limits)
+    except RankingError as error:
+        raise ExportError(str(error)) from None
     trial_id = row["trial_id"]
     # Trials that finished yet cannot be ranked (a non-finite figure): named, never dropped unseen.
     passed = passed_over(board, metric)
@@ -161,7 +98,7 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     if trial_id not in configs:
         raise ExportError(f"{results / 'trial_configs.json'}: no config for trial {trial_id}")
     classes = sweep["classes"]
-    thresholds = {c: plain(row.get(f"threshold/{c}")) for c in classes}
+    thresholds = {c: python_value(row.get(f"threshold/{c}")) for c in classes}
     missing = [c for c, t in thresholds.items() if t is None]
     if missing:
         raise ExportError(f"{results / 'leaderboard.parquet'}: trial {trial_id} has no learned threshold for {missing}")
@@ -171,13 +108,13 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
         "sweep": {
             "name": sweep["name"], "results": str(results.absolute()), "experiment": from_results(sweep["experiment"], results.absolute()),
             "space": from_results(sweep["space"], results.absolute()), "trial_id": trial_id, "rank": rank, "ranked_by": {"metric": metric, "mode": mode},
-            "seed_point": plain(row.get("seed_point")), "stop_reason": row["stop_reason"], "limits": limits or {},
-            "cost": {column.removeprefix("cost/"): plain(row[column]) for column in board.columns if column.startswith("cost/")},
-            "epochs_run": int(row["epochs"]), "checkpoint": from_results(plain(row.get("checkpoint")), results.absolute()),
+            "starting_point": python_value(row.get("starting_point")), "stop_reason": row["stop_reason"], "limits": limits or {},
+            "cost": {column.removeprefix("cost/"): python_value(row[column]) for column in board.columns if column.startswith("cost/")},
+            "epochs_run": int(row["epochs"]), "checkpoint": from_results(python_value(row.get("checkpoint")), results.absolute()),
             "passed_over": {str(board.at[i, "trial_id"]): reason for i, reason in passed.items()},
         },
         "objective": {
-            "name": OBJECTIVE, "mode": "max", "value": plain(row.get(OBJECTIVE)),
+            "name": OBJECTIVE, "mode": "max", "value": python_value(row.get(OBJECTIVE)),
             "precision_floor": config["precision_floor"], "definition": OBJECTIVE_DEFINITION,
         },
         "best_epoch": int(row["best_epoch"]),
@@ -189,9 +126,9 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
         # no threshold reached the precision floor on validation.
         "thresholds": thresholds,
         "validation": {
-            "macro_precision": plain(row.get("val_macro_precision")), "macro_f2": plain(row.get("val_macro_f2")),
-            "macro_ap": plain(row.get("val_macro_ap")),
-            "recall": {c: plain(row.get(f"val_recall/{c}")) for c in classes},
+            "macro_precision": python_value(row.get("val_macro_precision")), "macro_f2": python_value(row.get("val_macro_f2")),
+            "macro_ap": python_value(row.get("val_macro_ap")),
+            "recall": {c: python_value(row.get(f"val_recall/{c}")) for c in classes},
         },
         "data": {"source_fingerprint": sweep.get("source_fingerprint"), "dir": sweep["data"], "classes": classes},
         "versions": sweep.get("versions") or package_versions(),
@@ -210,7 +147,7 @@ def check_export_out(out: Path) -> None:
             raise ExportError(f"{out}: --out lies under {blocker}, which is a file")
         return
     try:
-        earlier = yaml.safe_load(out.read_text())
+        earlier = load_yaml(out.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         earlier = None
     if not isinstance(earlier, dict) or earlier.get("format") != EXPORT_FORMAT or "sweep" not in earlier:
@@ -230,7 +167,7 @@ def write_export(export: dict, out: Path) -> None:
 
 def read_export(path: Path) -> dict:
     try:
-        export = yaml.safe_load(Path(path).read_text())
+        export = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ExportError(f"{path}: not found") from None
     except yaml.YAMLError as error:

@@ -9,13 +9,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from defect_tune.core.config import TrainConfig
 from defect_tune.core.errors import UserError
 from defect_tune.core.metrics import PREDICT_NOTHING, per_class_table
-from defect_tune.data.images import BIT_DEPTHS, FITS
+from defect_tune.data.choices import FITS
+from defect_tune.data.images import BIT_DEPTHS, MAX_IMAGE_SIZE
 from defect_tune.training.engine import pick_device
 from defect_tune.training.models import build_model
 
@@ -150,6 +151,12 @@ PREPROCESSING_KEYS = ("image_size", "fit", "height", "width")
 def check_model_info(info: dict, path: Path) -> None:
     """Refuse a model.json whose thresholds or preprocessing predict cannot use as they are: a
     NaN threshold would flag no defect anywhere and exit 0."""
+    classes = info["classes"]
+    if not all(isinstance(c, str) and c for c in classes):
+        raise ModelDirError(f"{path}: classes {classes} must be non-empty names")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:  # the second column would overwrite the first's probability and decision
+        raise ModelDirError(f"{path}: classes lists {twice} more than once; each class is one output of the model")
     thresholds = info.get("thresholds")
     if not isinstance(thresholds, dict):
         raise ModelDirError(f"{path}: no thresholds (a class -> threshold object)")
@@ -167,6 +174,11 @@ def check_model_info(info: dict, path: Path) -> None:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()) or pre["fit"] not in FITS:
         # Checked here so that predict blames model.json, not every image it then fails to fit.
         raise ModelDirError(f"{path}: preprocessing {pre} needs positive whole sizes and a fit among {FITS}")
+    if sizes["image_size"] > MAX_IMAGE_SIZE or sizes["height"] * sizes["width"] > MAX_IMAGE_SIZE**2:
+        # prepare's own bound: a typo here would allocate gigabytes per image before the first prediction.
+        raise ModelDirError(f"{path}: preprocessing image_size {sizes['image_size']}, {sizes['height']}x{sizes['width']} "
+                            f"is larger than prepare writes (image_size at most {MAX_IMAGE_SIZE}, at most "
+                            f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} pixels)")
     if pre.get("bit_depth") is not None and pre["bit_depth"] not in BIT_DEPTHS:  # absent before --bit-depth existed
         raise ModelDirError(f"{path}: preprocessing bit_depth {pre['bit_depth']!r} is not a whole number of bits "
                             f"from {BIT_DEPTHS[0]} to {BIT_DEPTHS[-1]}")
@@ -187,6 +199,30 @@ def read_model_info(model_dir: Path) -> dict:
     return info
 
 
+def _check_classes_match(classes: list[str], recorded: str | None, expected: dict, state: dict,
+                         model_json: Path, weights: Path) -> None:
+    """model.json's classes are the ones, in the order, the weights' head was trained with: the
+    weights' own record where retrain wrote one; otherwise as many as the head has outputs.
+    A reordered list would put every probability under another class's name."""
+    if recorded is not None:
+        try:
+            trained = json.loads(recorded)
+        except json.JSONDecodeError:
+            trained = None
+        if isinstance(trained, list) and trained != classes:
+            same = sorted(trained) == sorted(classes)
+            raise ModelDirError(f"{model_json}: classes {classes} differ from {'the order of ' if same else ''}those "
+                                f"{weights.name} was trained with, {trained}; restore model.json's classes")
+    # The head: the parameters whose first dimension is the class count and whose shapes differ.
+    heads = [(key, tuple(state[key].shape), tuple(value.shape)) for key, value in expected.items()
+             if key in state and tuple(state[key].shape) != tuple(value.shape) and value.ndim >= 1
+             and value.shape[0] == len(classes) and tuple(state[key].shape[1:]) == tuple(value.shape[1:])]
+    if heads:
+        key, found, _ = heads[0]
+        raise ModelDirError(f"{model_json}: lists {len(classes)} classes, but the weights' head ({key} in {weights.name}) "
+                            f"has {found[0]} outputs; model.json does not belong to these weights")
+
+
 def load_model(model_dir: Path, device: torch.device | None = None):
     """A model directory's network (eval mode) and its model.json."""
     model_dir = Path(model_dir)
@@ -200,10 +236,19 @@ def load_model(model_dir: Path, device: torch.device | None = None):
     model = build_model(config, len(info["classes"]))
     weights = model_dir / WEIGHTS
     try:
-        model.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        with safe_open(str(weights), "pt") as handle:
+            recorded = (handle.metadata() or {}).get("classes")
     except FileNotFoundError:
         raise ModelDirError(f"{weights}: not found; the model directory is incomplete") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:  # a torn file; a shape mismatch (RuntimeError)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:  # a torn file
         raise ModelDirError(f"{weights}: cannot load the weights: {str(error).splitlines()[0]}") from None
+    _check_classes_match(info["classes"], recorded, model.state_dict(), state, model_dir / MODEL_JSON, weights)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as error:  # another backbone than config.yaml names
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3]) or lines[0]  # the first line is only "Error(s) in loading state_dict"
+        raise ModelDirError(f"{weights}: does not fit the {config.model!r} network config.yaml builds: {detail[:300]}") from None
     device = device or pick_device()
     return model.to(device).eval(), info

@@ -9,6 +9,7 @@ the thresholds in model.json to decide. It imports no Ray.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,15 +44,17 @@ class _Deployed(nn.Module):
         return torch.sigmoid(self.model((pixels / 255.0 - MEAN) / STD))
 
 
-def export_onnx(model: nn.Module, height: int, width: int, path: Path) -> dict:
-    """Writes `model` (on the CPU, in eval mode) to `path` with a dynamic batch size; returns what
-    model.json records about it."""
+def export_onnx(model: nn.Module, height: int, width: int, path: Path, classes: list[str]) -> dict:
+    """Writes `model` (on the CPU, in eval mode) to `path` with a dynamic batch size, its class
+    names in the graph's metadata (`classes`, JSON), so that a model.json edited or swapped
+    later is caught before it names the probabilities; returns what model.json records about it."""
     deployed = _Deployed(model).cpu().eval()
     example = torch.full((2, 1, height, width), 128.0)
     with warnings.catch_warnings():  # the exporter's progress and deprecation chatter
         warnings.simplefilter("ignore")
         program = torch.onnx.export(deployed, (example,), input_names=[INPUT], output_names=[OUTPUT],
                                     dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)
+    program.model.metadata_props["classes"] = json.dumps(classes)  # onnx_ir's model, before it is written
     program.save(str(path))
     return {"file": path.name, "input": {"name": INPUT, "shape": ["batch", 1, height, width], "dtype": "float32",
                                          "values": "grayscale pixels 0..255, fitted as preprocessing says"},
@@ -70,6 +73,22 @@ class OnnxModel:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad file
             raise OnnxError(f"{path}: onnxruntime cannot load it: {str(error).splitlines()[0]}") from None
+        recorded = self.session.get_modelmeta().custom_metadata_map.get("classes")
+        self.classes: list[str] | None = json.loads(recorded) if recorded else None  # None: written before they were
+        width = self.session.get_outputs()[0].shape[-1]
+        self.outputs: int | None = width if isinstance(width, int) else None
+
+    def check_classes(self, classes: list[str], model_json: Path) -> None:
+        """model.json's classes are the graph's, in its order: else every probability would go
+        under another class's name."""
+        path = model_json.parent / ONNX_FILE
+        if self.classes is not None and self.classes != classes:
+            same = sorted(self.classes) == sorted(classes)
+            raise OnnxError(f"{model_json}: classes {classes} differ from {'the order of ' if same else ''}those "
+                            f"{path.name} was exported with, {self.classes}; restore model.json's classes")
+        if self.outputs is not None and self.outputs != len(classes):
+            raise OnnxError(f"{model_json}: lists {len(classes)} classes, but {path.name} has {self.outputs} outputs; "
+                            "model.json does not belong to this graph")
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W) uint8 or (N, 1, H, W) float pixels to (N, classes) probabilities."""

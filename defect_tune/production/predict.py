@@ -8,6 +8,7 @@ becomes several tiles; the image's probability for a class is its highest tile's
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,15 +16,33 @@ import numpy as np
 import pandas as pd
 import torch
 
-from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.core.errors import UserError, check_writable, file_in_the_way
+from defect_tune.data.files import file_problem, walk_files
 from defect_tune.data.images import decode_or_reason
-from defect_tune.data.readers import IMAGE_SUFFIXES, Item, walk_files
+from defect_tune.data.readers import IMAGE_SUFFIXES, Item
 from defect_tune.data.shards import to_tensor
 from defect_tune.production.model_dir import load_model, read_model_info
 
 
 class PredictError(UserError):
     """Inputs that cannot be predicted at all; the message names them."""
+
+
+# The start of a row's error when the model gave a probability that is not a number (NaN weights,
+# an overflow): the command line finds those rows by it and exits non-zero.
+NON_FINITE = "the model gave a non-finite probability (NaN or infinity)"
+
+
+def non_finite_error(table: pd.DataFrame, out: Path, model_dir: Path) -> PredictError | None:
+    """The error for predictions where the model gave non-finite probabilities, or None. Raised
+    after the CSV is written: the rows say which images, and exit 2 says the run is not usable."""
+    broken = table["error"].fillna("").str.startswith(NON_FINITE)
+    if not broken.any():
+        return None
+    return PredictError(f"{model_dir}: {NON_FINITE} for {int(broken.sum())} of {len(table)} "
+                        f"image(s), e.g. {table.loc[broken, 'path'].iloc[0]}; their rows in {out} say so in 'error' and "
+                        "carry no decisions; exit code 2 because predictions from this model cannot be trusted "
+                        "(check the model's weights for NaN)")
 
 
 def check_predictions_out(out: Path) -> None:
@@ -39,23 +58,28 @@ def check_predictions_out(out: Path) -> None:
             first = handle.readline()
         if not first.startswith(b"path,"):
             raise PredictError(f"{out}: exists and is not an earlier predictions CSV; refusing to overwrite it")
+    check_writable(out.parent, "--out")
 
 
 def expand(inputs: list[str]) -> list[Path]:
     """Files, folders (searched recursively, through symlinked folders) and globs, in the order
-    given, each once. A folder's files that are not images are kept too: each becomes a row
-    saying so, rather than vanishing; hidden files (".DS_Store") are left out."""
+    given, each once. A folder's files that are not images are kept too, and so are its entries
+    that are no readable file (dangling links, FIFOs, devices): each becomes a row saying so,
+    rather than vanishing; hidden files (".DS_Store") are left out. A file reached twice through
+    links is predicted once, under its first path."""
     found: dict[Path, None] = {}
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            matches = [p for p in walk_files(path) if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            walk = walk_files(path)
+            listed = sorted([*walk.files, *(p for p, _ in walk.problems if not p.is_dir())])  # not: a link up the tree
+            matches = [p for p in listed if not any(part.startswith(".") for part in p.relative_to(path).parts)]
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in matches):
                 raise PredictError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        elif path.is_file():
+        elif os.path.lexists(path):  # a file, or a FIFO or dangling link named directly: its row says which
             matches = [path]
         else:
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).is_dir())
             if not matches:
                 raise PredictError(f"{text}: no such file, folder or matching glob")
         found.update(dict.fromkeys(matches))
@@ -89,6 +113,7 @@ def _runtime(model_dir: Path, runtime: str, device: str):
             why = info.get("onnx", {}).get("error", "the model directory predates ONNX export; retrain writes one")
             raise PredictError(f"{path}: not found ({why}); use --runtime torch")
         model = OnnxModel(path)
+        model.check_classes(info["classes"], Path(model_dir) / "model.json")
         return (lambda images, tta: _onnx_probabilities(model, images, tta)), info
     if runtime != "torch":
         raise PredictError(f"--runtime {runtime!r}: choose torch or onnx")
@@ -102,6 +127,9 @@ def _runtime(model_dir: Path, runtime: str, device: str):
 def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int],
              bit_depth: int | None = None) -> Iterator[tuple[Path, np.ndarray | str]]:
     for path in paths:
+        if (problem := file_problem(path)) is not None:
+            yield path, problem
+            continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             yield path, f"not an image file (suffix {path.suffix or 'none'}); images are {', '.join(IMAGE_SUFFIXES)}"
             continue
@@ -140,6 +168,11 @@ def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta
         for path, tiles in pending:
             image_probs = probs[start : start + len(tiles)].max(axis=0)  # a defect in any tile is in the image
             start += len(tiles)
+            broken = [c for c, p in zip(classes, image_probs) if not np.isfinite(p)]
+            if broken:  # NaN >= threshold is False: it would read as "no defect"
+                rows.append({"path": str(path), "tiles": len(tiles), **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
+                             "error": f"{NON_FINITE} for {broken}: no decision given"})
+                continue
             decisions = image_probs >= thresholds
             rows.append({"path": str(path), "tiles": len(tiles), **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
                          **{f"pred/{c}": int(d) for c, d in zip(classes, decisions)},

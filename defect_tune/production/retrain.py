@@ -31,19 +31,21 @@ from rich.console import Console
 
 from defect_tune.core.class_stats import ClassCounts
 from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, SELECTION, TrainConfig, validate_config
-from defect_tune.core.errors import UserError
-from defect_tune.core.leaderboard import error_reason
+from defect_tune.core.errors import UserError, check_writable
 from defect_tune.core.metrics import evaluate, guarded_macro_recall
+from defect_tune.core.versions import package_versions
 from defect_tune.data.shards import MEAN, STD, check_shards, data_location, load_split, read_meta
-from defect_tune.production.export import package_versions, read_export
+from defect_tune.production.export import read_export
 from defect_tune.production.model_dir import MODEL_JSON, format_figure, write_model_dir
 from defect_tune.production.onnx_model import ONNX_FILE, PARITY_TOLERANCE, OnnxModel, cpu_latencies, export_onnx, parity
-from defect_tune.search.ingest import build_datasets, data_tasks_at_once
-from defect_tune.search.loop_config import LoopConfig
-from defect_tune.search.sweep import SearchError, start_ray
-from defect_tune.search.trial import dataset_config, train_loop_per_worker
-from defect_tune.search.worker import CHECKPOINT_FILE
+from defect_tune.raytrain.cluster import start_ray
+from defect_tune.raytrain.errors import error_reason
+from defect_tune.raytrain.ingest import build_datasets, data_tasks_at_once
+from defect_tune.raytrain.loop import dataset_config, train_loop_per_worker
+from defect_tune.raytrain.loop_config import LoopConfig
+from defect_tune.raytrain.worker import CHECKPOINT_FILE
 from defect_tune.training.engine import build_parts, pick_device, predict
+from defect_tune.training.models import resolve_weights
 from defect_tune.training.train import make_loader
 
 HOLDOUTS = ("val", "none")
@@ -84,6 +86,7 @@ def _check(options: RetrainOptions, export: dict, meta: dict) -> None:
             raise RetrainError(f"{out}: exists and is not empty; --overwrite replaces it")
         if not (out / MODEL_JSON).is_file():
             raise RetrainError(f"{out}: --overwrite only replaces a model directory (no {MODEL_JSON} there)")
+    check_writable(out, "--out")
 
 
 def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: int, validate: bool, storage: str):
@@ -125,7 +128,7 @@ def _onnx(model, meta: dict, test_x: np.ndarray, path: Path, console: Console) -
     safetensors: its model.json says why there is no model.onnx (training is not thrown away)."""
     height, width = meta["image"]["height"], meta["image"]["width"]
     try:
-        info = export_onnx(model, height, width, path)
+        info = export_onnx(model, height, width, path, meta["classes"])
         onnx = OnnxModel(path)
     except Exception as error:  # noqa: BLE001 - any exporter failure: the weights still ship
         reason = f"the ONNX exporter failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -140,12 +143,9 @@ def _onnx(model, meta: dict, test_x: np.ndarray, path: Path, console: Console) -
     return info, cpu_latencies(model, onnx, height, width)
 
 
-def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
-    """Train, calibrate, test and write OUT; return the model's metadata (OUT/model.json)."""
-    console = console or Console(stderr=True)
-    started = time.perf_counter()
-    export = read_export(options.export)
-    meta = read_meta(options.data)
+def _plan(options: RetrainOptions, export: dict, meta: dict, console: Console) -> tuple[RetrainOptions, TrainConfig]:
+    """Everything checked before Ray starts (the export against the data, the shards, the config,
+    the backbone's weights), and one line saying what will be trained on what."""
     if options.holdout is None:
         options = replace(options, holdout="none" if export.get("cv") else "val")
     _check(options, export, meta)
@@ -154,7 +154,6 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     if options.seed is not None:
         values["seed"] = options.seed
     config = validate_config(values, f"{options.export}: config")  # a hand-edited export names itself
-    classes = meta["classes"]
     validate = options.holdout == "val"
     stop_after = config.epochs if validate else int(export["best_epoch"])
     if meta.get("source_fingerprint") != export["data"].get("source_fingerprint"):
@@ -165,8 +164,16 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
             f"{', where the folds agreed' if export.get('cv') else ''}), the sweep's thresholds")
     console.print(f"retrain {export['sweep']['name']} trial {export['sweep']['trial_id']}: {plan}; seed {config.seed}",
                   highlight=False, markup=False)
+    weights = resolve_weights(config)  # a backbone without its weights here stops before Ray starts
+    if weights is not None:
+        console.print(weights.describe(), highlight=False, markup=False, soft_wrap=True)
+    return options, config
 
-    out = Path(options.out).absolute()
+
+def _train_on_ray(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: int, validate: bool,
+                  console: Console):
+    """One TorchTrainer run on the cluster (a local one unless --address): (state, metrics,
+    the run's path, epochs run). Checkpoints go to a scratch folder unless --storage."""
     with tempfile.TemporaryDirectory(prefix="defect-tune-retrain-") as scratch:
         storage = options.storage or str(Path(scratch) / "train")
         if options.address is not None and options.storage is None:
@@ -174,15 +181,26 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
                           "the workers' checkpoints", highlight=False, markup=False)
         connected = ray.is_initialized()  # a caller's Ray session is used as it is, and left running
         if not connected:
-            try:
-                start_ray(options.address, configure_logging=False)
-            except SearchError as error:
-                raise RetrainError(str(error)) from None
+            start_ray(options.address, configure_logging=False)  # its ClusterError is one line at the CLI
         try:
-            state, metrics, run_path, epochs_run = _fit(options, config, meta, stop_after, validate, storage)
+            return _fit(options, config, meta, stop_after, validate, storage)
         finally:
             if not connected:
                 ray.shutdown()
+
+
+def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
+    """Train, calibrate, test and write OUT; return the model's metadata (OUT/model.json)."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    export = read_export(options.export)
+    meta = read_meta(options.data)
+    options, config = _plan(options, export, meta, console)
+    classes = meta["classes"]
+    validate = options.holdout == "val"
+    stop_after = config.epochs if validate else int(export["best_epoch"])
+    out = Path(options.out).absolute()
+    state, metrics, run_path, epochs_run = _train_on_ray(options, config, meta, stop_after, validate, console)
 
     if validate:
         thresholds = np.array([metrics[f"threshold/{c}"] for c in classes], dtype=np.float64)

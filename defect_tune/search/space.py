@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from defect_tune.core.config import ConfigError, TrainConfig, load_config, validate_config
+from defect_tune.core.config import ConfigError, TrainConfig, load_config, load_yaml, recipe, validate_config
 from defect_tune.core.errors import UserError
 from defect_tune.core.leaderboard import COSTS as LEADERBOARD_COSTS
 
-BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.baseline_params)
+BASELINE = "baseline"  # a point given by name only: the plain recipe (SearchSpace.recipe_params)
+# Points given by name only, and the recipe each one is.
+RECIPE_POINTS = {BASELINE: "scratch", "transfer": "transfer"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "int_log")
 TOP_LEVEL = {"objective", "mode", "num_samples", "max_epochs", "asha", "cv", "fixed", "params", "points_to_evaluate",
              "description", "trade_offs"}
@@ -65,6 +68,11 @@ class Param:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """A search space file, checked (`load_space`): what a sweep ranks by (`objective`, `mode`),
+    how many trials and epochs it may run, ASHA's rungs, the keys it fixes, the parameters it
+    searches (`params`, each possibly conditional on another), and the starting points it
+    measures first (`points`: each a name and its parameters, a recipe written by name)."""
+
     path: str
     objective: str
     mode: str
@@ -136,20 +144,71 @@ class SearchSpace:
             raise SpaceError(f"override epochs={max_epochs}: the space searches epochs up to {max(searched_epochs[0].values)}")
         return dataclasses.replace(self, fixed=fixed, max_epochs=max_epochs)
 
-    def baseline_params(self, where: str = "baseline") -> dict:
-        """The plain recipe as a point of this space: every parameter its branch samples at
-        TrainConfig's default (`defect-tune train` with no keys); `fixed` and the epoch budget
-        apply as to every trial. A default the space cannot reach is an error, not a nearby value."""
+    def recipe_params(self, name: str, where: str) -> dict:
+        """A starting recipe (core.config.RECIPES) as a point of this space: every parameter its
+        branch samples at the recipe's value, else TrainConfig's default; `fixed` and the epoch
+        budget apply as to every trial. A recipe value the space cannot reach is an error, not a
+        nearby value."""
+        changes = recipe(RECIPE_POINTS[name])
         values: dict[str, Any] = {}
         for p in self.params:
             if not p.active(values):
                 continue
-            default = TrainConfig.model_fields[p.name].default
-            if not p.contains(default):
-                raise _fail(self.path, f"{where} ({BASELINE})",
-                            f"the recipe's {p.name} {default!r} is outside the searched {p.kind} {list(p.values)}")
-            values[p.name] = default
+            value = changes.get(p.name, TrainConfig.model_fields[p.name].default)
+            if not p.contains(value):
+                raise _fail(self.path, f"{where} ({name})",
+                            f"the recipe's {p.name} {value!r} is outside the searched {p.kind} {list(p.values)}")
+            values[p.name] = value
+        for key, value in changes.items():
+            reached = key in values or key == "epochs" or self.fixed.get(key, TrainConfig.model_fields[key].default) == value
+            if not reached:
+                raise _fail(self.path, f"{where} ({name})", f"the recipe sets {key}={value!r}, which this space's "
+                            f"trials cannot take on that branch: search or fix {key}")
         return values
+
+    def for_data(self, meta: dict, upsample: bool = False) -> tuple[SearchSpace, str | None]:
+        """This space on data stored at `meta`'s size. Unless `upsample`, no `input_size` choice
+        above the stored longer side: the network would enlarge every image, a slower trial that
+        sees nothing new. Points that named such a size take the largest one kept. Returns the
+        space and a note naming what was left out (None when nothing was)."""
+        stored = max(meta["image"]["height"], meta["image"]["width"])
+        searched = next((p for p in self.params if p.name == "input_size" and p.kind == "choice"), None)
+        if upsample or searched is None or all(v is None or v <= stored for v in searched.values):
+            return self, None
+        kept = tuple(v for v in searched.values if v is None or v <= stored) or (None,)
+        largest = None if None in kept else max(kept)
+        params = tuple(dataclasses.replace(p, values=kept) if p is searched else p for p in self.params)
+        points = tuple((name, {**values, "input_size": largest} if (values.get("input_size") or 0) > stored else values)
+                       for name, values in self.points)
+        dropped = [v for v in searched.values if v not in kept]
+        note = (f"input_size {dropped} left out of the search: the data is stored at {stored} px, and a larger input "
+                "only enlarges the images (search --upsample keeps them)")
+        return dataclasses.replace(self, params=params, points=points), note
+
+    def check_weights(self) -> list[str]:
+        """Before the sweep: every backbone this space can train with ImageNet weights has them on
+        this machine (each worker looks again, in the same order). One line per such backbone,
+        naming its source; a SpaceError naming every one that has none, and where it looked."""
+        from defect_tune.training.models import ModelError, resolve_weights
+
+        searched = next((p for p in self.params if p.name == "pretrained"), None)
+        lines, missing = [], []
+        for model in dict.fromkeys(self.values_of("model")):
+            if searched is not None:
+                pretrained = True in searched.values and model in searched.when.get("model", (model,))
+            else:
+                pretrained = bool(self.fixed.get("pretrained")) or bool(self.fixed.get("pretrained_path"))
+            if not pretrained:
+                continue
+            try:
+                weights = resolve_weights(self.config_for({"model": model, "pretrained": True}))
+                lines.append(weights.describe())
+            except ModelError as error:
+                missing.append(str(error))
+        if missing:
+            raise SpaceError(f"{self.path}: {len(missing)} backbone(s) it trains from ImageNet weights cannot be built "
+                             f"on this machine: " + " | ".join(missing))
+        return lines
 
     def values_of(self, key: str) -> list:
         """What `key` can be in this space's trials: a choice's values, a range's bounds, or its
@@ -248,9 +307,11 @@ def _parse_param(path, name: str, spec: Any, earlier: dict[str, Param]) -> Param
 
 
 def load_space(path: Path) -> SearchSpace:
+    """Read and check a search space file: every key, range and condition, and every starting
+    point against the parameters its branch samples. Raises SpaceError naming the file and key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise SpaceError(f"{path}: {error}") from None
     if not isinstance(raw, dict):
@@ -303,13 +364,20 @@ def load_space(path: Path) -> SearchSpace:
         reduction_factor=float(factor), fixed=fixed, params=tuple(params.values()), points=(), cv=cv,
         trade_offs=tuple((t, "min") for t in trade_offs),
     )
+    return SearchSpace(**{**space.__dict__, "points": _starting_points(path, space, raw.get("points_to_evaluate") or [])})
+
+
+def _starting_points(path: Path, space: SearchSpace, listed: list) -> tuple[tuple[str, dict], ...]:
+    """`points_to_evaluate`, each checked: exactly the parameters its own branch samples, each
+    within its range, and a config that validates; a recipe named alone gets its values."""
     points = []
-    for index, point in enumerate(raw.get("points_to_evaluate") or []):
+    for index, point in enumerate(listed):
         where = f"points_to_evaluate[{index}]"
-        if point == {"name": BASELINE}:
-            point = {"name": BASELINE, "params": space.baseline_params(where)}
+        if isinstance(point, dict) and set(point) == {"name"} and point["name"] in RECIPE_POINTS:
+            point = {"name": point["name"], "params": space.recipe_params(point["name"], where)}
         if not isinstance(point, dict) or set(point) - {"name", "params"} or "params" not in point:
-            raise _fail(path, where, f"expected {{name: ..., params: {{...}}}}, or {{name: {BASELINE}}}")
+            raise _fail(path, where, f"expected {{name: ..., params: {{...}}}}, or {{name: RECIPE}} for a recipe of "
+                                     f"{sorted(RECIPE_POINTS)}")
         values = point["params"]
         active = {}
         for p in space.params:  # a point must set exactly the parameters its own branch samples
@@ -328,4 +396,26 @@ def load_space(path: Path) -> SearchSpace:
         except ConfigError as error:
             raise _fail(path, where, str(error)) from None
         points.append((str(point.get("name", f"point_{index}")), values))
-    return SearchSpace(**{**space.__dict__, "points": tuple(points)})
+    return tuple(points)
+
+
+# The checkout's search_spaces/, installed as this package's data (pyproject.toml), so a wheel has it too.
+SPACES_DIR = Path(str(importlib.resources.files("defect_tune.search_spaces")))
+
+
+def bundled_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space(space: Path | str | None) -> Path:
+    """A space file: the bundled quick space when none is given; a bundled space by name (`el_solar`);
+    otherwise the path as given, which must exist."""
+    if space is None:
+        return SPACES_DIR / "quick.yaml"
+    path = Path(space)
+    if path.is_file():
+        return path
+    bundled = SPACES_DIR / f"{path.name}.yaml"
+    if path.parent == Path(".") and not path.suffix and bundled.is_file():
+        return bundled
+    raise SpaceError(f"{path}: no such search space file (bundled spaces, usable by name: {', '.join(bundled_spaces())})")

@@ -36,7 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from defect_tune.core.errors import UserError
-from defect_tune.search.ray_compat import auth_token_headers
+from defect_tune.ray_compat import auth_token_headers
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -294,7 +294,7 @@ def describe(details) -> str:
     code, and the last line of the job's output, usually the error)."""
     when = ""
     if details.start_time:
-        start = dt.datetime.fromtimestamp(details.start_time / 1000, dt.timezone.utc)
+        start = dt.datetime.fromtimestamp(details.start_time / 1000, dt.UTC)
         when = f" started {start:%Y-%m-%d %H:%M:%S} UTC"
         if details.end_time:
             when += f", ran {(details.end_time - details.start_time) / 1000:.0f} s"

@@ -21,10 +21,10 @@ from pathlib import Path
 import ray
 from ray.air.integrations.wandb import WandbLoggerCallback
 
-from defect_tune.core.config import selection_metric
+from defect_tune.core.config import better, selection_metric
 from defect_tune.core.errors import UserError
-from defect_tune.core.leaderboard import stop_reason
-from defect_tune.search.ray_compat import wandb_logging_parts
+from defect_tune.ray_compat import wandb_logging_parts
+from defect_tune.search.leaderboard import stop_reason
 
 _WandbLoggingActor, _QueueItem, _force_on_current_node = wandb_logging_parts()
 
@@ -122,7 +122,7 @@ class SweepRuns(WandbLoggerCallback):
         sampled = {k: v for k, v in trial.config.items() if not k.startswith("_")}
         init_kwargs.update(
             name=trial.trial_id,
-            config={**init_kwargs["config"], **self.constants, "seed_point": self.points.get(tuple(sorted(sampled.items())))},
+            config={**init_kwargs["config"], **self.constants, "starting_point": self.points.get(tuple(sorted(sampled.items())))},
         )
         key = os.environ.get("WANDB_API_KEY") if self.mode in ("online", "run") else None
         super()._start_logging_actor(trial, exclude_results, **init_kwargs, **({"api_key": key} if key else {}))
@@ -147,7 +147,7 @@ class SweepRuns(WandbLoggerCallback):
         if value is None:
             return
         best = seen.get("best_value")
-        if best is None or (value > best if self.objective_mode == "max" else value < best):
+        if better(value, best, self.objective_mode):
             keys = [self.objective, "epoch", *(f"{kind}/{c}" for kind in ("val_recall", "threshold") for c in self.classes)]
             seen["best"], seen["best_value"] = {k: result.get(k) for k in keys}, value
 

@@ -17,23 +17,15 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from defect_tune.core.config import PREDICTIONS_FILE, SELECTION, TrainConfig, selection_metric
 from defect_tune.data.shards import filesystem_for
-from defect_tune.search.ingest import build_datasets, data_tasks_at_once
-from defect_tune.search.loop_config import LoopConfig
-from defect_tune.search.post import trial_mailbox
-
-# How often a trial's Train controller polls its workers (Ray's default: 2 s). A worker's
-# `report` waits until the controller has taken the one before it, and the controller notices
-# the end of training only at its next poll. With 2 s, a worker loop of 3 reports 0.5 s apart
-# took 9 s to its Train run's end, and 2 s with 0.2 s; on a GPU, where an epoch of a small
-# dataset is well under a second, each report waited up to 2 s. Polling every 0.25 s added about
-# 0.015 of a core to a trial with two workers (both measured here, on 2 cores:
-# benchmarks/bench_train_poll.py, results/benchmarks/train_poll.md).
-TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+from defect_tune.raytrain.ingest import build_datasets, data_tasks_at_once
+from defect_tune.raytrain.loop import TRAIN_POLL_ENV, TRAIN_POLL_S, dataset_config, keeps_train, train_loop_per_worker
+from defect_tune.raytrain.loop_config import LoopConfig
+from defect_tune.search.report_relay import trial_report_queue
 
 
 @dataclass(frozen=True)
@@ -53,28 +45,6 @@ class TrialSetup:
     keep_train_bytes: float = 0  # a worker's train shard up to this size is kept in memory; 0: streamed every epoch
 
 
-def keeps_train(meta: dict, workers: int, limit_bytes: float, train_splits: tuple[str, ...] = ("train",)) -> bool:
-    """Whether each worker's train shard (stored uint8 images) fits `limit_bytes`."""
-    image = meta["image"]
-    images = sum(meta["splits"][split]["images"] for split in train_splits)
-    per_worker = math.ceil(images / workers) * image["height"] * image["width"]
-    return per_worker <= limit_bytes
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ordinary training core plus three Ray calls (`prepare_model`, `get_dataset_shard`, `report`):
-    `worker.run`, the engine's epochs fed from this worker's shard. `loop_config` is a
-    `LoopConfig` as a dict (loop_config.py defines each key).
-
-    The worker module is imported here, in the worker, not at the top of this module: the trial's
-    other processes (Tune's trial actor, Train's controller) unpickle this function too, and
-    importing torch, timm, albumentations and scikit-learn there costs each of them seconds of CPU.
-    """
-    loop_started = time.time()
-    from defect_tune.search import worker
-    worker.run(LoopConfig.from_dict(loop_config), loop_started)
-
-
 def diverged_report(objective: str, mode: str, trade_offs: tuple = ()) -> dict:
     """The objective a diverged trial reports: its worst value. Every metric a sweep maximises
     (recall, precision, F2, AP) is at least 0; one it minimises (a loss, a cost) is at most
@@ -84,10 +54,14 @@ def diverged_report(objective: str, mode: str, trade_offs: tuple = ()) -> dict:
             **{metric: 0.0 if how == "max" else math.inf for metric, how in trade_offs}}
 
 
-def dataset_config(workers: int) -> DataConfig:
-    """Train split across workers. One worker reads its Datasets itself: splitting would start a
-    coordinator actor per Dataset to hand everything to that one worker (seconds of start-up)."""
-    return DataConfig(datasets_to_split=["train"] if workers > 1 else [])
+def kept_checkpoint(space) -> CheckpointConfig:
+    """The one checkpoint Train keeps: the best epoch by what the sweep ranks by, in its direction.
+    The leaderboard names that epoch's checkpoint, so under a space's own `mode: min` objective a
+    checkpoint kept by the built-in score would be another epoch's, and the named one deleted."""
+    if space is None:
+        return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION, checkpoint_score_order="max")
+    return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=selection_metric(space.objective),
+                            checkpoint_score_order=space.mode)
 
 
 def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list,
@@ -113,7 +87,7 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
             name=name,
             storage_path=_train_storage(setup),
             callbacks=callbacks,
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION, checkpoint_score_order="max"),
+            checkpoint_config=kept_checkpoint(setup.space),
             failure_config=FailureConfig(max_failures=setup.max_failures),
         ),
     )
@@ -146,7 +120,7 @@ def fit_and_report(build) -> None:
     `Queue.put`, ray/train/_internal/session.py, Ray 2.60; the bridge is
     https://github.com/ray-project/ray/pull/55556)."""
     errors: list[BaseException] = []
-    with trial_mailbox() as (reports, key):
+    with trial_report_queue() as (reports, key):
 
         def fit() -> None:
             try:
@@ -169,7 +143,7 @@ def fit_and_report(build) -> None:
 
 class QueueReportCallback(UserCallback):
     """Runs in a Train run's controller: hands rank 0's report (with its checkpoint's path) to the
-    trial through the sweep's report post (`post.ReportPost`), as `(fold, row)` under the trial's `key`, and
+    trial through the sweep's report relay (`report_relay.ReportRelay`), as `(fold, row)` under the trial's `key`, and
     returns once it is there (so every report is queued before the run's `fit()` returns).
 
     Under `--cv` (`predictions` given) it also copies the epoch's held-out predictions to
@@ -223,7 +197,7 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
     from defect_tune.data.folds import FoldMean
 
     errors: dict[int, BaseException] = {}
-    with trial_mailbox() as (reports, key):
+    with trial_report_queue() as (reports, key):
 
         def fit(fold: int, meta: dict) -> None:
             try:

@@ -18,6 +18,7 @@ from timm.layers import create_attn
 from torch import nn
 
 from defect_tune.core.errors import UserError
+from defect_tune.training.weights import Weights, create_pretrained, find_weights, no_weights
 
 
 class ModelError(UserError):
@@ -97,42 +98,49 @@ class DefectClassifier(nn.Module):
         return [*self.attention.parameters(), *self.head.parameters()]
 
 
-def _timm_backbone(name: str, pretrained: bool, path: str | None) -> nn.Module:
+def resolve_weights(config) -> Weights | None:
+    """Where `config`'s backbone weights come from (None: from scratch), checked before any
+    training: `pretrained_path`, else for `pretrained: true` the first source `find_weights`
+    knows. A ModelError names what is missing and where it looked."""
+    if config.pretrained_path:
+        path = Path(config.pretrained_path)
+        if not path.is_file():  # a FIFO or a device would block the read forever
+            raise ModelError(f"pretrained_path {path}: " + ("not a regular file" if path.exists() else "no such file"))
+        return Weights(config.model, "file", path)
+    if not config.pretrained:
+        return None
+    if config.model in SEED_MODELS:
+        raise ModelError(f"model {config.model!r} has no published weights; give pretrained_path or pretrained=false")
+    _check_timm_name(config.model)
+    weights = find_weights(config.model)
+    if weights is None:
+        raise ModelError(f"model {config.model!r}: {no_weights(config.model)}; or set pretrained=false to train from scratch")
+    return weights
+
+
+def _check_timm_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ModelError(f"model {name!r}: not a timm model or one of {sorted(SEED_MODELS)}; close names: {close}")
-    kwargs = {"in_chans": 1, "num_classes": 0}  # timm folds RGB stem weights into one channel
-    if path is not None:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    try:
-        return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
-    except Exception as error:  # hub, network and file errors come in many types; all mean "no weights"
-        if not (pretrained or path):
-            raise
-        source = f"file {path}" if path else "the Hugging Face hub (needs network access)"
-        raise ModelError(
-            f"model {name!r}: cannot load pretrained weights from {source}: {type(error).__name__}: {error}. "
-            "Set pretrained_path to a local weights file, or pretrained=false to train from scratch."
-        ) from error
 
 
 def build_model(config, num_classes: int) -> DefectClassifier:
     """The model a config names; `config` is a `TrainConfig`."""
+    weights = resolve_weights(config)
     if config.model in SEED_MODELS:
         backbone = SEED_MODELS[config.model]()
-        if config.pretrained and not config.pretrained_path:
-            raise ModelError(f"model {config.model!r} has no published weights; give pretrained_path or pretrained=false")
-        if config.pretrained_path:
-            path = Path(config.pretrained_path)
+        if weights is not None:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                backbone.load_state_dict(state)
+                backbone.load_state_dict(torch.load(weights.path, map_location="cpu", weights_only=True))
             except (OSError, RuntimeError, pickle.UnpicklingError, ValueError, EOFError) as error:
                 # weights_only refuses arbitrary pickles; its message runs to a page, the first line says why.
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ModelError(f"{path}: cannot load it as weights for {config.model!r}: {first}") from None
+                raise ModelError(f"{weights.path}: cannot load it as weights for {config.model!r}: {first}") from None
     else:
-        backbone = _timm_backbone(config.model, config.pretrained, config.pretrained_path)
+        _check_timm_name(config.model)
+        kwargs = {"in_chans": 1, "num_classes": 0}  # timm folds RGB stem weights into one channel
+        backbone = (create_pretrained(config.model, weights, **kwargs) if weights is not None
+                    else timm.create_model(config.model, pretrained=False, **kwargs))
     return DefectClassifier(backbone, num_classes, config.cbam, config.head, config.head_hidden, config.head_dropout,
                             config.input_size)
 

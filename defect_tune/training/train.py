@@ -20,13 +20,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from defect_tune import __version__
 from defect_tune.core.augment import augment_batch, build_augmentation
 from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
-from defect_tune.core.errors import UserError, file_in_the_way
+from defect_tune.core.errors import UserError, check_writable, file_in_the_way, files_not_written_by
 from defect_tune.core.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
 from defect_tune.data.shards import check_shards, data_location, load_split, read_meta, to_tensor
-from defect_tune.training.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, draw_order, pick_device,
-                                predict, run_epochs, seed_everything, train_one_epoch)
-from defect_tune.training.models import parameter_counts
-
+from defect_tune.training.engine import (
+    EarlyStopping,
+    Hooks,
+    NonFiniteLoss,
+    Progress,
+    build_parts,
+    draw_order,
+    pick_device,
+    predict,
+    run_epochs,
+    seed_everything,
+    train_one_epoch,
+)
+from defect_tune.training.models import parameter_counts, resolve_weights
 
 # Device memory a CUDA process holds outside torch's allocator: its context and the kernels
 # loaded into it (lazily since CUDA 11.7). The process cannot see it without NVML, so this is an
@@ -156,9 +166,10 @@ def check_train_out(out: Path) -> None:
         raise UserError(f"{out}: --out is a file, not a folder")
     if (blocker := file_in_the_way(out)) is not None:
         raise UserError(f"{out}: --out lies under {blocker}, which is a file")
-    others = sorted(entry.name for entry in out.iterdir() if entry.name not in TRAIN_OUTPUTS) if out.is_dir() else []
+    others = files_not_written_by(out, TRAIN_OUTPUTS)
     if others:
         raise UserError(f"{out}: --out holds files train did not write ({', '.join(others[:5])}); choose a new folder")
+    check_writable(out, "--out")
 
 
 def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto", on_epoch=None, on_batch=None) -> dict:
@@ -169,6 +180,7 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
     check_shards(data_dir, meta)  # before anything is written to OUT
     out_dir = Path(out_dir)
     check_train_out(out_dir)
+    weights = resolve_weights(config)  # a backbone without its weights stops here, before OUT is written
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config.to_yaml())
     seed_everything(config.seed)
@@ -190,6 +202,7 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
                  "classes": classes, "image": meta["image"]},
         "objective": {"name": OBJECTIVE, "mode": "max", "precision_floor": config.precision_floor,
                       "definition": OBJECTIVE_DEFINITION},
+        "weights": weights.describe() if weights else "none: from scratch",
         "parameters": parameter_counts(parts.model),
         "device": str(parts.device),
         "versions": {"defect_tune": __version__, "torch": torch.__version__, "timm": timm.__version__},

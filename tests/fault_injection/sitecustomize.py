@@ -7,15 +7,18 @@ as a diverging configuration would. Nothing changes for any other trial or proce
 that trial's loss is built (once per training run of it, retries included), a line is appended
 to the file DEFECT_TUNE_TEST_NAN_RUNS names. With DEFECT_TUNE_TEST_NAN_RANK, only that Train
 worker's loss is poisoned; with DEFECT_TUNE_TEST_NAN_FOLD, only that fold's (a `--cv` trial's
-Train run named `...-fold<N>`).
+Train run named `...-fold<N>`). With DEFECT_TUNE_TEST_SLOW_LR, a trial whose `lr` equals it
+sleeps a second per training batch, so a test has whole seconds to act between two of its epochs.
 """
 
 import importlib.abc
 import importlib.util
 import os
 import sys
+import time
 
 NAN_LR = os.environ.get("DEFECT_TUNE_TEST_NAN_LR")
+SLOW_LR = os.environ.get("DEFECT_TUNE_TEST_SLOW_LR")
 
 
 def _poison(module) -> None:
@@ -33,8 +36,19 @@ def _poison(module) -> None:
             value = self.loss(logits, targets)
             return value * float("nan") if self.calls == 4 else value
 
+    class Slowed(torch.nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss = loss
+
+        def forward(self, logits, targets):
+            time.sleep(1.0)
+            return self.loss(logits, targets)
+
     def build_loss(config, counts):
         loss = real_build_loss(config, counts)
+        if SLOW_LR and config.lr == float(SLOW_LR):
+            return Slowed(loss)
         if config.lr != float(NAN_LR):
             return loss
         if os.environ.get("DEFECT_TUNE_TEST_NAN_RANK"):  # only this worker's loss, under DDP

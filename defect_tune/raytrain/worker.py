@@ -23,10 +23,18 @@ import torch
 from defect_tune.core.augment import build_augmentation
 from defect_tune.core.config import PREDICTIONS_FILE, TrainConfig
 from defect_tune.data.shards import to_tensor
-from defect_tune.search.loop_config import LoopConfig
+from defect_tune.raytrain.loop_config import LoopConfig
 from defect_tune.training.cost import model_cost, peak_memory_mb
-from defect_tune.training.engine import (EarlyStopping, Hooks, NonFiniteLoss, Progress, build_parts, memory_batches, run_epochs,
-                                seed_everything)
+from defect_tune.training.engine import (
+    EarlyStopping,
+    Hooks,
+    NonFiniteLoss,
+    Progress,
+    build_parts,
+    memory_batches,
+    run_epochs,
+    seed_everything,
+)
 
 CHECKPOINT_FILE = "model.pt"
 

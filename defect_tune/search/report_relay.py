@@ -1,4 +1,4 @@
-"""The sweep's report post: how a trial's Train runs hand their reports to the trial.
+"""The sweep's report relay: how a trial's Train runs hand their reports to the trial.
 
 A Train callback runs in the run's controller, a process of its own; the trial hands reports to
 Tune from its own thread (`trial.fit_and_report`). Between them sits one Ray actor per sweep.
@@ -14,14 +14,14 @@ import uuid
 
 import ray
 
-ACTOR_NAME = "defect_tune_report_post"
+ACTOR_NAME = "defect_tune_report_relay"
 
 
-class ReportPost:
+class ReportRelay:
     """Every trial's Train runs put their reports here, under a key of the trial's, and the trial
-    takes them. One per sweep, started by the driver on its own node (`start_report_post`), where
-    a Ray queue actor per trial was one more process per trial: about 2.7 s of CPU and 125 MB
-    each on this 2-core machine (benchmarks/bench_trial_cpu.py, results/benchmarks/trial_cpu.md)."""
+    takes them. One per sweep, started by the driver on its own node (`start_report_relay`): a Ray
+    queue actor per trial would be one more process per trial, with its own CPU and memory to
+    start (results/benchmarks/trial_cpu.md)."""
 
     def __init__(self):
         self._queues: dict[str, tuple[collections.deque, asyncio.Event]] = {}
@@ -49,7 +49,7 @@ class ReportPost:
             arrived.clear()  # no await since `items` was read: nothing was put in between
             try:
                 await asyncio.wait_for(arrived.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         taken = list(items)
         items.clear()
@@ -61,26 +61,26 @@ class ReportPost:
         self._closed.add(key)
 
 
-def start_report_post():
-    """The sweep's `ReportPost`, on this (the driver's) node: it lives while the returned handle
+def start_report_relay():
+    """The sweep's `ReportRelay`, on this (the driver's) node: it lives while the returned handle
     does, and a trial on a node that is lost takes nothing else with it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(ReportPost).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0,
+    return ray.remote(ReportRelay).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0,
                                           scheduling_strategy=node).remote()
 
 
 @contextlib.contextmanager
-def trial_mailbox():
-    """From inside a trial: the sweep's `ReportPost` and a new key for this attempt (a retried
+def trial_report_queue():
+    """From inside a trial: the sweep's `ReportRelay` and a new key for this attempt (a retried
     trial's old run may still put under its own), closed when the block ends."""
     try:
-        post = ray.get_actor(ACTOR_NAME)
+        relay = ray.get_actor(ACTOR_NAME)
     except ValueError:
         raise RuntimeError(f"no {ACTOR_NAME} actor: trials run under `defect-tune search`, which starts it") from None
     key = uuid.uuid4().hex
     try:
-        yield post, key
+        yield relay, key
     finally:
-        post.close.remote(key)
+        relay.close.remote(key)

@@ -12,11 +12,19 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Ray's internal settings that defect-tune sets, read from the environment by the processes Ray
+# starts. Their names are not promised to stay: when the pin moves, check each in Ray's source.
+# (Why each is set: raytrain/cluster.py LOCAL_CLUSTER_ENV, raytrain/loop.py, search/sweep.py.)
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train V2: a watcher actor per run
+IDLE_WORKER_KILL_MS = "RAY_idle_worker_killing_time_threshold_ms"  # raylet: idle worker processes' lifetime
+TRAIN_HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Train V2: how often the controller polls workers
+TUNE_CHECKPOINT_PERIOD_S = "TUNE_GLOBAL_CHECKPOINT_S"  # Tune: how often the experiment state is saved
+
 
 def local_cluster_addresses() -> list[str]:
     """GCS addresses of the Ray clusters running on this machine.
 
-    Why: a second local cluster beside a running one hangs a sweep (`sweep.refuse_second_local_cluster`).
+    Why: a second local cluster beside a running one hangs a sweep (`raytrain.cluster.refuse_second_local_cluster`).
     Private: `ray._private.services.find_gcs_addresses`, checked against Ray 2.60.
     Guarded by: tests/test_search_units.py::test_a_second_local_cluster_is_refused_with_the_running_address.
     """

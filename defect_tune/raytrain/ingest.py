@@ -1,7 +1,7 @@
 """The Ray Data side of a trial: the trial's own Datasets over `prepare`'s Parquet shards, decoded
 (and, for sweeps, augmented) in `map_batches` tasks spread over the cluster.
 
-Light on purpose: every Ray Data task process unpickles `_Prepare` and so imports this module;
+Light on purpose: every Ray Data task process unpickles `_DecodeBatch` and so imports this module;
 albumentations is imported only where a batch is augmented.
 """
 
@@ -23,7 +23,7 @@ def _decode(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarra
     return images, labels
 
 
-class _Prepare:
+class _DecodeBatch:
     """map_batches body: stored bytes to uint8 images (augmented for training) and labels."""
 
     def __init__(self, height: int, width: int, augment: str | None, ids: np.ndarray | None = None,
@@ -91,7 +91,7 @@ def build_datasets(data_dir: str, meta: dict, config: TrainConfig, train_splits:
         if name == "train":
             # A new shard order every epoch; a fixed one when the run must be reproducible.
             ds = ds.randomize_block_order(seed=config.seed if reproducible else None)
-        prepare = _Prepare(height, width, augment, ids=held_out, keep_ids=name == "val")
+        prepare = _DecodeBatch(height, width, augment, ids=held_out, keep_ids=name == "val")
         datasets[name] = ds.map_batches(prepare, batch_format="numpy", batch_size=256,
                                         num_cpus=0, concurrency=tasks_at_once)
     return datasets

@@ -110,6 +110,16 @@ def test_every_module_but_the_two_front_doors_and_ray_compat_lives_in_a_package(
         "core", "data", "training", "raytrain", "search", "production", "report"}
 
 
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists the packages by hand (search_spaces installs from outside the tree), so a new
+    package left off that list would work in a checkout and be missing from an installed wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert on_disk - listed == set()
+
+
 def package_graph() -> dict[str, set[str]]:
     """package -> the other packages its modules import (the front doors and ray_compat left out)."""
     graph: dict[str, set[str]] = {}

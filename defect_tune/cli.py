@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from defect_tune.core.units import parse_duration
 from defect_tune.data.choices import FITS, FORMATS
+from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB
 from defect_tune.training.weights import ENV as WEIGHTS_ENV  # no torch or timm on import: --help stays fast
 
 
@@ -233,9 +234,14 @@ def train(
         )
         progress.reset(task, description=f"epoch {row['epoch'] + 1}")
 
+    from defect_tune.training.engine import pick_device
+
+    chosen_device = pick_device(device)
+    console.print(f"device: {chosen_device}" + (" (no CUDA GPU visible)" if device == "auto" and chosen_device.type == "cpu"
+                                                else ""), highlight=False, markup=False)
     try:
         with progress:
-            results = fit(settings, data, out, device, on_epoch=on_epoch, on_batch=lambda: progress.advance(task))
+            results = fit(settings, data, out, str(chosen_device), on_epoch=on_epoch, on_batch=lambda: progress.advance(task))
     except NonFiniteLoss as error:
         console.print(f"training failed: {error} (status 'failed' in {out}/results.json)", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -283,7 +289,7 @@ def search(
     time_budget: Annotated[str | None, typer.Option(metavar="DURATION", help="End the sweep after this long: 90s, 20m, 1.5h, or seconds. Trials still running keep the epochs they reported (stopped by: time_budget); without --num-samples, trials start until it runs out. --resume keeps the sweep's own budget and starts it again")] = None,
     workers_per_trial: Annotated[int, typer.Option(help="TorchTrainer workers per trial")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
-    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per training worker (fractions pack trials on a GPU)")] = 0.0,
+    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", help="GPUs per training worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs; fractions pack trials on a GPU")] = "auto",
     trials_per_gpu: Annotated[str | None, typer.Option(metavar="N|auto", help="Training workers sharing each GPU (--gpus-per-worker 1/N; a multi-worker or --cv trial's workers each count); auto: as many as the space's hungriest backbone leaves room for, measured on one GPU at its largest batch before the sweep")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: from the cluster's resources)")] = None,
     address: Annotated[str | None, typer.Option(help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
@@ -292,7 +298,7 @@ def search(
     seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
     max_failures: Annotated[int, typer.Option(help="Retries of a crashed trial (from its last checkpoint); a diverged one (NaN loss) is never retried")] = 0,
     wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
-    keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = 2.0,
+    keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = KEEP_TRAIN_GB,
     upsample: Annotated[bool, typer.Option(help="Keep the space's input_size choices above the prepared image size (by default left out: they only enlarge the stored images)")] = False,
     weights: WeightsDir = None,
     cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
@@ -323,7 +329,8 @@ def search(
     name = name or f"{space.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     options = SearchOptions(
         data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
-        workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=_share_or_auto("--gpus-per-worker", gpus_per_worker),
         trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
         max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
         overrides=overrides, upsample=upsample,
@@ -357,6 +364,21 @@ def _count_or_auto(option: str, text: str | None, what: str) -> int | str | None
     except ValueError:
         console.print(f"error: {option} takes {what} or auto, got {text!r}", style="red", markup=False)
         raise typer.Exit(2) from None
+
+
+def _share_or_auto(option: str, text: str) -> float | str:
+    """A GPU share (0, 0.25, 1, ...) or auto."""
+    if text == "auto":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = math.nan
+    if not 0 <= share < math.inf:
+        console.print(f"error: {option} takes a share of a GPU (0, 0.25, 1, ...) or auto, got {text!r}", style="red",
+                      markup=False)
+        raise typer.Exit(2) from None
+    return share
 
 
 def _time_budget(text: str | None) -> float | None:
@@ -415,7 +437,7 @@ def retrain(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     workers: Annotated[int, typer.Option(help="TorchTrainer workers")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker")] = 1.0,
-    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker")] = 0.0,
+    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", help="GPUs per worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs")] = "auto",
     storage: Annotated[str | None, typer.Option(help="Train's checkpoint storage: a shared path or URI on multi-node clusters")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the exported config's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
@@ -434,7 +456,8 @@ def retrain(
 
     _use_weights(weights)
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
-                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
+                             cpus_per_worker=cpus_per_worker,
+                             gpus_per_worker=_share_or_auto("--gpus-per-worker", gpus_per_worker), storage=storage, seed=seed,
                              overwrite=overwrite)
     run_retrain(options, console=console)
     console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)

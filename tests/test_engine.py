@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from defect_tune.core.config import TrainConfig
+from defect_tune.data.shards import MEAN, STD
 from defect_tune.raytrain.loop_config import LoopConfig
 from defect_tune.raytrain.worker import WorkerHooks
 from defect_tune.training.engine import EarlyStopping, Progress, build_parts, run_epochs, seed_everything
@@ -59,7 +60,9 @@ class _Shard:
         self.images, self.labels = images, labels
 
     def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size=None, local_shuffle_seed=None):
-        order = np.random.default_rng(local_shuffle_seed).permutation(len(self.labels))
+        order = np.arange(len(self.labels))  # no shuffle buffer: the shard's own order
+        if local_shuffle_buffer_size:
+            order = np.random.default_rng(local_shuffle_seed).permutation(len(self.labels))
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             yield {"image": self.images[index], "labels": self.labels[index]}
@@ -133,3 +136,30 @@ def test_a_plateau_schedule_cuts_the_learning_rate_in_a_trial_as_in_train():
         assert lrs[:4] == [1e-3] * 4, driver
         assert lrs[4] == pytest.approx(5e-4), driver  # halved after 3 epochs without a better objective
     assert rates["train"] == rates["trial"]
+
+
+def _epoch_orders(keep: bool, epochs: int = 3) -> list[list[int]]:
+    """The training images a reproducible run's worker (`retrain`) draws, epoch by epoch, as
+    indices into the shard."""
+    (images, labels), _ = _data()
+    config = TrainConfig(**BASE)
+    seed_everything(config.seed)
+    parts = build_parts(config, META, len(labels) // config.batch_size, torch.device("cpu"))
+    loop = LoopConfig(config=config.model_dump(), meta=META, reproducible=True, keep_train=keep)
+    hooks = WorkerHooks(loop, config, parts, EarlyStopping(0), True, 0, 1, _Shard(images, labels), None, "node")
+    index = {image.tobytes(): i for i, image in enumerate(images)}
+    orders = []
+    for epoch in range(epochs):  # augment "none": each normalised image maps back to one stored image
+        stored = [np.rint((x.numpy()[:, 0] * STD + MEAN) * 255).astype(np.uint8) for x, _ in hooks.train_batches(epoch)]
+        orders.append([index[image.tobytes()] for batch in stored for image in batch])
+    return orders
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept shard", "streamed shard"])
+def test_a_reproducible_run_draws_a_new_order_every_epoch_and_the_same_on_every_run(keep):
+    """retrain runs reproducibly; like `train`, each epoch must still see its images in a new order
+    (the same epoch in the same order on every run)."""
+    first, second = _epoch_orders(keep), _epoch_orders(keep)
+    assert first == second
+    assert first[0] != first[1] != first[2]
+    assert all(len(set(order)) == len(order) == 48 for order in first)  # each image once (48 = 6 x 8)

@@ -107,6 +107,33 @@ def test_trials_per_gpu_values_that_cannot_work_are_refused_before_ray_starts():
         check_gpu_options(options(trials_per_gpu=4, gpus_per_worker=0.25))
 
 
+def test_sweeps_and_retrains_use_the_clusters_gpus_unless_told_otherwise():
+    """--gpus-per-worker auto (the default): one GPU per worker where the cluster has GPUs, said on
+    the console; none where it has none; 0 keeps a GPU cluster's trials on its CPUs."""
+    import io
+
+    from rich.console import Console
+
+    from defect_tune.raytrain.cluster import gpus_per_worker
+
+    shown = io.StringIO()
+    console, space = Console(file=shown, width=300), load_space(QUICK)
+    assert gpus_for_workers(options(), space, {}, {"CPU": 8, "GPU": 2}, console) == (1.0, None)
+    assert "training on the cluster's 2 GPU(s), one per worker" in shown.getvalue()
+    assert trials_at_once({"CPU": 16, "GPU": 2}, options()) == 2  # a GPU each
+    assert trials_at_once({"CPU": 2}, options()) == 2  # no GPU: as on CPUs
+    shown.truncate(0)
+    assert gpus_for_workers(options(), space, {}, {"CPU": 8}, console) == (0.0, None)
+    assert gpus_for_workers(options(gpus_per_worker=0), space, {}, {"CPU": 8, "GPU": 2}, console) == (0, None)
+    assert "training on" not in shown.getvalue() and "trials use none" in shown.getvalue()
+    assert gpus_per_worker("auto", {"CPU": 4, "GPU": 1}) == 1.0 and gpus_per_worker("auto", {"CPU": 4}) == 0.0
+    assert gpus_per_worker(0.5, {"CPU": 4}) == 0.5
+    check_gpu_options(options(trials_per_gpu=4))  # --trials-per-gpu with the default share
+    for bad in (-1, math.nan, math.inf, "half", True):
+        with pytest.raises(SearchError, match="--gpus-per-worker takes a share of a GPU"):
+            check_gpu_options(options(gpus_per_worker=bad))
+
+
 def test_a_time_budget_is_a_positive_duration_in_seconds_minutes_or_hours():
     from defect_tune.core.units import parse_duration
 
@@ -245,7 +272,9 @@ def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, mon
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
     try:
         resources = ray.cluster_resources()
-        assert gpus_for_workers(options(), space, meta, resources, console) == (0.0, None)
+        assert gpus_for_workers(options(), space, meta, resources, console) == (1.0, None)
+        assert "training on the cluster's 1 GPU(s), one per worker" in console.file.getvalue()
+        assert gpus_for_workers(options(gpus_per_worker=0), space, meta, resources, console) == (0, None)
         assert "the cluster has 1 GPU(s) and trials use none; --trials-per-gpu auto trains on them" in console.file.getvalue()
         assert gpus_for_workers(options(trials_per_gpu=4), space, meta, resources, console) == (0.25, None)
         with pytest.raises(SearchError, match=r"--trials-per-gpu auto: measuring the backbones failed: .*RuntimeError\(.node "

@@ -38,11 +38,11 @@ from defect_tune.data.shards import MEAN, STD, check_shards, data_location, load
 from defect_tune.production.export import read_export
 from defect_tune.production.model_dir import MODEL_JSON, format_figure, write_model_dir
 from defect_tune.production.onnx_model import ONNX_FILE, PARITY_TOLERANCE, OnnxModel, cpu_latencies, export_onnx, parity
-from defect_tune.raytrain.cluster import start_ray
+from defect_tune.raytrain.cluster import gpus_per_worker, start_ray
 from defect_tune.raytrain.errors import error_reason
 from defect_tune.raytrain.ingest import build_datasets, data_tasks_at_once
-from defect_tune.raytrain.loop import dataset_config, train_loop_per_worker
-from defect_tune.raytrain.loop_config import LoopConfig
+from defect_tune.raytrain.loop import dataset_config, keeps_train, train_loop_per_worker
+from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB, LoopConfig
 from defect_tune.raytrain.worker import CHECKPOINT_FILE
 from defect_tune.training.engine import build_parts, pick_device, predict
 from defect_tune.training.models import resolve_weights
@@ -64,7 +64,7 @@ class RetrainOptions:
     address: str | None = None  # None: a local Ray cluster
     workers: int = 1
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | str = "auto"  # auto: one per worker when the cluster has GPUs
     storage: str | None = None  # Train's checkpoints; a shared path or URI on a multi-node cluster
     seed: int | None = None  # default: the exported config's
     overwrite: bool = False
@@ -73,6 +73,9 @@ class RetrainOptions:
 def _check(options: RetrainOptions, export: dict, meta: dict) -> None:
     if options.holdout not in HOLDOUTS:
         raise RetrainError(f"--holdout {options.holdout!r}: choose one of {', '.join(HOLDOUTS)}")
+    share = options.gpus_per_worker
+    if share != "auto" and (isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < float("inf")):
+        raise RetrainError(f"--gpus-per-worker takes a share of a GPU (0, 0.25, 1, ...) or auto, got {share!r}")
     if meta["classes"] != export["data"]["classes"]:
         raise RetrainError(
             f"{options.data}/meta.json: classes {meta['classes']} differ from the export's {export['data']['classes']}; "
@@ -99,7 +102,9 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=LoopConfig(config=config.model_dump(), meta=meta, stop_after=stop_after, validate=validate,
-                                     reproducible=True, train_splits=tuple(train_splits)).as_dict(),
+                                     reproducible=True, train_splits=tuple(train_splits),
+                                     keep_train=keeps_train(meta, options.workers, KEEP_TRAIN_GB * 2**30, train_splits),
+                                     ).as_dict(),
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=build_datasets(data_location(options.data), meta, config, train_splits, validate, reproducible=True,
                                 tasks_at_once=data_tasks_at_once(options.workers, options.cpus_per_worker)),
@@ -172,8 +177,9 @@ def _plan(options: RetrainOptions, export: dict, meta: dict, console: Console) -
 
 def _train_on_ray(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: int, validate: bool,
                   console: Console):
-    """One TorchTrainer run on the cluster (a local one unless --address): (state, metrics,
-    the run's path, epochs run). Checkpoints go to a scratch folder unless --storage."""
+    """One TorchTrainer run on the cluster (a local one unless --address): (the options with the
+    GPU share resolved, state, metrics, the run's path, epochs run). Checkpoints go to a scratch
+    folder unless --storage."""
     with tempfile.TemporaryDirectory(prefix="defect-tune-retrain-") as scratch:
         storage = options.storage or str(Path(scratch) / "train")
         if options.address is not None and options.storage is None:
@@ -183,7 +189,11 @@ def _train_on_ray(options: RetrainOptions, config: TrainConfig, meta: dict, stop
         if not connected:
             start_ray(options.address, configure_logging=False)  # its ClusterError is one line at the CLI
         try:
-            return _fit(options, config, meta, stop_after, validate, storage)
+            options = replace(options, gpus_per_worker=gpus_per_worker(options.gpus_per_worker, ray.cluster_resources()))
+            if options.gpus_per_worker:
+                console.print(f"training on {options.workers} worker(s) with {options.gpus_per_worker:g} GPU each "
+                              "(--gpus-per-worker 0: CPUs only)", highlight=False, markup=False)
+            return options, *_fit(options, config, meta, stop_after, validate, storage)
         finally:
             if not connected:
                 ray.shutdown()
@@ -200,7 +210,7 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
     validate = options.holdout == "val"
     stop_after = config.epochs if validate else int(export["best_epoch"])
     out = Path(options.out).absolute()
-    state, metrics, run_path, epochs_run = _train_on_ray(options, config, meta, stop_after, validate, console)
+    options, state, metrics, run_path, epochs_run = _train_on_ray(options, config, meta, stop_after, validate, console)
 
     if validate:
         thresholds = np.array([metrics[f"threshold/{c}"] for c in classes], dtype=np.float64)

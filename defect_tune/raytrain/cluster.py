@@ -56,3 +56,11 @@ def start_ray(address: str | None, **init) -> None:
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+def gpus_per_worker(share: float | str, resources: dict) -> float:
+    """A worker's GPU share: `share` as given, or for "auto" one GPU when the cluster (its
+    `ray.cluster_resources()`) has any, else none."""
+    if share == "auto":
+        return 1.0 if resources.get("GPU", 0) else 0.0
+    return float(share)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# A worker keeps its train shard in memory when its stored images take at most this many GB: a
+# sweep's default (`search --keep-train-gb`) and retrain's.
+KEEP_TRAIN_GB = 2.0
+
 
 @dataclass(frozen=True)
 class LoopConfig:

@@ -66,9 +66,13 @@ class WorkerHooks(Hooks):
     """One Train worker's side of the engine.
 
     Training batches stream from the worker's Ray Data shard, or come from the shard kept in
-    memory (`keep_train`: after the first epoch; an oversampling config: from the start, since a
-    weighted draw needs every image at hand). Rank 0 validates, checkpoints and reports; the other ranks
-    report nothing, the same number of times."""
+    memory (`keep_train`: after the first epoch; from the start in a reproducible run, and for an
+    oversampling config, since a weighted draw needs every image at hand). Rank 0 validates,
+    checkpoints and reports; the other ranks report nothing, the same number of times.
+
+    A reproducible run (`retrain`) that keeps its shard draws every epoch as `train` does: a new
+    permutation of the whole shard (`engine.draw_order`). Streamed with a fixed shuffle seed, every
+    epoch would see the same batches, each mixed only within a buffer of a few batches."""
 
     def __init__(self, loop: LoopConfig, config: TrainConfig, parts, stopper: EarlyStopping, drop_last: bool,
                  rank: int, world: int, train_shard, val_data, node: str, report=ray.train.report,
@@ -100,14 +104,15 @@ class WorkerHooks(Hooks):
             pipeline = build_augmentation(config.augment, self.shape, int(self.rng.integers(2**32)))
         if self.kept:
             self.shard, self.kept = _joined(self.kept), None
-        if self.shard is None and config.oversample_power > 0:
+        if self.shard is None and (config.oversample_power > 0 or (self.keep and self.reproducible)):
             self.shard = _joined(list(shard_batches(self.train_shard, config.batch_size, False, as_uint8=True)))
         if self.shard is not None:
             batches = memory_batches(*self.shard, config, self.drop_last, self.rng, pipeline)
         else:
             self.kept = [] if self.keep else None
             batches = shard_batches(self.train_shard, config.batch_size, self.drop_last, shuffle=True,
-                                    seed=config.seed + self.rank if self.reproducible else None, pipeline=pipeline,
+                                    seed=config.seed + 1000 * epoch + self.rank if self.reproducible else None,
+                                    pipeline=pipeline,
                                     keep=self.kept)
         return self._noting_first(batches) if self.timing and not self.first_batch else batches
 

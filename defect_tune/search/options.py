@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defect_tune.core.errors import UserError
+from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB
 
 
 class SearchError(UserError):
@@ -27,7 +28,9 @@ class SearchOptions:
     # A scheduling share: Ray gives a worker with one CPU or less one torch thread either way, and
     # half a CPU lets two trials train side by side on a 2-core laptop with a core left for Data.
     cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
+    # "auto": one GPU per worker when the cluster has GPUs, none when it has not; 0 keeps trials
+    # on the CPUs of a GPU cluster.
+    gpus_per_worker: float | str = "auto"
     # Workers sharing each GPU (sets gpus_per_worker to 1/N), or "auto": as many as the space's
     # hungriest backbone leaves room for, measured on one of the cluster's GPUs.
     trials_per_gpu: int | str | None = None
@@ -41,7 +44,7 @@ class SearchOptions:
     cv: int | str | None = None  # folds per trial, 0 for none, or "auto"; None: the space's `cv`
     # A worker keeps its train shard in memory (and augments it itself) when the shard's images
     # take at most this much; 0: every epoch streams it from Ray Data, augmented there.
-    keep_train_gb: float = 2.0
+    keep_train_gb: float = KEEP_TRAIN_GB
     # `key=value` from the command line: `epochs` sets the space's max_epochs, any other
     # TrainConfig key a fixed value (SearchSpace.with_overrides). A resumed sweep keeps its own.
     overrides: dict = dataclasses.field(default_factory=dict)

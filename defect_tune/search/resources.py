@@ -10,6 +10,7 @@ import ray
 from rich.console import Console
 
 from defect_tune.ray_compat import job_placement_groups, remove_job_placement_group
+from defect_tune.raytrain.cluster import gpus_per_worker
 from defect_tune.search.options import SearchError, SearchOptions
 from defect_tune.search.space import SearchSpace
 
@@ -31,21 +32,22 @@ def trials_at_once(resources: dict, options: SearchOptions, folds: int = 0) -> i
     if options.max_concurrent:
         return options.max_concurrent
     cpus = resources.get("CPU", 0)
+    share = gpus_per_worker(options.gpus_per_worker, resources)
     per_trial = options.workers_per_trial * options.cpus_per_worker * max(folds, 1)  # a trial's folds run side by side
     by_cpu = math.floor(cpus_for_workers(cpus) / per_trial) if per_trial else 1_000_000
     by_gpu = 1_000_000
-    if options.gpus_per_worker > 0:
-        by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * options.gpus_per_worker * max(folds, 1)))
+    if share > 0:
+        by_gpu = math.floor(resources.get("GPU", 0) / (options.workers_per_trial * share * max(folds, 1)))
     count = min(by_cpu, by_gpu)
     if count < 1 and folds and cpus >= options.workers_per_trial * options.cpus_per_worker and (
-            options.gpus_per_worker == 0 or resources.get("GPU", 0) >= options.workers_per_trial * options.gpus_per_worker):
+            share == 0 or resources.get("GPU", 0) >= options.workers_per_trial * share):
         count = 1  # the trial's folds take turns; its fold-mean follows the slowest fold
     if count < 1 and by_gpu >= 1 and cpus >= per_trial:
         count = 1  # no spare core: Data shares the workers'
     if count < 1:
         raise SearchError(
             f"the cluster ({resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs) cannot run one trial of "
-            f"{options.workers_per_trial} worker(s) x {options.cpus_per_worker} CPU / {options.gpus_per_worker} GPU"
+            f"{options.workers_per_trial} worker(s) x {options.cpus_per_worker} CPU / {share} GPU"
         )
     return count
 
@@ -123,6 +125,13 @@ def gpus_for_workers(options: SearchOptions, space: SearchSpace, meta: dict, res
     """Each worker's GPU share (`--gpus-per-worker`, or from `--trials-per-gpu`), and what
     `--trials-per-gpu auto` measured."""
     if options.trials_per_gpu is None:
+        if options.gpus_per_worker == "auto":
+            gpus = resources.get("GPU", 0)
+            if gpus:
+                console.print(f"training on the cluster's {gpus:g} GPU(s), one per worker (--gpus-per-worker 0: CPUs only; "
+                              "--trials-per-gpu auto: as many trials on each GPU as its memory holds)",
+                              highlight=False, markup=False, soft_wrap=True)
+            return gpus_per_worker("auto", resources), None
         if resources.get("GPU", 0) and not options.gpus_per_worker:
             console.print(f"note: the cluster has {resources['GPU']:g} GPU(s) and trials use none; --trials-per-gpu auto "
                           "trains on them", highlight=False, markup=False, soft_wrap=True)
@@ -142,13 +151,16 @@ def gpus_for_workers(options: SearchOptions, space: SearchSpace, meta: dict, res
 
 
 def check_gpu_options(options: SearchOptions) -> None:
-    """Refuse `--trials-per-gpu` values that cannot work, before Ray starts."""
+    """Refuse `--gpus-per-worker` and `--trials-per-gpu` values that cannot work, before Ray starts."""
+    share = options.gpus_per_worker
+    if share != "auto" and (isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < math.inf):
+        raise SearchError(f"--gpus-per-worker takes a share of a GPU (0, 0.25, 1, 2, ...) or auto, got {share!r}")
     value = options.trials_per_gpu
     if value is None:
         return
     if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise SearchError(f"--trials-per-gpu takes a positive number of workers per GPU or auto, got {value!r}")
-    if options.gpus_per_worker:
+    if options.gpus_per_worker not in (0, "auto"):
         raise SearchError(f"--trials-per-gpu {value} sets each worker's GPU share; drop --gpus-per-worker "
                           f"{options.gpus_per_worker:g}")
 

@@ -328,6 +328,9 @@ def sweep_model(row: dict, data: Path, block: Path, space: Path, seed: int, budg
     exported = yaml.safe_load(export.read_text())
     row["winner"] = exported["sweep"].get("starting_point") or _sampled(exported["config"], load_space(space))
     row["val_objective"] = exported["objective"]["value"]
+    # The whole exported config and best epoch in the rows file: the scratch folder rarely outlives
+    # the run, and a retraining that scores far from its recipe's `train` runs is checked against it.
+    row["exported"] = {"config": exported["config"], "best_epoch": exported["best_epoch"]}
     metrics = json.loads((model / "metrics.json").read_text())
     score(row, metrics["test"], lambda classes: load_model(model, device=_cpu())[0], data, block)
 

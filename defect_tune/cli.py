@@ -289,7 +289,7 @@ def search(
     time_budget: Annotated[str | None, typer.Option(metavar="DURATION", help="End the sweep after this long: 90s, 20m, 1.5h, or seconds. Trials still running keep the epochs they reported (stopped by: time_budget); without --num-samples, trials start until it runs out. --resume keeps the sweep's own budget and starts it again")] = None,
     workers_per_trial: Annotated[int, typer.Option(help="TorchTrainer workers per trial")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
-    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", help="GPUs per training worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs; fractions pack trials on a GPU")] = "auto",
+    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", parser=_gpu_share, help="GPUs per training worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs; fractions pack trials on a GPU")] = "auto",
     trials_per_gpu: Annotated[str | None, typer.Option(metavar="N|auto", help="Training workers sharing each GPU (--gpus-per-worker 1/N; a multi-worker or --cv trial's workers each count); auto: as many as the space's hungriest backbone leaves room for, measured on one GPU at its largest batch before the sweep")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: from the cluster's resources)")] = None,
     address: Annotated[str | None, typer.Option(help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
@@ -330,7 +330,7 @@ def search(
     options = SearchOptions(
         data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
         workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=_share_or_auto("--gpus-per-worker", gpus_per_worker),
+        gpus_per_worker=gpus_per_worker,
         trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
         max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
         overrides=overrides, upsample=upsample,
@@ -366,8 +366,8 @@ def _count_or_auto(option: str, text: str | None, what: str) -> int | str | None
         raise typer.Exit(2) from None
 
 
-def _share_or_auto(option: str, text: str) -> float | str:
-    """A GPU share (0, 0.25, 1, ...) or auto."""
+def _gpu_share(text: str) -> float | str:
+    """--gpus-per-worker: a share of a GPU (0, 0.25, 1, ...) or auto, checked as it is parsed."""
     if text == "auto":
         return text
     try:
@@ -375,9 +375,7 @@ def _share_or_auto(option: str, text: str) -> float | str:
     except ValueError:
         share = math.nan
     if not 0 <= share < math.inf:
-        console.print(f"error: {option} takes a share of a GPU (0, 0.25, 1, ...) or auto, got {text!r}", style="red",
-                      markup=False)
-        raise typer.Exit(2) from None
+        raise typer.BadParameter(f"takes a share of a GPU (0, 0.25, 1, ...) or auto, got {text!r}")
     return share
 
 
@@ -437,7 +435,7 @@ def retrain(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     workers: Annotated[int, typer.Option(help="TorchTrainer workers")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker")] = 1.0,
-    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", help="GPUs per worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs")] = "auto",
+    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", parser=_gpu_share, help="GPUs per worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs")] = "auto",
     storage: Annotated[str | None, typer.Option(help="Train's checkpoint storage: a shared path or URI on multi-node clusters")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the exported config's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
@@ -457,7 +455,7 @@ def retrain(
     _use_weights(weights)
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
                              cpus_per_worker=cpus_per_worker,
-                             gpus_per_worker=_share_or_auto("--gpus-per-worker", gpus_per_worker), storage=storage, seed=seed,
+                             gpus_per_worker=gpus_per_worker, storage=storage, seed=seed,
                              overwrite=overwrite)
     run_retrain(options, console=console)
     console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)

@@ -150,6 +150,7 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
     assert len(nan_runs.read_text().splitlines()) == 1  # fold 1 was trained once: a divergence is not retried
     reported = _progress(out / "tune" / "cvnan", NAN_LR)
     assert reported["epoch"].tolist() == [1] and reported["val_guarded_macro_recall"].tolist() == [0.0]
+    left_to_cleaner = int(reported["folds_left_to_cleaner"].iloc[0])
     assert fine["stop_reason"] == "completed" and fine["epochs"] == epochs
     # Fold 0 of the diverged trial kept its held-out predictions per epoch while it trained. It
     # stopped with its trial: on through the next trial's four epochs, it would have kept four.
@@ -157,4 +158,6 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
     assert len(kept) < epochs, kept
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
-    assert summary["placement_groups_removed_at_end"] == 0  # the stopped fold's Train run gave its own back
+    # The stopped fold's Train run gives its own placement group back, unless it did not stop in
+    # time (a loaded machine) and the trial said so; the sweep's end removes only those.
+    assert summary["placement_groups_removed_at_end"] <= left_to_cleaner

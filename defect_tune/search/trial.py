@@ -175,18 +175,21 @@ def _train_storage(setup: TrialSetup) -> str:
     return setup.storage_path.rstrip("/") + "/train"
 
 
-def stop_folds(reports, key: str, threads: list[threading.Thread], started: float) -> None:
+def stop_folds(reports, key: str, threads: list[threading.Thread], started: float) -> int:
     """Closes the trial's key, so that each fold's workers stop after their current epoch
     (`worker.WorkerHooks.agree`) and its Train run ends by itself, giving its placement group back
     before the trial ends. Left to die with the trial's process, a run's placement group waits for
     Train's detached cleaner, which polls the State API and can lag or fail on a loaded node.
 
     Waits at most as long as the trial has run so far (an epoch takes less than the epochs before
-    it) and never under a minute; a fold still waiting for its workers is left to that cleaner."""
+    it) and never under a minute; a fold still waiting for its workers is left to that cleaner.
+    Returns how many folds were so left, for the trial's report (the sweep's end removes what
+    the cleaner has not, `resources.wait_for_release`)."""
     ray.get(reports.close.remote(key))
     deadline = time.monotonic() + max(60.0, time.time() - started)
     for thread in threads:
         thread.join(max(deadline - time.monotonic(), 0.0))
+    return sum(thread.is_alive() for thread in threads)
 
 
 def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float) -> None:
@@ -216,8 +219,9 @@ def run_folds(config: TrainConfig, setup: TrialSetup, name: str, started: float)
             # A fold's reports are all queued before its fit() returns: drain, then mark it ended.
             for fold, row in ray.get(reports.take.remote(key, 0 if ended else 1.0)):
                 if "diverged" in row:  # the configuration diverged on this fold: so ends the trial
-                    stop_folds(reports, key, threads, started)
-                    ray.tune.report({**row, "diverged": f"fold {fold}: {row['diverged']}", "folds": len(threads)})
+                    left = stop_folds(reports, key, threads, started)
+                    ray.tune.report({**row, "diverged": f"fold {fold}: {row['diverged']}", "folds": len(threads),
+                                     "folds_left_to_cleaner": left})
                     return
                 mean.add(fold, row)
             for fold in ended:

@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 from defect_tune.core.units import parse_duration
 from defect_tune.data.choices import FITS, FORMATS
-from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB
+from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB, check_gpu_share
 from defect_tune.training.weights import ENV as WEIGHTS_ENV  # no torch or timm on import: --help stays fast
 
 
@@ -367,16 +367,11 @@ def _count_or_auto(option: str, text: str | None, what: str) -> int | str | None
 
 
 def _gpu_share(text: str) -> float | str:
-    """--gpus-per-worker: a share of a GPU (0, 0.25, 1, ...) or auto, checked as it is parsed."""
-    if text == "auto":
-        return text
+    """--gpus-per-worker, checked as it is parsed: a bad value is click's usage error."""
     try:
-        share = float(text)
-    except ValueError:
-        share = math.nan
-    if not 0 <= share < math.inf:
-        raise typer.BadParameter(f"takes a share of a GPU (0, 0.25, 1, ...) or auto, got {text!r}")
-    return share
+        return check_gpu_share(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _time_budget(text: str | None) -> float | None:

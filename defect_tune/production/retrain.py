@@ -42,7 +42,7 @@ from defect_tune.raytrain.cluster import gpus_per_worker, start_ray
 from defect_tune.raytrain.errors import error_reason
 from defect_tune.raytrain.ingest import build_datasets, data_tasks_at_once
 from defect_tune.raytrain.loop import dataset_config, keeps_train, train_loop_per_worker
-from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB, LoopConfig
+from defect_tune.raytrain.loop_config import KEEP_TRAIN_GB, LoopConfig, check_gpu_share
 from defect_tune.raytrain.worker import CHECKPOINT_FILE
 from defect_tune.training.engine import build_parts, pick_device, predict
 from defect_tune.training.models import resolve_weights
@@ -73,9 +73,10 @@ class RetrainOptions:
 def _check(options: RetrainOptions, export: dict, meta: dict) -> None:
     if options.holdout not in HOLDOUTS:
         raise RetrainError(f"--holdout {options.holdout!r}: choose one of {', '.join(HOLDOUTS)}")
-    share = options.gpus_per_worker
-    if share != "auto" and (isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < float("inf")):
-        raise RetrainError(f"--gpus-per-worker takes a share of a GPU (0, 0.25, 1, ...) or auto, got {share!r}")
+    try:
+        check_gpu_share(options.gpus_per_worker)
+    except ValueError as error:
+        raise RetrainError(f"--gpus-per-worker {error}") from None
     if meta["classes"] != export["data"]["classes"]:
         raise RetrainError(
             f"{options.data}/meta.json: classes {meta['classes']} differ from the export's {export['data']['classes']}; "

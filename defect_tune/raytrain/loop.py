@@ -18,6 +18,7 @@ from defect_tune.raytrain.loop_config import LoopConfig
 # poll; a shorter one costs little CPU (results/benchmarks/train_poll.md).
 TRAIN_POLL_ENV, TRAIN_POLL_S = TRAIN_HEALTH_CHECK_S, "0.25"
 
+
 def keeps_train(meta: dict, workers: int, limit_bytes: float, train_splits: tuple[str, ...] = ("train",)) -> bool:
     """Whether each worker's train shard (stored uint8 images) fits `limit_bytes`."""
     image = meta["image"]

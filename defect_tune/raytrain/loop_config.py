@@ -7,11 +7,27 @@ trial, retrain and the worker all import it, and only the worker imports torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 # A worker keeps its train shard in memory when its stored images take at most this many GB: a
 # sweep's default (`search --keep-train-gb`) and retrain's.
 KEEP_TRAIN_GB = 2.0
+
+
+def check_gpu_share(value: float | str) -> float | str:
+    """`--gpus-per-worker` of `search` and `retrain`, from the command line or the Python API: a
+    share of a GPU (0, 0.25, 1, 2, ...) or "auto" (resolved on the cluster, `cluster.gpus_per_worker`).
+    Raises ValueError saying what it takes."""
+    if value == "auto":
+        return value
+    try:
+        share = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        share = math.nan
+    if not 0 <= share < math.inf:
+        raise ValueError(f"takes a share of a GPU (0, 0.25, 1, 2, ...) or auto, got {value!r}")
+    return share
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from defect_tune.ray_compat import job_placement_groups, remove_job_placement_group
 from defect_tune.raytrain.cluster import gpus_per_worker
+from defect_tune.raytrain.loop_config import check_gpu_share
 from defect_tune.search.options import SearchError, SearchOptions
 from defect_tune.search.space import SearchSpace
 
@@ -152,9 +153,10 @@ def gpus_for_workers(options: SearchOptions, space: SearchSpace, meta: dict, res
 
 def check_gpu_options(options: SearchOptions) -> None:
     """Refuse `--gpus-per-worker` and `--trials-per-gpu` values that cannot work, before Ray starts."""
-    share = options.gpus_per_worker
-    if share != "auto" and (isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < math.inf):
-        raise SearchError(f"--gpus-per-worker takes a share of a GPU (0, 0.25, 1, 2, ...) or auto, got {share!r}")
+    try:
+        check_gpu_share(options.gpus_per_worker)
+    except ValueError as error:
+        raise SearchError(f"--gpus-per-worker {error}") from None
     value = options.trials_per_gpu
     if value is None:
         return

@@ -1,6 +1,7 @@
 """What ASHA saves: the same Optuna-proposed trials run to full budget (FIFO) and under ASHA.
 
-    python benchmarks/bench_asha.py [--data DIR] [--trials 8] [--epochs 4] [--seed 0] [--write results/benchmarks/asha_vs_fifo.md]
+    python benchmarks/bench_asha.py [--data DIR] [--trials 8] [--epochs 4] [--seed 0]
+        [--write results/benchmarks/asha_vs_fifo.md]
 
 One invocation, two real `defect-tune search` runs one after the other on the same data, space
 (the bundled quick.yaml: seed CNNs, loss, class weighting, learning rate) and seed:
@@ -57,7 +58,8 @@ def sweep(data: Path, space: Path, name: str, scratch: Path, seed: int) -> dict:
         table = pd.read_csv(progress)
         epochs += [(row.timestamp, row.trial_id, row.epoch, getattr(row, OBJECTIVE)) for row in table.itertuples()]
     epochs.sort()
-    return {"wall": wall, "board": board, "epochs": epochs, "order": board.sort_values("trial_index")["trial_id"].tolist()}
+    return {"wall": wall, "board": board, "epochs": epochs,
+            "order": board.sort_values("trial_index")["trial_id"].tolist()}
 
 
 def epochs_to_reach(epochs: list[tuple], target: float) -> int | None:
@@ -87,8 +89,10 @@ def main() -> None:
         fifo = sweep(data, write_space(scratch / "fifo.yaml", args.trials, args.epochs, args.epochs, None),
                      "fifo", scratch, args.seed)
         by_id = fifo["board"].set_index("trial_id")
-        replay = [{"name": f"fifo_{index}", "params": params_of(by_id.loc[trial])} for index, trial in enumerate(fifo["order"])]
-        asha = sweep(data, write_space(scratch / "asha.yaml", args.trials, args.epochs, 1, replay), "asha", scratch, args.seed)
+        replay = [{"name": f"fifo_{index}", "params": params_of(by_id.loc[trial])}
+                  for index, trial in enumerate(fifo["order"])]
+        asha = sweep(data, write_space(scratch / "asha.yaml", args.trials, args.epochs, 1, replay),
+                     "asha", scratch, args.seed)
 
     target = float(fifo["board"][OBJECTIVE].max())
     rows = {}
@@ -105,10 +109,11 @@ def main() -> None:
         "",
         machine(),
         f"Command: `{' '.join(['python', 'benchmarks/bench_asha.py', *sys.argv[1:]])}`",
-        f"Data: {args.data or 'synthetic, 64 px'}; space: quick.yaml, {args.trials} trials, {args.epochs} epochs, seed {args.seed}; "
-        f"objective {OBJECTIVE}.",
+        f"Data: {args.data or 'synthetic, 64 px'}; space: quick.yaml, {args.trials} trials, {args.epochs} epochs, seed "
+        f"{args.seed}; objective {OBJECTIVE}.",
         "",
-        "| run | epochs trained | trials stopped early | wall s | best objective | epochs until FIFO's best was reached |",
+        "| run | epochs trained | trials stopped early | wall s | best objective | "
+        "epochs until FIFO's best was reached |",
         "|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from common import emit, machine, neu_det_or_synthetic
 
-from defect_tune.core.augment import PRESETS, TRANSFORMS, build_augmentation
+from defect_tune.core.augment_spec import PRESETS
 from defect_tune.core.config import TrainConfig
+from defect_tune.data.augment import TRANSFORMS, build_augmentation
 from defect_tune.data.shards import load_split, read_meta
 from defect_tune.training.engine import memory_batches
 
@@ -80,8 +81,8 @@ def main() -> None:
         "",
         machine(),
         f"Command: `{' '.join(['python', 'benchmarks/bench_augment.py', *sys.argv[1:]])}`",
-        f"Data: {described}, train split ({len(labels)} images, {images.shape[1]}x{images.shape[2]}); batches of {BATCH}, "
-        f"this process pinned to one core; median of {args.epochs} passes, settings alternating.",
+        f"Data: {described}, train split ({len(labels)} images, {images.shape[1]}x{images.shape[2]}); batches of "
+        f"{BATCH}, this process pinned to one core; median of {args.epochs} passes, settings alternating.",
         "",
         f"| setting | transforms | images/s per core | cores to feed {args.gpu_rate:,.0f} images/s |",
         "|---|---|---:|---:|",

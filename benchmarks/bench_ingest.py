@@ -92,17 +92,20 @@ def main() -> None:
         x = to_tensor(x_uint8)
         loaders = {
             workers: torch.utils.data.DataLoader(ShardImages(data, meta, "train"), batch_size=BATCH, shuffle=True,
-                                                 collate_fn=_collate, num_workers=workers, persistent_workers=workers > 0)
+                                                 collate_fn=_collate, num_workers=workers,
+                                                 persistent_workers=workers > 0)
             for workers in (0, os.cpu_count())
         }
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
-            ray_sets = {augment: build_datasets(str(data), meta, load_config(None, {"augment": augment}), validate=False)["train"]
+            ray_sets = {augment: build_datasets(str(data), meta, load_config(None, {"augment": augment}),
+                                                validate=False)["train"]
                         for augment in ("none", "light", "standard")}
             variants = {
                 "tensors in memory (upper bound)": lambda: epoch_in_memory(x, torch.from_numpy(y)),
                 "torch DataLoader over the shards, 0 workers": lambda: epoch_loader(loaders[0]),
-                f"torch DataLoader over the shards, {os.cpu_count()} workers": lambda: epoch_loader(loaders[os.cpu_count()]),
+                f"torch DataLoader over the shards, {os.cpu_count()} workers":
+                    lambda: epoch_loader(loaders[os.cpu_count()]),
                 **{f"Ray Data, augment {augment}": (lambda ds=ds: epoch_ray(ds)) for augment, ds in ray_sets.items()},
             }
             for run in variants.values():  # warm-up: imports, worker processes, Ray Data's first plan

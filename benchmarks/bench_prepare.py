@@ -1,6 +1,7 @@
 """`prepare` throughput against a plain PIL decode-and-resize loop over the same images.
 
-    python benchmarks/bench_prepare.py [--source DIR] [--image-size 224] [--repeats 3] [--write results/benchmarks/prepare_throughput.md]
+    python benchmarks/bench_prepare.py [--source DIR] [--image-size 224] [--repeats 3]
+        [--write results/benchmarks/prepare_throughput.md]
 
 Source: NEU-DET from ../shared/datasets when present, else the synthetic default (1,200 images).
 Every variant runs in this one process invocation, alternating, best of `--repeats`; the table

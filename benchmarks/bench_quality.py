@@ -57,9 +57,10 @@ about R and the EL seed's CNN about 0.4 R, one split seed costs at most about 2 
 14 and 60 min. Every real set on 3 split seeds would take about 6 h, so by default
 `--max-seeds neu=1,neu-lt50=2,elpv=1` keeps the first split seed of NEU-DET and ELPV and the first
 two of the long-tail set: about 2.2 h, an estimate (a retrain of a winner with a larger backbone or
-input takes longer). The Markdown says which seeds each set ran and the whole run's measured time. `--full` (meant for a GPU)
-runs every dataset on every split seed. On a machine where torch sees a GPU, `train` uses it and
-`search` and `retrain` get `--gpus-per-worker 1`, one model on the GPU at a time as `train` has it.
+input takes longer). The Markdown says which seeds each set ran and the whole run's measured time.
+`--full` (meant for a GPU) runs every dataset on every split seed. On a machine where torch sees a
+GPU, `train` uses it and `search` and `retrain` get `--gpus-per-worker 1`, one model on the GPU at
+a time as `train` has it.
 
 Folders given with --data are used as prepared (their split cannot change): there split seed K
 only varies the training (`seed=1000 K + S`, `retrain --seed 1000 K`) and is the sweep's TPE seed.
@@ -190,7 +191,8 @@ def bootstrap_ap(probs: np.ndarray, targets: np.ndarray, seed: int = 0) -> list[
     return _percentiles(values)
 
 
-def paired_mean_interval(pairs: list[tuple[np.ndarray, list[np.ndarray], np.ndarray]], seed: int = 0) -> list[float] | None:
+def paired_mean_interval(pairs: list[tuple[np.ndarray, list[np.ndarray], np.ndarray]],
+                         seed: int = 0) -> list[float] | None:
     """Percentile interval (CONFIDENCE) of the mean over split seeds of one model's test macro AP
     minus the mean of another's over its training seeds. `pairs`: per split seed, (the first
     model's probabilities, the other's per training seed, targets). Each draw takes every split
@@ -247,7 +249,8 @@ def score(row: dict, test: dict, load_model, data: Path, block: Path) -> None:
         meta = json.loads((data / "meta.json").read_text())
         probs, targets, _ = predict_test(load_model(len(meta["classes"])), data)
     except Exception as error:  # noqa: BLE001 - the reported figures stand without the interval
-        row["notes"].append(f"no AP interval: test probabilities could not be recomputed ({type(error).__name__}: {error})")
+        row["notes"].append(f"no AP interval: test probabilities could not be recomputed ({type(error).__name__}: "
+                            f"{error})")
         return
     recomputed = macro_ap(probs, targets)
     if row["test_ap"] is None or recomputed is None or abs(recomputed - row["test_ap"]) > 1e-4:
@@ -281,7 +284,8 @@ def attempt(row: dict, work, *args) -> None:
 
 
 def train_model(row: dict, data: Path, block: Path, options: list[str], keys: list[str], config=None) -> None:
-    """`defect-tune train` with `options` and `keys`, and with `config` (a TrainConfig) as its --config file when given."""
+    """`defect-tune train` with `options` and `keys`, and with `config` (a TrainConfig) as its --config
+    file when given."""
     out, config_file = block / row["name"], block / f"{row['name']}.yaml"
     shutil.rmtree(out, ignore_errors=True)
     if config is not None:
@@ -293,7 +297,8 @@ def train_model(row: dict, data: Path, block: Path, options: list[str], keys: li
     if row["error"]:
         return
     results = json.loads((out / "results.json").read_text())
-    row.update(best_epoch=results.get("best_epoch"), epochs_run=results.get("epochs_run"), train_s=results.get("seconds"))
+    row.update(best_epoch=results.get("best_epoch"), epochs_run=results.get("epochs_run"),
+               train_s=results.get("seconds"))
     score(row, results["test"], lambda classes: load_trained(out, classes), data, block)
 
 
@@ -305,15 +310,17 @@ def sweep_model(row: dict, data: Path, block: Path, space: Path, seed: int, budg
     results, export, model = block / "sweep", block / "sweep.yaml", block / "sweep-model"
     for path in (results, model):
         shutil.rmtree(path, ignore_errors=True)
-    search = ["search", "--data", str(data), "--space", str(space), "--name", f"quality-{block.name}", "--out", str(results),
-              "--seed", str(seed), *gpu, *(["--num-samples", str(num_samples)] if num_samples else [])]
+    search = ["search", "--data", str(data), "--space", str(space), "--name", f"quality-{block.name}",
+              "--out", str(results), "--seed", str(seed), *gpu,
+              *(["--num-samples", str(num_samples)] if num_samples else [])]
     timeout = None
     if use_budget:
         search += ["--time-budget", f"{round(budget)}s"]
         timeout = max(2 * budget, budget + 900)  # a sweep that ignores its budget is stopped, not waited for
     retrain = ["retrain", str(export), "--data", str(data), "--out", str(model), "--holdout", "val", *gpu,
                *(["--seed", str(retrain_seed)] if retrain_seed is not None else [])]
-    steps = [("search", search, timeout), ("export", ["export", str(results), "--out", str(export)], None), ("retrain", retrain, None)]
+    steps = [("search", search, timeout), ("export", ["export", str(results), "--out", str(export)], None),
+             ("retrain", retrain, None)]
     row.update(command=" && ".join(shlex.join(["defect-tune", *args]) for _, args, _ in steps), budget_s=budget,
                budget_applied=use_budget, wall_s=0.0, step_s={})
     for name, args, limit in steps:
@@ -321,7 +328,8 @@ def sweep_model(row: dict, data: Path, block: Path, space: Path, seed: int, budg
         row["step_s"][name], row["wall_s"] = wall, row["wall_s"] + wall
         if name == "search" and (results / "sweep.json").is_file():
             summary = json.loads((results / "sweep.json").read_text())
-            row.update(trials=summary.get("trials"), stop_reasons=summary.get("stop_reasons"), sweep_s=summary.get("seconds"))
+            row.update(trials=summary.get("trials"), stop_reasons=summary.get("stop_reasons"),
+                       sweep_s=summary.get("seconds"))
         if error:
             row["error"] = f"{name}: {error}"
             return
@@ -379,7 +387,8 @@ def run_block(dataset: str, seed: int, args, space_path: Path, use_budget: bool,
     print(f"== {label}, split seed {seed}: {block}", flush=True)
     data, wall, error = prepare_data(dataset, seed, args.image_size, block)
     meta = json.loads((data / "meta.json").read_text()) if error is None else {}
-    write({"row": "data", "dataset": dataset, "label": label, "seed": seed, "dir": str(data), "prepare_s": wall, "error": error,
+    write({"row": "data", "dataset": dataset, "label": label, "seed": seed, "dir": str(data), "prepare_s": wall,
+           "error": error,
            "images": {s: v["images"] for s, v in meta.get("splits", {}).items()},
            "test_positives": meta.get("splits", {}).get("test", {}).get("positives")})
     # A prepared folder's split is fixed, so there the split seed varies the training instead.
@@ -562,34 +571,36 @@ def render(rows: list[dict]) -> list[str]:
              # Rows of several runs appended into one file render together: each run's command is listed.
              *(f"Command: `{r.get('command', 'not recorded')}` (started {r.get('started', '?')})" for r in runs), "",
              f"Started {run.get('started', '?')}; "
-             + (f"the whole run took {_wall(end['run_s'])} (finished {end.get('finished', '?')})" if end and len(runs) == 1 else
+             + (f"the whole run took {_wall(end['run_s'])} (finished {end.get('finished', '?')})"
+                if end and len(runs) == 1 else
                 "several runs' rows, listed above; see each one's rows for its times" if end
                 else "not finished when this was written (or killed)")
              + f"; rows in `{settings.get('rows', '?')}`, scratch in `{settings.get('work', '?')}`.", "",
              f"Settings: space `{settings.get('space')}`, image size {settings.get('image_size')} px, split seeds "
-             f"{settings.get('seeds')}, training seeds {settings.get('train_seeds')} for (a), (a') and (b); time budget of "
-             f"the sweep = {settings.get('budget_factor')} x the wall time of the slower of (a) and (a') on the same data "
-             f"at the first training seed; trials: {trials}"
+             f"{settings.get('seeds')}, training seeds {settings.get('train_seeds')} for (a), (a') and (b); time "
+             f"budget of the sweep = {settings.get('budget_factor')} x the wall time of the slower of (a) and (a') on "
+             f"the same data at the first training seed; trials: {trials}"
              + (f"; keys for (a), (a'), (b): {' '.join(settings['keys'])}" if smoke else "") + ".", "",
              *seed_lines(settings), "",
              "(a) `train --recipe scratch`; (a') `train --recipe transfer` (ImageNet weights); (b) each other point of "
              "the space's points_to_evaluate, by `train --config` at the space's fixed values and max_epochs; (c) the "
              "README flow, `search --time-budget`, `export`, `retrain --holdout val`. All learn their thresholds on "
-             "validation and are scored once on the test split. Test macro AP is threshold-free; test macro recall is at "
-             "the validation thresholds (recall_at_precision, precision floor 0.5). Intervals: 95 % percentile bootstrap "
-             f"over test images ({BOOTSTRAP_SAMPLES} draws), AP's from each model's test probabilities recomputed from "
-             "its saved weights. (c) - a single recipe: per split seed, (c)'s AP minus the mean of the recipe's "
-             "training seeds' APs on the same draw of test images, averaged over the split seeds (c) was scored on. "
-             "A class with no positive test image in a draw is left out of that draw's mean (as `evaluate` does), so "
-             "where a class has 1-2 test positives an interval need not be centred on its point value. Wall: the "
-             "model's commands end to end (for (c): search + export + retrain). Each model's exact commands are its "
-             "row's `command` in the rows file.", ""]
+             "validation and are scored once on the test split. Test macro AP is threshold-free; test macro recall is "
+             "at the validation thresholds (recall_at_precision, precision floor 0.5). Intervals: 95 % percentile "
+             f"bootstrap over test images ({BOOTSTRAP_SAMPLES} draws), AP's from each model's test probabilities "
+             "recomputed from its saved weights. (c) - a single recipe: per split seed, (c)'s AP minus the mean of the "
+             "recipe's training seeds' APs on the same draw of test images, averaged over the split seeds (c) was "
+             "scored on. A class with no positive test image in a draw is left out of that draw's mean (as `evaluate` "
+             "does), so where a class has 1-2 test positives an interval need not be centred on its point value. Wall: "
+             "the model's commands end to end (for (c): search + export + retrain). Each model's exact commands are "
+             "its row's `command` in the rows file.", ""]
     if smoke:
         lines += [f"**Smoke run:** the single recipes ran with `{' '.join(settings['keys'])}`; these figures measure "
                   "nothing.", ""]
     verdicts = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows if r["row"] in ("data", "config")):
-        lines += dataset_section([r for r in rows if r.get("dataset") == dataset], settings.get("train_seeds"), verdicts)
+        lines += dataset_section([r for r in rows if r.get("dataset") == dataset], settings.get("train_seeds"),
+                                 verdicts)
     lines += verdict_section(verdicts, smoke)
     if any(not r.get("budget_applied", True) for r in rows if r["row"] == "config" and r["arm"] == "c"):
         lines += ["", "Some sweeps ran without a time budget (`search` had no `--time-budget` then): their trial count "
@@ -621,8 +632,9 @@ def dataset_section(rows: list[dict], train_seeds: list[int] | None, verdicts: l
         lines.append(f"- split seed {seed}: images {images}; test positives: {positives or 'n/a'}"
                      + (f"; no data: {d['error']}" if d.get("error") else ""))
     comparison = compare(configs, data, train_seeds)
-    lines += ["", "| split seed | model | training seed | test macro AP (95 % CI) | test macro recall at val thresholds "
-              "(95 % CI) | test macro precision | best / run epochs | wall | notes |",
+    lines += ["", "| split seed | model | training seed | test macro AP (95 % CI) | "
+              "test macro recall at val thresholds (95 % CI) | test macro precision | best / run epochs | "
+              "wall | notes |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for seed in sorted({r["seed"] for r in configs}):
         for key in comparison["keys"]:
@@ -630,8 +642,9 @@ def dataset_section(rows: list[dict], train_seeds: list[int] | None, verdicts: l
             for r in sorted(scored, key=lambda r: r.get("train_seed") or 0):
                 epochs = f"{r['best_epoch']} / {r['epochs_run']}" if r.get("epochs_run") is not None else ""
                 lines.append(f"| {seed} | {_name(key)} | {'' if r.get('train_seed') is None else r['train_seed']} | "
-                             f"{_fmt(r['test_ap'], r['test_ap_interval'])} | {_fmt(r['test_recall'], r['test_recall_interval'])} | "
-                             f"{_fmt(r['test_precision'])} | {epochs} | {_wall(r['wall_s'])} | {_notes(r)} |")
+                             f"{_fmt(r['test_ap'], r['test_ap_interval'])} | "
+                             f"{_fmt(r['test_recall'], r['test_recall_interval'])} | {_fmt(r['test_precision'])} | "
+                             f"{epochs} | {_wall(r['wall_s'])} | {_notes(r)} |")
             if len(scored) > 1:  # the mean over training seeds, where every one was scored
                 value = comparison["values"][key].get(seed)
                 recall, precision = ([_fmt(_mean([r[k] for r in scored])) for k in ("test_recall", "test_precision")]
@@ -650,7 +663,8 @@ def _notes(r: dict) -> str:
             notes.insert(0, f"winner: {r['winner']} (val objective {_fmt(r.get('val_objective'))})")
         if r.get("trials") is not None:
             reasons = ", ".join(f"{k} {v}" for k, v in (r.get("stop_reasons") or {}).items())
-            notes.insert(1, f"{r['trials']} trial{'' if r['trials'] == 1 else 's'} ({reasons}); budget {_wall(r.get('budget_s'))}"
+            notes.insert(1, f"{r['trials']} trial{'' if r['trials'] == 1 else 's'} ({reasons}); "
+                         f"budget {_wall(r.get('budget_s'))}"
                          f"{' from ' + r['budget_from'] if r.get('budget_from') else ''}; "
                          + "; ".join(f"{k} {_wall(v)}" for k, v in r.get("step_s", {}).items()))
     if r["error"]:
@@ -678,7 +692,8 @@ def comparison_table(comparison: dict) -> list[str]:
         name = _name(key) + (" **best single**" if key == comparison["best"] else "")
         walls = [r["wall_s"] for by_seed in comparison["rows"][key].values() for r in by_seed]
         lines.append(f"| {name} | {' | '.join(cells)} | {_fmt(mean)} | "
-                     f"{_fmt(diff, comparison['intervals'].get(key), sign=True) if key[0] != 'c' else ''} | {_wall(_mean(walls))} |")
+                     f"{_fmt(diff, comparison['intervals'].get(key), sign=True) if key[0] != 'c' else ''} | "
+                     f"{_wall(_mean(walls))} |")
     if comparison["incomplete"]:
         lines += ["", "Not scored on every training seed of every split seed (c) was scored on, so out of the "
                   "comparison: " + ", ".join(_name(k) for k in comparison["incomplete"]) + "."]
@@ -688,19 +703,19 @@ def comparison_table(comparison: dict) -> list[str]:
 def verdict_section(verdicts: list[dict], smoke: bool) -> list[str]:
     yes = {True: "yes", False: "no", None: "n/a"}
     lines = ["## Verdict", "",
-             "Over the real sets (NEU-DET, NEU-DET long-tail 50, ELPV); best single = the best of (a), (a') and each (b) "
-             "by mean test macro AP over the split seeds. Goal 1: (c) >= best single on every real set. Goal 2: on at "
-             "least one real set the paired 95 % interval of (c) - best single lies above 0.", "",
-             "| dataset | split seeds | (c) mean test macro AP | best single (mean) | (c) - best single (95 % paired CI) | "
-             "Goal 1: (c) >= best | Goal 2: interval above 0 | sweep's picks |",
+             "Over the real sets (NEU-DET, NEU-DET long-tail 50, ELPV); best single = the best of (a), (a') and each "
+             "(b) by mean test macro AP over the split seeds. Goal 1: (c) >= best single on every real set. Goal 2: on "
+             "at least one real set the paired 95 % interval of (c) - best single lies above 0.", "",
+             "| dataset | split seeds | (c) mean test macro AP | best single (mean) | "
+             "(c) - best single (95 % paired CI) | Goal 1: (c) >= best | Goal 2: interval above 0 | sweep's picks |",
              "|---|---|---:|---|---:|---|---|---|"]
     for v in verdicts:
         best = f"{_name(v['best'])} ({_fmt(v['best_mean'])})" if v["best"] else "n/a"
         if v["incomplete"]:
             best += "; not compared: " + ", ".join(_name(k) for k in v["incomplete"])
         lines.append(f"| {v['label']}{'' if v['real'] else ' (outside the verdict)'} | {v['seeds'] or 'none'} | "
-                     f"{_fmt(v['sweep_mean'])} | {best} | {_fmt(v['diff'], v['interval'], sign=True)} | {yes[v['goal1']]} | "
-                     f"{yes[v['goal2']]} | {v['picks']} |")
+                     f"{_fmt(v['sweep_mean'])} | {best} | {_fmt(v['diff'], v['interval'], sign=True)} | "
+                     f"{yes[v['goal1']]} | {yes[v['goal2']]} | {v['picks']} |")
     return lines + ["", overall(verdicts, smoke)]
 
 
@@ -770,7 +785,8 @@ def main() -> None:
         sys.exit("`defect-tune train` has no --recipe here: (a) and (a') need `train --recipe scratch|transfer`")
     use_budget = cli_has("search", "--time-budget")
     if not use_budget:
-        print("warning: `defect-tune search` has no --time-budget; sweeps run the space's trial budget instead", flush=True)
+        print("warning: `defect-tune search` has no --time-budget; sweeps run the space's trial budget instead",
+              flush=True)
     gpu = gpu_options()
     args.work = (args.work or Path(tempfile.mkdtemp(prefix="dt-quality-"))).absolute()
 

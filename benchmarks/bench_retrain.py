@@ -45,7 +45,8 @@ def _run(args: list[str], tree: Path | None, log: Path) -> None:
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log, "w") as handle:
-        done = subprocess.run([sys.executable, "-m", "defect_tune", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run([sys.executable, "-m", "defect_tune", *args], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env)
     if done.returncode:
         sys.exit(f"{' '.join(args[:1])} failed ({done.returncode}); see {log}")
 
@@ -103,12 +104,15 @@ def main() -> None:
     for seed in seeds:
         trained = train(args.data, args.recipe, seed, work)
         rows.append({"seed": seed, "train": trained,
-                     **{label: retrain(args.data, trained, label, Path(path).resolve(), seed, work) for label, path in trees}})
-        print(f"seed {seed}: train {trained['ap']:.3f} " + " ".join(f"{label} {rows[-1][label]['ap']:.3f}" for label, _ in trees),
+                     **{label: retrain(args.data, trained, label, Path(path).resolve(), seed, work)
+                        for label, path in trees}})
+        print(f"seed {seed}: train {trained['ap']:.3f} "
+              + " ".join(f"{label} {rows[-1][label]['ap']:.3f}" for label, _ in trees),
               flush=True)
 
     meta = json.loads((args.data / "meta.json").read_text())
-    means = {name: sum(row[name]["ap"] for row in rows) / len(rows) for name in ["train", *(label for label, _ in trees)]}
+    means = {name: sum(row[name]["ap"] for row in rows) / len(rows)
+             for name in ["train", *(label for label, _ in trees)]}
     lines = [
         "# retrain against train: the same config, seeds and data",
         "",
@@ -117,9 +121,10 @@ def main() -> None:
         f"Command: `python benchmarks/bench_retrain.py --data DATA --recipe {args.recipe} --seeds {args.seeds}"
         + "".join(f" --tree {label}=TREE" for label, _ in trees) + "`",
         "",
-        f"Data: {args.label or args.data.name}, {meta['splits']['train']['images']} train / {meta['splits']['val']['images']} val / "
-        f"{meta['splits']['test']['images']} test images at {meta['image']['height']}x{meta['image']['width']}; "
-        f"test positives per class {meta['splits']['test']['positives']}.",
+        f"Data: {args.label or args.data.name}, {meta['splits']['train']['images']} train / "
+        f"{meta['splits']['val']['images']} val / {meta['splits']['test']['images']} test images at "
+        f"{meta['image']['height']}x{meta['image']['width']}; test positives per class "
+        f"{meta['splits']['test']['positives']}.",
         "",
         f"`train --recipe {args.recipe} seed=S`, then `retrain --holdout val` of an export of that run's config. "
         "Test macro AP as each command reported it; best epoch in brackets (picked on val by both).",
@@ -130,14 +135,19 @@ def main() -> None:
     ]
     for row in rows:
         lines.append(f"| {row['seed']} | {row['train']['ap']:.3f} ({row['train']['best_epoch']}) | "
-                     + " | ".join(f"{row[label]['ap']:.3f} ({row[label]['best_epoch']})" for label, _ in trees) + " |")
-    lines.append("| mean | " + " | ".join(f"{means[name]:.3f}" for name in ["train", *(label for label, _ in trees)]) + " |")
-    lines.append("| ratio to train | 1.000 | " + " | ".join(f"{means[label] / means['train']:.3f}" for label, _ in trees) + " |")
-    lines += ["", "Wall seconds per run (train: in-process; retrain: a local Ray cluster, ONNX export and checks included): "
+                     + " | ".join(f"{row[label]['ap']:.3f} ({row[label]['best_epoch']})" for label, _ in trees)
+                     + " |")
+    lines.append("| mean | " + " | ".join(f"{means[name]:.3f}" for name in ["train", *(label for label, _ in trees)])
+                 + " |")
+    lines.append("| ratio to train | 1.000 | "
+                 + " | ".join(f"{means[label] / means['train']:.3f}" for label, _ in trees) + " |")
+    lines += ["", "Wall seconds per run (train: in-process; retrain: a local Ray cluster, "
+                  "ONNX export and checks included): "
               + "; ".join(f"{name} {sum(row[name]['seconds'] for row in rows) / len(rows):.0f}"
                           for name in ["train", *(label for label, _ in trees)])
               + " (as measured: a run that shared the cores with other work took longer).",
-              f"Train runs' code: {', '.join(sorted({row['train']['code'] for row in rows}))} (the train path is the same in each)."]
+              f"Train runs' code: {', '.join(sorted({row['train']['code'] for row in rows}))} (the train path is the "
+              "same in each)."]
     emit(lines, args.out)
 
 

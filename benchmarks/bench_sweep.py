@@ -132,7 +132,8 @@ def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scra
     space = scratch / "space.yaml"
     space.write_text(yaml.safe_dump({
         "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": grace, "reduction_factor": 2},
-        "fixed": {"model": model, "batch_size": batch, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
+        "fixed": {"model": model, "batch_size": batch, "augment": "none", "warmup_epochs": 0,
+                  "early_stopping_patience": 0},
         "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
     }, sort_keys=False))
     out = scratch / "sweep"
@@ -151,9 +152,11 @@ def run_sweep(data: Path, model: str, trials: int, epochs: int, batch: int, scra
             cut = True
     if search.returncode and not cut:
         sys.exit(f"the sweep failed (exit {search.returncode}):\n{log.read_text()[-8000:]}")
-    packed = [line for line in log.read_text().splitlines() if line.startswith("--trials-per-gpu auto: ") and "per GPU" in line]
+    packed = [line for line in log.read_text().splitlines()
+              if line.startswith("--trials-per-gpu auto: ") and "per GPU" in line]
     command_wall = time.perf_counter() - started
-    tables = [pd.read_csv(p) for p in (out / "tune" / "efficiency").glob("run_trial_*/progress.csv") if p.stat().st_size]
+    tables = [pd.read_csv(p) for p in (out / "tune" / "efficiency").glob("run_trial_*/progress.csv")
+              if p.stat().st_size]
     if not tables:
         sys.exit(f"the sweep reported nothing in {command_wall:.0f} s")
     return {"rows": pd.concat(tables), "command_wall": command_wall, "cut": cut,
@@ -175,7 +178,8 @@ def at_once_options(at_once: int | str | None, gpu: bool) -> tuple[list[str], st
     if gpu:
         return ["--gpus-per-worker", f"{1 / at_once:g}", "--max-concurrent", str(at_once)], f"{at_once} per GPU"
     cpus_each = f"{cpus_for_workers(cpus) / at_once:.4g}"
-    return ["--cpus-per-worker", cpus_each, "--max-concurrent", str(at_once)], f"{at_once} at once ({cpus_each} CPU each)"
+    return (["--cpus-per-worker", cpus_each, "--max-concurrent", str(at_once)],
+            f"{at_once} at once ({cpus_each} CPU each)")
 
 
 def one_run(args, data: Path, train_images: int, extra: list[str], scratch: Path) -> dict:
@@ -195,7 +199,8 @@ def one_run(args, data: Path, train_images: int, extra: list[str], scratch: Path
             "packed": sweep["packed"],
             **{key: first[key].median() for key in STARTUP},
             # A first epoch's epoch_s also counts the wait for its first batch (startup/first_batch_s).
-            "first_epoch": (first["epoch_s"] - first["startup/first_batch_s"]).median(), "later_epoch": later["epoch_s"].median() if len(later) else None}
+            "first_epoch": (first["epoch_s"] - first["startup/first_batch_s"]).median(),
+            "later_epoch": later["epoch_s"].median() if len(later) else None}
 
 
 def main() -> None:
@@ -207,20 +212,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch size of the plain loop and of every trial")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (plain loop and trials)")
     parser.add_argument("--at-once", default=None,
-                        help="trials side by side, or several comma-separated settings run in turn (e.g. 1,2,3): on CPU "
-                             "each worker gets an equal part of the CPUs `search` leaves to workers, with --gpu an equal "
-                             "part of the GPU, or auto: `search --trials-per-gpu auto` (default: `search`'s own defaults)")
+                        help="trials side by side, or several comma-separated settings run in turn (e.g. 1,2,3): on "
+                             "CPU each worker gets an equal part of the CPUs `search` leaves to workers, with --gpu an "
+                             "equal part of the GPU, or auto: `search --trials-per-gpu auto` (default: `search`'s own "
+                             "defaults)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each setting, the settings alternating")
     parser.add_argument("--grace", type=int, default=1,
-                        help="ASHA's grace period (--epochs: no trial is stopped early, so every setting trains the same)")
+                        help="ASHA's grace period (--epochs: no trial is stopped early, so every setting trains the "
+                             "same)")
     parser.add_argument("--keep-train-gb", type=float, default=None,
-                        help="search's --keep-train-gb (0: every epoch streams the train shard from Ray Data, the baseline)")
+                        help="search's --keep-train-gb (0: every epoch streams the train shard from Ray Data, the "
+                             "baseline)")
     parser.add_argument("--sweep-timeout", type=float, default=None,
                         help="stop the sweep after this many seconds and report what its trials had reported")
     parser.add_argument("--write", type=Path, default=None, help="also write the table as Markdown here")
     args = parser.parse_args()
 
-    settings = [None] if args.at_once is None else [value if value == "auto" else int(value) for value in args.at_once.split(",")]
+    settings = ([None] if args.at_once is None
+                else [value if value == "auto" else int(value) for value in args.at_once.split(",")])
     options = [at_once_options(value, args.gpu) for value in settings]
     keep = [] if args.keep_train_gb is None else ["--keep-train-gb", f"{args.keep_train_gb:g}"]
     runs: list[list[dict]] = [[] for _ in settings]
@@ -254,11 +263,13 @@ def main() -> None:
         "",
         machine(),
         f"Command: `{' '.join(['python', 'benchmarks/bench_sweep.py', *sys.argv[1:]])}`",
-        f"Data: {args.data or 'synthetic, 64 px'} ({train_images} train images); model {args.model}, batch {args.batch}, "
-        f"no augmentation; {args.trials} trials, up to {args.epochs} epochs, ASHA grace {args.grace}"
+        f"Data: {args.data or 'synthetic, 64 px'} ({train_images} train images); model {args.model}, "
+        f"batch {args.batch}, no augmentation; {args.trials} trials, up to {args.epochs} epochs, "
+        f"ASHA grace {args.grace}"
         f"{'; ' + ' '.join(keep) if keep else ''}. Each run measures the plain loop, then its sweep"
         f"{'; the settings alternate, each cell lists the runs in order' if args.repeats > 1 else ''}"
-        f"{'; a sweep cut at --sweep-timeout counts what its trials had reported' if any(r['cut'] for rs in runs for r in rs) else ''}.",
+        + ("; a sweep cut at --sweep-timeout counts what its trials had reported"
+           if any(r['cut'] for rs in runs for r in rs) else "") + ".",
         "",
         "| | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),

@@ -1,7 +1,8 @@
 """What Train's controller polling interval costs a trial whose epochs are short (a small dataset
 on a GPU): Ray's default of 2 s against the 0.25 s that `search` sets, side by side in one run.
 
-    python benchmarks/bench_train_poll.py [--trials 3] [--reports 3] [--work 0.5] [--write results/benchmarks/train_poll.md]
+    python benchmarks/bench_train_poll.py [--trials 3] [--reports 3] [--work 0.5]
+        [--write results/benchmarks/train_poll.md]
 
 Each setting runs a Tune sweep on its own local Ray cluster (2 CPUs, the settings `search` gives
 a local cluster), one trial at a time. A trial fits a TorchTrainer (one worker, 1 CPU) whose
@@ -105,10 +106,10 @@ def main() -> None:
         "# Train's controller polling interval: Ray's 2 s against the 0.25 s `search` sets",
         "",
         machine(),
-        f"Command: `python benchmarks/bench_train_poll.py --trials {args.trials} --reports {args.reports} --work {args.work}"
-        f"{' --write ' + str(args.write) if args.write else ''}`",
-        f"Each trial: one TorchTrainer worker (1 CPU) reporting {args.reports + 1} times, {args.work} s of stand-in work "
-        f"before each of the first {args.reports}; {args.trials} trials one at a time; medians over trials.",
+        f"Command: `python benchmarks/bench_train_poll.py --trials {args.trials} --reports {args.reports} --work "
+        f"{args.work}{' --write ' + str(args.write) if args.write else ''}`",
+        f"Each trial: one TorchTrainer worker (1 CPU) reporting {args.reports + 1} times, {args.work} s of stand-in "
+        f"work before each of the first {args.reports}; {args.trials} trials one at a time; medians over trials.",
         "",
         "| seconds | poll every 2 s (Ray's default) | poll every 0.25 s | 0.25 s / 2 s |",
         "|---|---:|---:|---:|",

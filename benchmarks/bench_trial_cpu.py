@@ -58,8 +58,8 @@ def main() -> None:
         machine(),
         f"Command: `python benchmarks/bench_trial_cpu.py --trials {args.trials} --epochs {args.epochs}"
         f"{' --data ' + str(args.data) if args.data else ''}{' --write ' + str(args.write) if args.write else ''}`",
-        f"Data: {args.data or 'synthetic, 64 px'}; {args.trials} trials of el_cnn, {args.epochs} epochs each (no ASHA stop), "
-        f"`search`'s resource defaults; the sweep took {seconds:.0f} s (`sweep.json`).",
+        f"Data: {args.data or 'synthetic, 64 px'}; {args.trials} trials of el_cnn, {args.epochs} epochs each (no ASHA "
+        f"stop), `search`'s resource defaults; the sweep took {seconds:.0f} s (`sweep.json`).",
         "",
         "| process kind | processes | CPU s | CPU s per trial | largest RSS, MB |",
         "|---|---:|---:|---:|---:|",

@@ -73,7 +73,8 @@ def main() -> None:
     startup = trial["epochs"][0] - trial_epoch
     rows = [
         ("`defect-tune train`, in process", local["epochs"][0], local_epoch, 1.0, local["wall"]),
-        ("one Tune trial (TorchTrainer, Ray Data)", trial["epochs"][0], trial_epoch, trial_epoch / local_epoch, trial["wall"]),
+        ("one Tune trial (TorchTrainer, Ray Data)", trial["epochs"][0], trial_epoch, trial_epoch / local_epoch,
+         trial["wall"]),
     ]
     lines = [
         f"# Trial overhead: {args.epochs} epochs of one configuration, in process vs as a Tune trial",
@@ -84,7 +85,8 @@ def main() -> None:
         "",
         "| run | first epoch s | later epochs s (median) | per-epoch ratio to in-process | whole command s |",
         "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {first:.1f} | {later:.2f} | {ratio:.1f} | {wall:.1f} |" for name, first, later, ratio, wall in rows),
+        *(f"| {name} | {first:.1f} | {later:.2f} | {ratio:.1f} | {wall:.1f} |"
+          for name, first, later, ratio, wall in rows),
         "",
         f"The trial's fixed start-up (first epoch less a later one): {startup:.1f} s. The whole command adds "
         "starting and stopping a local Ray cluster, and the sweep's own bookkeeping.",

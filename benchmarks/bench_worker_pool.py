@@ -39,7 +39,8 @@ def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: st
     space = scratch / "space.yaml"
     space.write_text(yaml.safe_dump({
         "num_samples": trials, "max_epochs": epochs, "asha": {"grace_period": epochs, "reduction_factor": 2},
-        "fixed": {"model": "el_cnn", "batch_size": 64, "augment": "none", "warmup_epochs": 0, "early_stopping_patience": 0},
+        "fixed": {"model": "el_cnn", "batch_size": 64, "augment": "none", "warmup_epochs": 0,
+                  "early_stopping_patience": 0},
         "params": {"loss": {"choice": ["bce", "weighted_bce"]}, "lr": {"loguniform": [3e-4, 3e-3]}},
     }, sort_keys=False))
     out = scratch / f"sweep-{threshold}-{run}"
@@ -52,7 +53,8 @@ def one_sweep(data: Path, trials: int, epochs: int, scratch: Path, threshold: st
         "seconds": json.loads((out / "sweep.json").read_text())["seconds"],
         "trial_epochs": len(rows),
         **{key: statistics.median(first[key]) for key in STARTUP},
-        "later_epoch": statistics.median(rows.loc[rows["epoch"] > 1, "epoch_s"]) if (rows["epoch"] > 1).any() else float("nan"),
+        "later_epoch": (statistics.median(rows.loc[rows["epoch"] > 1, "epoch_s"]) if (rows["epoch"] > 1).any()
+                        else float("nan")),
         "processes": len(sampler.cpu),
         "cpu": sum(sampler.cpu.values()),
         "peak_rss_gb": sampler.peak_rss / 2**30,
@@ -101,15 +103,17 @@ def main() -> None:
         "# Idle Ray workers kept 60 s against Ray's 1 s",
         "",
         machine(),
-        f"Command: `python benchmarks/bench_worker_pool.py --trials {args.trials} --epochs {args.epochs} --repeats {args.repeats}"
+        f"Command: `python benchmarks/bench_worker_pool.py --trials {args.trials} --epochs {args.epochs} "
+        f"--repeats {args.repeats}"
         f"{' --data ' + str(args.data) if args.data else ''}{' --write ' + str(args.write) if args.write else ''}`",
-        f"Data: {args.data or 'synthetic, 64 px'}; {args.trials} trials of el_cnn, {args.epochs} epochs each (no ASHA stop), "
-        "one at a time, a 1-CPU worker; each run on its own local Ray cluster, the settings alternating; "
+        f"Data: {args.data or 'synthetic, 64 px'}; {args.trials} trials of el_cnn, {args.epochs} epochs each (no ASHA "
+        "stop), one at a time, a 1-CPU worker; each run on its own local Ray cluster, the settings alternating; "
         "each cell lists the runs in order.",
         "",
         f"| | {names[0]} | {names[1]} | ratio of the means |",
         "|---|---:|---:|---:|",
-        *(f"| {label} | {each(old, key, fmt)} | {each(new, key, fmt)} | {ratio(old, new, key)} |" for label, key, fmt in rows),
+        *(f"| {label} | {each(old, key, fmt)} | {each(new, key, fmt)} | {ratio(old, new, key)} |"
+          for label, key, fmt in rows),
     ]
     emit(lines, args.write)
 

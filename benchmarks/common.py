@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def machine() -> str:
-    return f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. Date: {date.today().isoformat()}."
+    return (f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+            f"Date: {date.today().isoformat()}.")
 
 
 def machine_details() -> str:
@@ -28,7 +29,8 @@ def machine_details() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = "no GPU"
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True)
         gpu = ", ".join(query.stdout.split("\n")[:-1]) or gpu
     try:
         torch = version("torch")

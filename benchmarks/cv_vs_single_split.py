@@ -40,7 +40,8 @@ def sweep_and_test(data: Path, out: Path, name: str, space: str, samples: int, s
     wall = time.perf_counter() - started
     summary = json.loads((out / name / "sweep.json").read_text())
     run("export", str(out / name), "--out", str(out / f"{name}.yaml"))
-    run("retrain", str(out / f"{name}.yaml"), "--data", str(data), "--out", str(out / f"{name}-model"), "--holdout", "val")
+    run("retrain", str(out / f"{name}.yaml"), "--data", str(data), "--out", str(out / f"{name}-model"),
+        "--holdout", "val")
     metrics = json.loads((out / f"{name}-model" / "metrics.json").read_text())
     best = summary["best"]
     return {"name": name, "cv": cv, "seed": seed, "wall": wall, "trial": best["trial_id"], "params": best["params"],
@@ -68,10 +69,12 @@ def trial_rows(scratch: Path, row: dict) -> list[dict]:
     objective = json.loads((scratch / row["name"] / "sweep.json").read_text())["objective"]
     rows = []
     for _, trial in board.iterrows():
-        params = {c.removeprefix("param/"): trial[c] for c in board.columns if c.startswith("param/") and pd.notna(trial[c])}
+        params = {c.removeprefix("param/"): trial[c] for c in board.columns
+                  if c.startswith("param/") and pd.notna(trial[c])}
         rows.append({"seed": row["seed"], "search": f"--cv {row['cv']}" if row["cv"] else "single split",
                      "trial_index": int(trial["trial_index"]), "configuration": _params(params),
-                     "objective": trial[objective], "low": trial[f"{objective}_low"], "high": trial[f"{objective}_high"],
+                     "objective": trial[objective], "low": trial[f"{objective}_low"],
+                     "high": trial[f"{objective}_high"],
                      "stop_reason": trial["stop_reason"], "epochs": int(trial["epochs"])})
     return rows
 
@@ -94,10 +97,12 @@ def trial_table(trials: list[dict], seed: int) -> list[str]:
 
     search = next(iter(folded.values()))["search"]
     lines = ["", f"Split seed {seed}: each trial's objective at its best epoch (95 % interval), and how it ended.", "",
-             f"| # | configuration | single split | stopped by | `{search}` | stopped by |", "|---|---|---:|---|---:|---|"]
+             f"| # | configuration | single split | stopped by | `{search}` | stopped by |",
+             "|---|---|---:|---|---:|---|"]
     order = sorted(set(single) | set(folded), key=lambda c: (single.get(c) or folded[c])["trial_index"])
     for number, configuration in enumerate(order, 1):
-        lines.append(f"| {number} | {configuration} | {cell(single.get(configuration))} | {cell(folded.get(configuration))} |")
+        lines.append(f"| {number} | {configuration} | {cell(single.get(configuration))} | "
+                     f"{cell(folded.get(configuration))} |")
     return lines
 
 
@@ -112,7 +117,8 @@ def paired(rows: list[dict], folds: int) -> list[str]:
             pairs.append((seed, by_cv[0], by_cv[folds]))
     if not pairs:
         return []
-    lines = ["", f"| split seed | same winner | test macro recall, --cv {folds} minus single split | wall time, --cv {folds} / single split |",
+    lines = ["", f"| split seed | same winner | test macro recall, --cv {folds} minus single split | "
+                 f"wall time, --cv {folds} / single split |",
              "|---|---|---:|---:|"]
     for seed, single, folded in pairs:
         lines.append(f"| {seed} | {'yes' if single['params'] == folded['params'] else 'no'} | "
@@ -137,8 +143,8 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=None,
                         help="build the table from the JSON lines an earlier (possibly interrupted) run printed")
     parser.add_argument("--trials", type=Path, default=None,
-                        help="a CSV of every trial of every sweep: written from the leaderboards in --scratch when they are "
-                             "there, else read (the per-trial tables)")
+                        help="a CSV of every trial of every sweep: written from the leaderboards in --scratch when "
+                             "they are there, else read (the per-trial tables)")
     args = parser.parse_args()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="dt-cv-"))
     rows = []
@@ -148,23 +154,26 @@ def main() -> None:
     for seed in args.seeds if args.rows is None else []:
         data = scratch / f"data-{seed}"
         if not (data / "meta.json").is_file():
-            run("prepare", str(args.source), "--format", "voc", "--out", str(data), "--image-size", str(args.image_size),
-                "--long-tail", "50", "--seed", str(seed), "--workers", "1")
+            run("prepare", str(args.source), "--format", "voc", "--out", str(data),
+                "--image-size", str(args.image_size), "--long-tail", "50", "--seed", str(seed), "--workers", "1")
         for cv in (0, args.folds):
-            rows.append(sweep_and_test(data, scratch, f"{'cv' if cv else 'single'}-{seed}", args.space, args.num_samples, seed, cv))
+            rows.append(sweep_and_test(data, scratch, f"{'cv' if cv else 'single'}-{seed}", args.space,
+                                       args.num_samples, seed, cv))
             print(json.dumps(rows[-1]), flush=True)
     lines = [
         "# Single split vs cross-validated trials on NEU-DET long-tail 50",
         "",
         machine(),
-        f"Command: `python benchmarks/cv_vs_single_split.py --source {args.source} --seeds {' '.join(map(str, args.seeds))} "
-        f"--space {args.space} --num-samples {args.num_samples} --folds {args.folds} --image-size {args.image_size}`",
-        f"Each split seed S: `defect-tune prepare --long-tail 50 --seed S --image-size {args.image_size}`; `search --space "
-        f"{args.space} --num-samples {args.num_samples} --seed S` with `--cv 0` and with `--cv {args.folds}`; each winner "
-        "exported and retrained with `retrain --holdout val` (train on train, thresholds from val), then scored on the "
-        "untouched test split.",
+        f"Command: `python benchmarks/cv_vs_single_split.py --source {args.source} --seeds "
+        f"{' '.join(map(str, args.seeds))} --space {args.space} --num-samples {args.num_samples} --folds {args.folds} "
+        f"--image-size {args.image_size}`",
+        f"Each split seed S: `defect-tune prepare --long-tail 50 --seed S --image-size {args.image_size}`; `search "
+        f"--space {args.space} --num-samples {args.num_samples} --seed S` with `--cv 0` and with `--cv {args.folds}`; "
+        "each winner exported and retrained with `retrain --holdout val` (train on train, thresholds from val), then "
+        "scored on the untouched test split.",
         "",
-        "| split seed | search | rarest class's val positives | winner | val objective | test macro recall (95 % bootstrap) | test guarded macro recall | sweep wall |",
+        "| split seed | search | rarest class's val positives | winner | val objective | "
+        "test macro recall (95 % bootstrap) | test guarded macro recall | sweep wall |",
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -172,15 +181,17 @@ def main() -> None:
         if "test_interval" not in row and kept.is_file():
             row["test_interval"] = json.loads(kept.read_text())["test"]["macro"]["recall_interval"]
         low, high = row.get("test_interval") or (float("nan"), float("nan"))
-        lines.append(f"| {row['seed']} | {'--cv ' + str(row['cv']) if row['cv'] else 'single split'} | {row['rarest_val']} | "
-                     f"{_params(row['params'])} | {row['val']:.3f} | {row['test_recall']:.3f} ({low:.2f}-{high:.2f}) | {row['test_guarded']:.3f} | "
-                     f"{row['wall'] / 60:.1f} min |")
-    lines += ["", "| search | mean test macro recall | mean test guarded macro recall | mean sweep wall |", "|---|---:|---:|---:|"]
+        lines.append(f"| {row['seed']} | {'--cv ' + str(row['cv']) if row['cv'] else 'single split'} | "
+                     f"{row['rarest_val']} | {_params(row['params'])} | {row['val']:.3f} | {row['test_recall']:.3f} "
+                     f"({low:.2f}-{high:.2f}) | {row['test_guarded']:.3f} | {row['wall'] / 60:.1f} min |")
+    lines += ["", "| search | mean test macro recall | mean test guarded macro recall | mean sweep wall |",
+              "|---|---:|---:|---:|"]
     for cv in (0, args.folds):
         picked = [r for r in rows if r["cv"] == cv]
         if not picked:
             continue
-        lines.append(f"| {'--cv ' + str(cv) if cv else 'single split'} | {statistics.mean(r['test_recall'] for r in picked):.3f} | "
+        lines.append(f"| {'--cv ' + str(cv) if cv else 'single split'} | "
+                     f"{statistics.mean(r['test_recall'] for r in picked):.3f} | "
                      f"{statistics.mean(r['test_guarded'] for r in picked):.3f} | "
                      f"{statistics.mean(r['wall'] for r in picked) / 60:.1f} min |")
     lines += paired(rows, args.folds)

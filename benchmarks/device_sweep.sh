@@ -28,7 +28,7 @@ log="$OUT/device_sweep.log"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c "import ray, torch, timm, optuna; print('ray', ray.__version__, 'torch', torch.__version__, 'timm', timm.__version__, 'optuna', optuna.__version__)"
-  python3 -c "import defect_tune.search.sweep, defect_tune.search.trial, defect_tune.raytrain.ingest, defect_tune.core.augment, defect_tune.training.train" || exit 1
+  python3 -c "import defect_tune.search.sweep, defect_tune.search.trial, defect_tune.raytrain.ingest, defect_tune.data.augment, defect_tune.training.train" || exit 1
   python3 -m defect_tune prepare "$scratch/voc" --format synthetic --synthetic-images 1800 --image-size 224 \
     --out "$scratch/data" --workers 14 | tail -3 || exit 1
 } 2>&1 | tee "$log"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -98,7 +96,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print the version and exit")] = False,
 ) -> None:
     """Prepare defect datasets, search training configurations on Ray, and promote the best."""
 
@@ -107,25 +107,40 @@ def main(
 def prepare(
     source: Annotated[
         Path | None,
-        typer.Argument(help="Dataset root (voc, severstal, folders, elpv), manifest CSV (csv), or where to write the synthetic VOC folder. Optional for elpv (installed package)."),
+        typer.Argument(
+            help="Dataset root (voc, severstal, folders, elpv), manifest CSV (csv), or where "
+                 "to write the synthetic VOC folder. Optional for elpv (installed package)."),
     ] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="The source's layout")] = "voc",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for Parquet shards and meta.json")] = Path("data/prepared"),
-    image_size: Annotated[int, typer.Option(help="Stored size in pixels (square side; the height for --fit keep/tile)")] = 224,
-    fit: Annotated[Fit | None, typer.Option(help="How images reach --image-size (default: keep for severstal, pad otherwise)")] = None,
-    bit_depth: Annotated[int | None, typer.Option(help="Bits a deeper sensor records (e.g. 12 in 16-bit PNGs); default: per image, the smallest that holds it")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o",
+        help="Output folder for Parquet shards and meta.json")] = Path("data/prepared"),
+    image_size: Annotated[int, typer.Option(
+        help="Stored size in pixels (square side; the height for --fit keep/tile)")] = 224,
+    fit: Annotated[Fit | None, typer.Option(
+        help="How images reach --image-size (default: keep for severstal, pad otherwise)")] = None,
+    bit_depth: Annotated[int | None, typer.Option(
+        help="Bits a deeper sensor records (e.g. 12 in 16-bit "
+             "PNGs); default: per image, the smallest that holds it")] = None,
     split: Annotated[str, typer.Option(help="train/val/test fractions")] = "0.7/0.15/0.15",
     seed: Annotated[int, typer.Option(help="Seed for the split, the long-tail subsample and shard order")] = 0,
-    classes: Annotated[str | None, typer.Option(help="Comma-separated class order (default: discovered, sorted)")] = None,
-    long_tail: Annotated[float | None, typer.Option(help="Exponential subsample: rarest class keeps 1/RATIO of the most frequent")] = None,
-    strict: Annotated[bool, typer.Option(help="Refuse the dataset when any input is bad, naming them, instead of skipping and listing them")] = False,
+    classes: Annotated[str | None, typer.Option(
+        help="Comma-separated class order (default: discovered, sorted)")] = None,
+    long_tail: Annotated[float | None, typer.Option(
+        help="Exponential subsample: rarest class keeps 1/RATIO of the most frequent")] = None,
+    strict: Annotated[bool, typer.Option(
+        help="Refuse the dataset when any input is bad, naming them, instead of skipping and listing them")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier prepare's output in --out")] = False,
     workers: Annotated[int | None, typer.Option(help="Decode processes (default: all cores)")] = None,
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard")] = 512,
-    defect_free: Annotated[list[str] | None, typer.Option(help="folders: a folder of defect-free images (repeatable)")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="folders: glob of files to leave out, e.g. '*.png' masks (repeatable)")] = None,
-    elpv_threshold: Annotated[float, typer.Option(help="elpv: defect probability at or above which a cell is 'defective'")] = 0.5,
-    stratify_by: Annotated[list[str] | None, typer.Option(help="Metadata column to stratify splits by as well (repeatable; elpv: cell_type)")] = None,
+    defect_free: Annotated[list[str] | None, typer.Option(
+        help="folders: a folder of defect-free images (repeatable)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="folders: glob of files to leave out, e.g. '*.png' masks (repeatable)")] = None,
+    elpv_threshold: Annotated[float, typer.Option(
+        help="elpv: defect probability at or above which a cell is 'defective'")] = 0.5,
+    stratify_by: Annotated[list[str] | None, typer.Option(
+        help="Metadata column to stratify splits by as well (repeatable; elpv: cell_type)")] = None,
     synthetic_images: Annotated[int, typer.Option(help="synthetic: number of images")] = 1200,
     synthetic_imbalance: Annotated[float, typer.Option(help="synthetic: most / least frequent class ratio")] = 30.0,
 ) -> None:
@@ -196,16 +211,17 @@ def _choose_recipe(requested: str, config: Path | None, keys: list[str]) -> tupl
     return "transfer", f"recipe transfer: {weights.describe()} (--recipe scratch: the plain recipe from scratch)"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+             options_metavar="[OPTIONS] [KEY=VALUE]...")
 def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="A `prepare` output folder (meta.json + shards)")],
     out: Annotated[Path, typer.Option(help="Where results.json, per_class.txt, config.yaml and best.pt go")],
     config: Annotated[Path | None, typer.Option(help="YAML config; key=value arguments override it")] = None,
-    recipe: Annotated[Recipe, typer.Option(help="The starting recipe under --config and the keys. scratch: the plain "
-                                                "recipe (ResNet-18 from scratch); transfer: EfficientNet-Lite0 "
-                                                "fine-tuned from ImageNet weights; auto: transfer when its weights are "
-                                                "on this machine and no --config or key names the model, else scratch")] = "auto",
+    recipe: Annotated[Recipe, typer.Option(
+        help="The starting recipe under --config and the keys. scratch: the plain recipe (ResNet-18 from "
+             "scratch); transfer: EfficientNet-Lite0 fine-tuned from ImageNet weights; auto: transfer "
+             "when its weights are on this machine and no --config or key names the model, else scratch")] = "auto",
     weights: WeightsDir = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
@@ -222,14 +238,16 @@ def train(
         console.print(note, highlight=False, markup=False, soft_wrap=True)
     settings = load_config(config, ctx.args, base=recipe_changes(chosen))
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True
     )
     task = progress.add_task("epoch 1", total=None)
 
     def on_epoch(row: dict) -> None:
         console.print(
             f"epoch {row['epoch']:3d}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"{OBJECTIVE} {row[OBJECTIVE]:.4f}  macro_recall@0.5 {row['val_macro_recall@0.5']:.4f}  ({row['seconds']:.1f}s)",
+            f"{OBJECTIVE} {row[OBJECTIVE]:.4f}  macro_recall@0.5 {row['val_macro_recall@0.5']:.4f}  "
+            f"({row['seconds']:.1f}s)",
             highlight=False,
         )
         progress.reset(task, description=f"epoch {row['epoch'] + 1}")
@@ -237,18 +255,22 @@ def train(
     from defect_tune.training.engine import pick_device
 
     chosen_device = pick_device(device)
-    console.print(f"device: {chosen_device}" + (" (no CUDA GPU visible)" if device == "auto" and chosen_device.type == "cpu"
-                                                else ""), highlight=False, markup=False)
+    console.print(f"device: {chosen_device}"
+                  + (" (no CUDA GPU visible)" if device == "auto" and chosen_device.type == "cpu" else ""),
+                  highlight=False, markup=False)
     try:
         with progress:
-            results = fit(settings, data, out, str(chosen_device), on_epoch=on_epoch, on_batch=lambda: progress.advance(task))
+            results = fit(settings, data, out, str(chosen_device), on_epoch=on_epoch,
+                          on_batch=lambda: progress.advance(task))
     except NonFiniteLoss as error:
-        console.print(f"training failed: {error} (status 'failed' in {out}/results.json)", style="red", markup=False, soft_wrap=True)
+        console.print(f"training failed: {error} (status 'failed' in {out}/results.json)", style="red", markup=False,
+                      soft_wrap=True)
         raise typer.Exit(1) from None
     console.print((out / "per_class.txt").read_text(), markup=False, highlight=False, soft_wrap=True)
     for name, scores in results["baselines"].items():
         console.print(
-            f"baseline {name:>12}: {OBJECTIVE} {scores[OBJECTIVE]:.4f} (macro recall at 0.5: {scores['val_macro_recall@0.5']:.4f})",
+            f"baseline {name:>12}: {OBJECTIVE} {scores[OBJECTIVE]:.4f} "
+            f"(macro recall at 0.5: {scores['val_macro_recall@0.5']:.4f})",
             highlight=False,
         )
     test = results["test"]["macro"]
@@ -278,30 +300,65 @@ def _default_data() -> Path:
     return DEFAULT_DATA
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+             options_metavar="[OPTIONS] [KEY=VALUE]...")
 def search(
     ctx: typer.Context,
-    data: Annotated[str | None, typer.Option(help="A `prepare` output: a path every node reads, or a URI (s3://, gs://); default: the embedded synthetic set")] = None,
-    space: Annotated[Path | None, typer.Option(help="Search space YAML, or a bundled space by name: quick (default), defects, el_solar, steel, full")] = None,
-    name: Annotated[str | None, typer.Option(help="Sweep name (default: <space>-<timestamp>); --resume needs it")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="A `prepare` output: a path every node reads, or a URI "
+             "(s3://, gs://); default: the embedded synthetic set")] = None,
+    space: Annotated[Path | None, typer.Option(
+        help="Search space YAML, or a bundled space by name: quick (default), defects, el_solar, steel, full")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Sweep name (default: <space>-<timestamp>); --resume needs it")] = None,
     out: Annotated[Path | None, typer.Option(help="Results folder (default: results/<name>)")] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Trial budget (default: the space's; with --time-budget, as many as fit in it)")] = None,
-    time_budget: Annotated[str | None, typer.Option(metavar="DURATION", help="End the sweep after this long: 90s, 20m, 1.5h, or seconds. Trials still running keep the epochs they reported (stopped by: time_budget); without --num-samples, trials start until it runs out. --resume keeps the sweep's own budget and starts it again")] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        help="Trial budget (default: the space's; with --time-budget, as many as fit in it)")] = None,
+    time_budget: Annotated[str | None, typer.Option(
+        metavar="DURATION",
+        help="End the sweep after this long: 90s, 20m, 1.5h, or seconds. Trials still running keep "
+             "the epochs they reported (stopped by: time_budget); without --num-samples, trials "
+             "start until it runs out. --resume keeps the sweep's own budget and starts it again")] = None,
     workers_per_trial: Annotated[int, typer.Option(help="TorchTrainer workers per trial")] = 1,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
-    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", parser=_gpu_share, help="GPUs per training worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs; fractions pack trials on a GPU")] = "auto",
-    trials_per_gpu: Annotated[str | None, typer.Option(metavar="N|auto", help="Training workers sharing each GPU (--gpus-per-worker 1/N; a multi-worker or --cv trial's workers each count); auto: as many as the space's hungriest backbone leaves room for, measured on one GPU at its largest batch before the sweep")] = None,
-    max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: from the cluster's resources)")] = None,
-    address: Annotated[str | None, typer.Option(help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
-    storage: Annotated[str | None, typer.Option(help="Tune storage: local path, NFS path or s3:// / gs:// URI (shared for multi-node)")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep; finished trials are kept, not rerun")] = False,
+    cpus_per_worker: Annotated[float, typer.Option(
+        help="CPUs per training worker (a scheduling share; torch gets one thread at <= 1)")] = 0.5,
+    gpus_per_worker: Annotated[str, typer.Option(
+        metavar="N|auto", parser=_gpu_share,
+        help="GPUs per training worker: auto, one each when the cluster has GPUs and "
+             "none when it has not; 0 trains on CPUs; fractions pack trials on a GPU")] = "auto",
+    trials_per_gpu: Annotated[str | None, typer.Option(
+        metavar="N|auto",
+        help="Training workers sharing each GPU (--gpus-per-worker 1/N; a multi-worker or --cv "
+             "trial's workers each count); auto: as many as the space's hungriest backbone "
+             "leaves room for, measured on one GPU at its largest batch before the sweep")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(
+        help="Trials at once (default: from the cluster's resources)")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Tune storage: local path, NFS path or s3:// / gs:// URI (shared for multi-node)")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted sweep; finished trials are kept, not rerun")] = False,
     seed: Annotated[int, typer.Option(help="Seed for Optuna's TPE sampler")] = 0,
-    max_failures: Annotated[int, typer.Option(help="Retries of a crashed trial (from its last checkpoint); a diverged one (NaN loss) is never retried")] = 0,
-    wandb: Annotated[str | None, typer.Option("--wandb", metavar="PROJECT", help="W&B project: one run per trial, grouped by sweep name (offline in <out>/wandb without an API key)")] = None,
-    keep_train_gb: Annotated[float, typer.Option(min=0, help="A worker keeps its train shard in memory after the first epoch (and augments it itself) when the shard's images take at most this many GB; 0: stream it from Ray Data every epoch, augmented there")] = KEEP_TRAIN_GB,
-    upsample: Annotated[bool, typer.Option(help="Keep the space's input_size choices above the prepared image size (by default left out: they only enlarge the stored images)")] = False,
+    max_failures: Annotated[int, typer.Option(
+        help="Retries of a crashed trial (from its last checkpoint); a diverged one (NaN loss) is never retried")] = 0,
+    wandb: Annotated[str | None, typer.Option(
+        "--wandb", metavar="PROJECT",
+        help="W&B project: one run per trial, grouped by sweep "
+             "name (offline in <out>/wandb without an API key)")] = None,
+    keep_train_gb: Annotated[float, typer.Option(
+        min=0,
+        help="A worker keeps its train shard in memory after the first epoch "
+             "(and augments it itself) when the shard's images take at most this "
+             "many GB; 0: stream it from Ray Data every epoch, augmented there")] = KEEP_TRAIN_GB,
+    upsample: Annotated[bool, typer.Option(
+        help="Keep the space's input_size choices above the prepared image "
+             "size (by default left out: they only enlarge the stored images)")] = False,
     weights: WeightsDir = None,
-    cv: Annotated[str | None, typer.Option(metavar="K|auto", help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
+    cv: Annotated[str | None, typer.Option(
+        metavar="K|auto",
+        help="Train every trial on K folds of train+val and report the fold-mean (0: prepare's split; "
+             "auto: 5 folds when a class has under 5 validation positives; default: the space's cv)")] = None,
 ) -> None:
     """Search training configurations: Optuna (TPE) proposes, ASHA stops weak trials, each trial a TorchTrainer.
 
@@ -331,7 +388,8 @@ def search(
         data=data or _default_data(), space=space, name=name, out=out, num_samples=num_samples,
         workers_per_trial=workers_per_trial, cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
-        trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume, seed=seed,
+        trials_per_gpu=per_gpu, max_concurrent=max_concurrent, address=address, storage=storage, resume=resume,
+        seed=seed,
         max_failures=max_failures, wandb_project=wandb, cv=folds, keep_train_gb=keep_train_gb, time_budget_s=budget,
         overrides=overrides, upsample=upsample,
     )
@@ -343,13 +401,15 @@ def search(
     best = summary.get("best")
     if best:
         console.print(
-            f"best: trial {best['trial_id']} {summary['objective']} {best[summary['objective']]:.4f} at epoch {best['best_epoch']}; "
+            f"best: trial {best['trial_id']} {summary['objective']} {best[summary['objective']]:.4f} "
+            f"at epoch {best['best_epoch']}; "
             f"config {results}/best_config.yaml; leaderboard {results}/leaderboard.csv; Tune experiment "
             f"{from_results(summary['experiment'], results)}",
             highlight=False, markup=False, soft_wrap=True,
         )
         console.print(f"next: defect-tune report {shlex.quote(str(results))}   (then: defect-tune export "
-                      f"{shlex.quote(str(results))} --out best.yaml; defect-tune retrain best.yaml --data DATA --out MODEL)",
+                      f"{shlex.quote(str(results))} --out best.yaml; "
+                      "defect-tune retrain best.yaml --data DATA --out MODEL)",
                       highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(f"no trial finished; see {results}/leaderboard.csv", style="red", markup=False)
@@ -389,63 +449,74 @@ def export(
     results: Annotated[Path, typer.Argument(help="A sweep's results folder (leaderboard.parquet, sweep.json)")],
     out: Annotated[Path, typer.Option(help="The export file to write")] = Path("best.yaml"),
     rank: Annotated[int, typer.Option(help="Export the k-th best trial")] = 1,
-    metric: Annotated[str | None, typer.Option(help="Leaderboard column to rank by (default: the sweep's objective)")] = None,
-    mode: Annotated[Literal["max", "min"] | None, typer.Option(help="Rank order (default: the objective's; min for *loss columns)")] = None,
-    max_latency_ms: Annotated[float | None, typer.Option(help="Only trials whose model takes at most this many ms per image at batch 1 (measured in the sweep)")] = None,
-    max_params: Annotated[str | None, typer.Option(metavar="COUNT", help="Only trials whose model has at most this many parameters: 5M, 500k, 2500000")] = None,
+    metric: Annotated[str | None, typer.Option(
+        help="Leaderboard column to rank by (default: the sweep's objective)")] = None,
+    mode: Annotated[Literal["max", "min"] | None, typer.Option(
+        help="Rank order (default: the objective's; min for *loss columns)")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(
+        help="Only trials whose model takes at most this many ms per image at batch 1 (measured in the sweep)")] = None,
+    max_params: Annotated[str | None, typer.Option(
+        metavar="COUNT",
+        help="Only trials whose model has at most this many parameters: 5M, 500k, 2500000")] = None,
 ) -> None:
     """Export a trial's full config plus what production needs (thresholds, best epoch, data fingerprint)."""
-    from defect_tune.production.export import ExportError, build_export, check_export_out, parse_count, write_export
+    from defect_tune.production.export import export_trial
 
-    limits = {}
-    if max_latency_ms is not None:
-        if not (math.isfinite(max_latency_ms) and max_latency_ms > 0):
-            raise ExportError(f"--max-latency-ms {max_latency_ms:g}: expected a positive number of milliseconds")
-        limits["cost/latency_ms_b1"] = max_latency_ms
-    if max_params is not None:
-        limits["cost/params"] = parse_count(max_params)
-    check_export_out(out)
-    exported = build_export(results, rank, metric, mode, limits)
-    write_export(exported, out)
+    exported = export_trial(results, out, rank, metric, mode, max_latency_ms, max_params)
     sweep = exported["sweep"]
-    within = (" among trials with " + ", ".join(f"{column.removeprefix('cost/')} <= {limit:g}" for column, limit in limits.items())
+    limits = sweep["limits"]
+    within = (" among trials with "
+              + ", ".join(f"{column.removeprefix('cost/')} <= {limit:g}" for column, limit in limits.items())
               if limits else "")
     console.print(
         f"exported trial {sweep['trial_id']} (rank {rank} by {sweep['ranked_by']['metric']}{within}, "
-        f"{exported['objective']['name']} {exported['objective']['value']:.4f} at epoch {exported['best_epoch']}) to {out}",
+        f"{exported['objective']['name']} {exported['objective']['value']:.4f} "
+        f"at epoch {exported['best_epoch']}) to {out}",
         highlight=False, markup=False, soft_wrap=True,
     )
     for trial_id, reason in sweep["passed_over"].items():
-        console.print(f"passed over trial {trial_id}: {reason}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"passed over trial {trial_id}: {reason}", style="yellow", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 @app.command()
 def retrain(
     export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="A `defect-tune export` file")],
-    data: Annotated[str, typer.Option(help="A `prepare` output with the export's classes: a path, or a URI (s3://, gs://)")],
+    data: Annotated[str, typer.Option(
+        help="A `prepare` output with the export's classes: a path, or a URI (s3://, gs://)")],
     out: Annotated[Path, typer.Option(help="The model directory to write")],
-    holdout: Annotated[str | None, typer.Option(metavar="[val|none]", help="val: train on train, best epoch and thresholds from val (default). "
-                                                     "none: train+val for the sweep's best epoch, exported thresholds "
-                                                     "(default after a --cv sweep)")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
+    holdout: Annotated[str | None, typer.Option(
+        metavar="[val|none]",
+        help="val: train on train, best epoch and thresholds from val (default). "
+             "none: train+val for the sweep's best epoch, exported thresholds (default after a --cv sweep)")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Existing Ray cluster (host:port or 'auto'; default: start a local one)")] = None,
     workers: Annotated[int, typer.Option(help="TorchTrainer workers")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker")] = 1.0,
-    gpus_per_worker: Annotated[str, typer.Option(metavar="N|auto", parser=_gpu_share, help="GPUs per worker: auto, one each when the cluster has GPUs and none when it has not; 0 trains on CPUs")] = "auto",
-    storage: Annotated[str | None, typer.Option(help="Train's checkpoint storage: a shared path or URI on multi-node clusters")] = None,
+    gpus_per_worker: Annotated[str, typer.Option(
+        metavar="N|auto", parser=_gpu_share,
+        help="GPUs per worker: auto, one each when the cluster "
+             "has GPUs and none when it has not; 0 trains on CPUs")] = "auto",
+    storage: Annotated[str | None, typer.Option(
+        help="Train's checkpoint storage: a shared path or URI on multi-node clusters")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the exported config's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory")] = False,
-    mlflow: Annotated[str | None, typer.Option("--mlflow", metavar="URI", help="Also log the model to this MLflow tracking URI (sqlite:///mlflow.db, http://host:5000); needs the mlflow extra")] = None,
-    register: Annotated[str | None, typer.Option(metavar="NAME", help="With --mlflow: register the logged model as a new version of NAME")] = None,
+    mlflow: Annotated[str | None, typer.Option(
+        "--mlflow", metavar="URI",
+        help="Also log the model to this MLflow tracking URI "
+             "(sqlite:///mlflow.db, http://host:5000); needs the mlflow extra")] = None,
+    register: Annotated[str | None, typer.Option(
+        metavar="NAME",
+        help="With --mlflow: register the logged model as a new version of NAME")] = None,
     weights: WeightsDir = None,
 ) -> None:
-    """Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, model card."""
+    ("Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, "
+     "model card.")  # one line in `defect-tune --help`, which keeps a docstring's line breaks
+    from defect_tune.production.registry import check_mlflow
     from defect_tune.production.retrain import RetrainOptions
     from defect_tune.production.retrain import retrain as run_retrain
 
-    if register is not None and mlflow is None:
-        raise _fail(ValueError(f"--register {register}: registering needs --mlflow URI"))
-    if mlflow is not None and importlib.util.find_spec("mlflow") is None:  # before hours of training, not after
-        raise _fail(ValueError("--mlflow needs MLflow: pip install -e '.[mlflow]'"))
+    check_mlflow(mlflow, register)
 
     _use_weights(weights)
     options = RetrainOptions(export=export_file, data=data, out=out, holdout=holdout, address=address, workers=workers,
@@ -471,17 +542,13 @@ def predict(
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (--runtime torch)")] = "auto",
-    runtime: Annotated[Literal["torch", "onnx"], typer.Option(help="torch: the safetensors weights; onnx: model.onnx under onnxruntime (CPU)")] = "torch",
+    runtime: Annotated[Literal["torch", "onnx"], typer.Option(
+        help="torch: the safetensors weights; onnx: model.onnx under onnxruntime (CPU)")] = "torch",
 ) -> None:
     """Per-class probabilities and thresholded decisions for images, preprocessed as `prepare` did."""
-    from defect_tune.production.predict import check_predictions_out, non_finite_error, predict_images
+    from defect_tune.production.predict import predict_to_csv
 
-    check_predictions_out(out)  # before the work, which a bad --out would otherwise lose
-    table = predict_images(model, images, batch_size=batch_size, tta=tta, device=device, runtime=runtime)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    if (error := non_finite_error(table, out, model)) is not None:
-        raise error  # one line at the edge, exit 2: no "0 with a defect predicted" before it
+    table = predict_to_csv(model, images, out, batch_size=batch_size, tta=tta, device=device, runtime=runtime)
     failed = table["error"].notna()
     flagged = (table["defects"].fillna("") != "").sum()
     console.print(f"wrote {out}: {len(table)} images, {flagged} with a defect predicted", highlight=False, markup=False)
@@ -494,9 +561,11 @@ def predict(
 @app.command()
 def report(
     results: Annotated[Path, typer.Argument(help="A sweep's results folder (leaderboard.parquet, sweep.json)")],
-    out: Annotated[Path | None, typer.Option(help="Where report.html and its PNGs go (default: RESULTS/report)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where report.html and its PNGs go (default: RESULTS/report)")] = None,
 ) -> None:
-    """A self-contained HTML report with figures of one sweep: leaderboard, history, importances, ASHA's savings, PR curves."""
+    ("A self-contained HTML report with figures of one sweep: leaderboard, history, importances, ASHA's savings, "
+     "PR curves.")  # one line in `defect-tune --help`, as for retrain
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -504,21 +573,29 @@ def report(
 
     path = write_report(results, out)
     figures = len(figures_written(path))
-    console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {path} ({figures} figures embedded; the PNGs are beside it)", highlight=False, markup=False,
+                  soft_wrap=True)
 
 
 # Cluster jobs: `submit` runs a command above on a Ray cluster; `jobs` watches and stops it.
-ADDRESS_HELP = "Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)"
-weights_app = typer.Typer(help="ImageNet weights for pretrained backbones: which this machine has, and bringing your own in.",
-                          no_args_is_help=True)
+# The Jobs API lives on the dashboard (a URL), not at the cluster address `search --address` takes
+# (host:port): two things, two names.
+DASHBOARD_HELP = ("The Ray dashboard's URL "
+                  "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)")
+weights_app = typer.Typer(
+    help="ImageNet weights for pretrained backbones: which this machine has, and bringing your own in.",
+    no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 
 
 @weights_app.command("list")
 def weights_list(
-    models: Annotated[list[str] | None, typer.Argument(metavar="[MODEL]...", help="timm model names (default: every backbone the bundled spaces and recipes name)")] = None,
+    models: Annotated[list[str] | None, typer.Argument(
+        metavar="[MODEL]...",
+        help="timm model names (default: every backbone the bundled spaces and recipes name)")] = None,
     weights: WeightsDir = None,
-    hub: Annotated[bool, typer.Option(help="Also ask the Hugging Face hub for those no local source has (downloads them into its cache)")] = False,
+    hub: Annotated[bool, typer.Option(
+        help="Also ask the Hugging Face hub for those no local source has (downloads them into its cache)")] = False,
 ) -> None:
     """Which backbones have ImageNet weights on this machine, and from where (the order `pretrained: true` looks in)."""
     from defect_tune.core.config import RECIPES
@@ -535,13 +612,15 @@ def weights_list(
     table = Table("model", "weights from", "path or reason", box=None)
     for model in models:
         found = find_weights(model, hub=hub)
-        table.add_row(model, found.source if found else "none", str(found.path) if found else no_weights(model, hub=hub))
+        table.add_row(model, found.source if found else "none",
+                      str(found.path) if found else no_weights(model, hub=hub))
     console.print(table)
 
 
 @weights_app.command("add")
 def weights_add(
-    file: Annotated[Path, typer.Argument(help="A weights file in timm's layout for MODEL (.safetensors, .pth, .pt, .bin)")],
+    file: Annotated[Path, typer.Argument(
+        help="A weights file in timm's layout for MODEL (.safetensors, .pth, .pt, .bin)")],
     model: Annotated[str, typer.Option(help="The timm model name the file is for")],
     weights: WeightsDir = None,
 ) -> None:
@@ -558,10 +637,10 @@ jobs_app = typer.Typer(help="Watch, list and stop jobs on a Ray cluster (see `su
 app.add_typer(jobs_app, name="jobs")
 
 
-def _connect(address: str | None):
+def _connect(dashboard: str | None):
     from defect_tune.search.submit import connect
 
-    return connect(address)
+    return connect(dashboard)
 
 
 def _follow_to_end(cluster, job_id: str) -> None:
@@ -591,12 +670,19 @@ def _follow_to_end(cluster, job_id: str) -> None:
 
 @app.command()
 def submit(
-    command: Annotated[list[str], typer.Argument(metavar="COMMAND", help="After `--`: the defect-tune command to run on the cluster, e.g. `-- search --space S --storage s3://b/p --out /shared/r`")],
-    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
-    follow: Annotated[bool, typer.Option(help="Stream the job's output until it ends; exit 0 if it succeeded, 1 if not")] = False,
+    command: Annotated[list[str], typer.Argument(
+        metavar="COMMAND",
+        help="After `--`: the defect-tune command to run on the cluster, "
+             "e.g. `-- search --space S --storage s3://b/p --out /shared/r`")],
+    dashboard: Annotated[str | None, typer.Option(metavar="URL", help=DASHBOARD_HELP)] = None,
+    follow: Annotated[bool, typer.Option(
+        help="Stream the job's output until it ends; exit 0 if it succeeded, 1 if not")] = False,
     job_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks raysubmit_...)")] = None,
-    working_dir: Annotated[Path | None, typer.Option(help="Code to ship as the job's working_dir (default: this checkout)")] = None,
-    no_working_dir: Annotated[bool, typer.Option("--no-working-dir", help="Ship no code: run the defect-tune installed in the cluster's image")] = False,
+    working_dir: Annotated[Path | None, typer.Option(
+        help="Code to ship as the job's working_dir (default: this checkout)")] = None,
+    no_working_dir: Annotated[bool, typer.Option(
+        "--no-working-dir",
+        help="Ship no code: run the defect-tune installed in the cluster's image")] = False,
 ) -> None:
     """Run a defect-tune command on a Ray cluster as a job: `submit [OPTIONS] -- search ARGS...`; print the job id.
 
@@ -612,15 +698,16 @@ def submit(
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} - {"submit"}
     check_command(command, commands)
     code = None if no_working_dir else (working_dir or default_working_dir())
-    cluster = _connect(address)
+    cluster = _connect(dashboard)
     for note in path_notes(command):
         console.print(f"note: {note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     for name in kept_back(os.environ):
         console.print(f"note: {name} is not sent with the job (Ray logs a job's environment in plain text); "
-                      "the cluster's head node needs its own, e.g. from a Kubernetes Secret", style="yellow", markup=False, soft_wrap=True)
+                      "the cluster's head node needs its own, e.g. from a Kubernetes Secret",
+                      style="yellow", markup=False, soft_wrap=True)
     job = submit_job(cluster, command, code, job_id)
     print(job, flush=True)
-    where = "" if address is None else f" --address {address}"
+    where = "" if dashboard is None else f" --dashboard {dashboard}"
     console.print(f"submitted {job} to {cluster.address}: {entrypoint(command)}"
                   f"{'' if code is None else f' (code from {code})'}\n"
                   f"follow: defect-tune jobs logs {job} --follow{where}; stop: defect-tune jobs stop {job}{where}",
@@ -630,25 +717,26 @@ def submit(
 
 
 JobId = Annotated[str, typer.Argument(help="The job's submission id (printed by `submit`)")]
-Address = Annotated[str | None, typer.Option(help=ADDRESS_HELP)]
+Dashboard = Annotated[str | None, typer.Option(metavar="URL", help=DASHBOARD_HELP)]
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: JobId, address: Address = None) -> None:
+def jobs_status(job_id: JobId, dashboard: Dashboard = None) -> None:
     """A job's status, when it started, and Ray's message."""
     from defect_tune.search.submit import describe, info
 
-    cluster = _connect(address)
+    cluster = _connect(dashboard)
     print(describe(info(cluster, job_id)))
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: JobId, address: Address = None,
-              follow: Annotated[bool, typer.Option(help="Keep streaming until the job ends; exit 0 if it succeeded, 1 if not")] = False) -> None:
+def jobs_logs(job_id: JobId, dashboard: Dashboard = None,
+              follow: Annotated[bool, typer.Option(
+                  help="Keep streaming until the job ends; exit 0 if it succeeded, 1 if not")] = False) -> None:
     """A job's output so far (or, with --follow, until it ends)."""
     from defect_tune.search.submit import logs
 
-    cluster = _connect(address)
+    cluster = _connect(dashboard)
     if follow:
         _follow_to_end(cluster, job_id)
         return
@@ -656,13 +744,13 @@ def jobs_logs(job_id: JobId, address: Address = None,
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: JobId, address: Address = None,
+def jobs_stop(job_id: JobId, dashboard: Dashboard = None,
               wait: Annotated[bool, typer.Option(help="Wait (up to 60 s) until the job has stopped")] = True) -> None:
     """Stop a job: SIGTERM to its driver, SIGKILL a few seconds later; its trials end with it."""
     from defect_tune.search.submit import describe, stop
     from defect_tune.search.submit import wait as wait_for
 
-    cluster = _connect(address)
+    cluster = _connect(dashboard)
     was_running = stop(cluster, job_id)
     details = wait_for(cluster, job_id, timeout=60) if wait else None
     if details is None:
@@ -677,12 +765,14 @@ def jobs_stop(job_id: JobId, address: Address = None,
 
 
 @jobs_app.command("list")
-def jobs_list(address: Address = None,
-              every: Annotated[bool, typer.Option("--all", help="Every job on the cluster, not only defect-tune's")] = False) -> None:
+def jobs_list(dashboard: Dashboard = None,
+              every: Annotated[bool, typer.Option(
+                  "--all",
+                  help="Every job on the cluster, not only defect-tune's")] = False) -> None:
     """Jobs on the cluster that defect-tune submitted, oldest first."""
     from defect_tune.search.submit import describe, list_jobs
 
-    cluster = _connect(address)
+    cluster = _connect(dashboard)
     jobs = list_jobs(cluster, everything=every)
     for details in jobs:
         print(describe(details))

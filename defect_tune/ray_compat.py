@@ -39,7 +39,8 @@ def start_data_stats_actor() -> None:
     Why: created from inside a trial it dies with that trial, so every trial starts another Ray
     process for it; created by the driver, one serves the whole sweep.
     Private: `ray.data._internal.stats.get_or_create_stats_actor`, checked against Ray 2.60.
-    Guarded by: tests/test_search.py::test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb
+    Guarded by:
+    tests/test_search.py::test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb
     (one `_StatsActor` process for the whole sweep).
     """
     from ray.data._internal.stats import get_or_create_stats_actor
@@ -54,7 +55,8 @@ def staged_experiment_states(experiment: str, state_file: str) -> Iterator[Path]
     `--resume` takes the staged copy instead.
     Private: Ray's temp-dir layout, `<RAY_TMPDIR or /tmp>/ray/session_*/artifacts/*/<experiment>/driver_artifacts/`,
     checked against Ray 2.60.
-    Guarded by: tests/test_search_units.py::test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_short.
+    Guarded by:
+    tests/test_search_units.py::test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_short.
     """
     temp = ray_temp_dir()
     yield from temp.glob(f"session_*/artifacts/*/{experiment}/driver_artifacts/{state_file}")
@@ -127,7 +129,8 @@ def job_placement_groups(job_id: str) -> list[str]:
     from ray.util.placement_group import placement_group_table
 
     alive = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
-    return sorted(pg for pg, info in placement_group_table().items() if info.get("state") in alive and pg.endswith(job_id))
+    return sorted(pg for pg, info in placement_group_table().items()
+                  if info.get("state") in alive and pg.endswith(job_id))
 
 
 def remove_job_placement_group(placement_group_id: str) -> None:
@@ -145,7 +148,8 @@ def optuna_trial_of(searcher, trial_id: str):
     `on_trial_result`, so the stored study (optuna.db) lacked every trial's last epoch;
     `sweep.AshaAwareOptunaSearch` reports it before the trial is told.
     Private: `OptunaSearch._ot_trials` and `_completed_trials`, checked against Ray 2.60.
-    Guarded by: tests/test_search.py::test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb
+    Guarded by:
+    tests/test_search.py::test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_trial_to_wandb
     (a value per epoch for every trial in the stored study).
     """
     if trial_id in searcher._completed_trials:
@@ -162,7 +166,8 @@ def quiet_start_notices() -> None:
     Private: the logger of `ray._private.authentication.authentication_token_setup`, and Tune's
     `RAY_AIR_NEW_OUTPUT=0` (its older reporter, which prints nothing at `verbose=0`). Checked
     against Ray 2.60. A user's own RAY_AIR_NEW_OUTPUT wins.
-    Guarded by: tests/test_search.py::test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_backbones.
+    Guarded by:
+    tests/test_search.py::test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_backbones.
     """
     import logging
 

@@ -103,7 +103,8 @@ def test_every_module_but_the_two_front_doors_and_ray_compat_lives_in_a_package(
     """The command line and the Python API (api.py) sit on top; nothing below imports them.
     ray_compat is the one leaf below every package: each private Ray or Optuna name, imported
     inside its functions, so it imports nothing of ours or theirs when loaded."""
-    assert sorted(path.name for path in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "api.py", "cli.py", "ray_compat.py"]
+    assert sorted(path.name for path in PACKAGE.glob("*.py")) == [
+        "__init__.py", "__main__.py", "api.py", "cli.py", "ray_compat.py"]
     assert not sorted(m for m, children in GRAPH.items() if "defect_tune.api" in children)
     assert not {m for m in GRAPH["defect_tune.ray_compat"] if m.startswith("defect_tune")}
     assert {path.parent.name for path in PACKAGE.glob("*/*.py")} == {
@@ -147,7 +148,8 @@ def test_packages_only_import_down_the_layers_and_have_no_cycle():
 
 
 @pytest.mark.parametrize("module", modules_of("core") + ["defect_tune.data.splits", "defect_tune.data.readers",
-                                                         "defect_tune.report.page", "defect_tune.report.study", "defect_tune.ray_compat"])
+                                                         "defect_tune.report.page", "defect_tune.report.study",
+                                                         "defect_tune.ray_compat"])
 def test_light_modules_load_without_torch_or_ray(module):
     """What only needs names and figures (the leaderboard, export, Ray's per-trial processes)
     loads no torch or timm when imported; their functions may import it when called."""
@@ -157,7 +159,8 @@ def test_light_modules_load_without_torch_or_ray(module):
 
 
 def test_nothing_imports_the_command_line_and_the_graph_has_no_cycles():
-    importers = sorted(m for m, children in GRAPH.items() if "defect_tune.cli" in children and m != "defect_tune.__main__")
+    importers = sorted(m for m, children in GRAPH.items()
+                       if "defect_tune.cli" in children and m != "defect_tune.__main__")
     assert not importers
     cycles = sorted(m for m in GRAPH if m in reach(GRAPH, m))
     assert not cycles, f"modules that reach themselves: {cycles}"
@@ -175,7 +178,8 @@ def test_private_ray_and_optuna_names_are_used_only_in_ray_compat():
                 modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            private = [m for m in modules if m.split(".")[0] in ("ray", "optuna") and any(p.startswith("_") for p in m.split("."))]
+            private = [m for m in modules
+                       if m.split(".")[0] in ("ray", "optuna") and any(p.startswith("_") for p in m.split("."))]
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 if isinstance(node.value, ast.Name) and node.value.id in ("ray", "optuna", "distribution"):
                     private.append(f"{node.value.id}.{node.attr}")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from defect_tune.core.augment import PRESETS, TRANSFORMS, augment_batch, build_augmentation, mixup, parse_augment
+from defect_tune.core.augment_spec import PRESETS, TRANSFORM_NAMES, parse_augment
+from defect_tune.data.augment import TRANSFORMS, augment_batch, build_augmentation, mixup
 
 
 def test_presets_and_joined_names():
@@ -16,6 +17,12 @@ def test_presets_and_joined_names():
     assert parse_augment("hflip+clahe") == ("hflip", "clahe")
     with pytest.raises(ValueError, match="warp"):
         parse_augment("hflip+warp")
+
+
+def test_every_name_a_config_may_use_builds_a_transform():
+    """The config validates against the names (no albumentations); each builds a transform."""
+    assert list(TRANSFORMS) == list(TRANSFORM_NAMES)
+    assert {name for preset in PRESETS.values() for name in preset} <= set(TRANSFORM_NAMES)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -101,7 +108,7 @@ def test_a_ray_data_process_augments_without_asking_for_updates_or_importing_tor
         "{build}\n"
         "print(asked, os.environ.get('NO_ALBUMENTATIONS_UPDATE'), 'torch' in sys.modules)\n"
     )
-    build = ("from defect_tune.core.augment import augment_batch, build_augmentation\n"
+    build = ("from defect_tune.data.augment import augment_batch, build_augmentation\n"
              "images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)\n"
              "out = augment_batch(build_augmentation('heavy', (32, 32), seed=3), images)\n"
              "np.save(sys.argv[1], out)\n"
@@ -110,13 +117,13 @@ def test_a_ray_data_process_augments_without_asking_for_updates_or_importing_tor
              "print('torch-free:', torch_free)")
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     saved = Path(tempfile.mkdtemp()) / "augmented.npy"
-    result = subprocess.run([sys.executable, "-c", probe.format(build=build), str(saved)], capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", probe.format(build=build), str(saved)],
+                            capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["torch-free:", "True", "[]", "1", "True"]
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
     assert np.array_equal(np.load(saved), augment_batch(build_augmentation("heavy", (32, 32), seed=3), images))
     # The probe sees the request, and torch, when albumentations is imported plainly.
-    plain = subprocess.run([sys.executable, "-c", probe.format(build="import albumentations")], capture_output=True, text=True,
-                           env=env, timeout=300)
+    plain = subprocess.run([sys.executable, "-c", probe.format(build="import albumentations")],
+                           capture_output=True, text=True, env=env, timeout=300)
     assert "pypi.org" in plain.stdout and plain.stdout.split()[-1] == "True", plain.stdout + plain.stderr

@@ -18,7 +18,8 @@ def defect_tune(*args, cwd=None):
 def test_prepare_prints_a_summary_and_records_the_command(small_voc, tmp_path):
     out = tmp_path / "out"
     result = defect_tune(
-        "prepare", small_voc, "--format", "voc", "--out", out, "--image-size", "16", "--split", "0.6,0.2,0.2", "--seed", "3"
+        "prepare", small_voc, "--format", "voc", "--out", out, "--image-size", "16", "--split", "0.6,0.2,0.2",
+        "--seed", "3"
     )
     assert result.returncode == 0, result.stderr
     assert "crack" in result.stderr and "multi-label" in result.stderr and "images/s" in result.stderr
@@ -66,8 +67,10 @@ def test_search_refuses_counts_that_cannot_work_before_starting_ray(synthetic_da
         (["--cv", "1"], "--cv must be 0"),
         (["--trials-per-gpu", "four"], "--trials-per-gpu takes a number of workers per GPU or auto, got 'four'"),
         (["--trials-per-gpu", "0"], "--trials-per-gpu takes a positive number of workers per GPU or auto, got 0"),
-        (["--trials-per-gpu", "4", "--gpus-per-worker", "0.5"], "--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.5"),
-        (["--time-budget", "0"], "--time-budget '0': expected a positive duration such as 90s, 20m, 1.5h or 600 (seconds)"),
+        (["--trials-per-gpu", "4", "--gpus-per-worker", "0.5"],
+         "--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.5"),
+        (["--time-budget", "0"],
+         "--time-budget '0': expected a positive duration such as 90s, 20m, 1.5h or 600 (seconds)"),
         (["--time-budget", "-5m"], "--time-budget '-5m': expected a positive duration"),
         (["--time-budget", "abc"], "--time-budget 'abc': expected a positive duration"),
     )):
@@ -109,8 +112,8 @@ def test_version_and_help_show_the_choices_and_the_key_value_arguments():
     assert version.returncode == 0 and version.stdout.strip() == f"defect-tune {__version__}"
     assert get_args(Format) == FORMATS and get_args(Fit) == FITS
     wide = dict(os.environ, COLUMNS="250")  # one table row per option
-    help_text = subprocess.run([sys.executable, "-m", "defect_tune", "prepare", "--help"], capture_output=True, text=True,
-                               env=wide, timeout=300).stdout
+    help_text = subprocess.run([sys.executable, "-m", "defect_tune", "prepare", "--help"], capture_output=True,
+                               text=True, env=wide, timeout=300).stdout
     assert "voc|severstal|folders|csv|elpv|synthetic" in help_text and "pad|keep|tile|squash" in help_text
     assert "[key=value ...]" in defect_tune("train", "--help").stdout  # not eaten as rich markup
     refused = defect_tune("prepare", "somewhere", "--format", "yolo")
@@ -120,12 +123,29 @@ def test_version_and_help_show_the_choices_and_the_key_value_arguments():
 @pytest.mark.slow
 def test_the_python_api_example_runs_as_documented(tmp_path):
     """The example in defect_tune/api.py's docstring, run as a notebook would: prepare, a real
-    two-trial sweep on a local Ray cluster, the leaderboard and the winner's config."""
+    two-trial sweep on a local Ray cluster, the leaderboard and the winner's config, the report,
+    the export, a retraining and predictions on the images the data came from."""
     import defect_tune.api
 
     example = textwrap.dedent(defect_tune.api.__doc__.split("\n\n", 1)[1].split("\nEvery function", 1)[0])
     example += ("\nassert len(board) == 2 and summary['trials'] == 2 and summary['overrides'] == {'epochs': 1}"
-                "\nassert config.lr == 3e-4 and api.best_config('results/notebook').epochs == 1\nprint('ran')\n")
+                "\nassert config.lr == 3e-4 and api.best_config('results/notebook').epochs == 1"
+                "\nassert page.name == 'report.html' and exported['sweep']['rank'] == 1 and exported['best_epoch'] == 1"
+                "\nassert len(preds) == 300 and preds['error'].isna().all()"
+                "\nassert list(preds.columns[preds.columns.str.startswith('prob/')]) == "
+                "[f'prob/{c}' for c in exported['data']['classes']]"
+                "\nprint('ran')\n")
     ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert ran.returncode == 0 and ran.stdout.strip().endswith("ran"), ran.stderr[-3000:]
     assert (tmp_path / "results" / "notebook" / "leaderboard.csv").is_file()
+    assert (tmp_path / "results" / "notebook" / "report" / "report.html").is_file()
+    assert {"model.onnx", "model.json", "MODEL_CARD.md"} <= {p.name for p in
+                                                             (tmp_path / "models" / "notebook").iterdir()}
+    assert (tmp_path / "preds.csv").read_text().startswith("path,")
+    # What a sweep, an export and a retraining record names no path of this machine: the folders
+    # can move, and paths read as the user gave them (relative here).
+    records = [tmp_path / "results" / "notebook" / name for name in
+               ("sweep.json", "leaderboard.csv", "best_config.yaml", "trial_configs.json", "best.yaml",
+                "report/report.html")]
+    records += [tmp_path / "models" / "notebook" / name for name in ("model.json", "MODEL_CARD.md", "metrics.json")]
+    assert not [path.name for path in records if str(tmp_path) in path.read_text()]

@@ -386,12 +386,15 @@ def fake_slurm(tmp_path: Path, head_ip: str, extra_path: str = "") -> tuple[dict
     bin_dir.mkdir()
     log = tmp_path / "srun.log"
     pids = tmp_path / "srun.pids"
-    (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ "$1 $2 $3" == "show hostnames node[A-B]" ]] && printf "nodeA\\nnodeB\\n"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n'
+                                      '[[ "$1 $2 $3" == "show hostnames node[A-B]" ]] && printf "nodeA\\nnodeB\\n"\n')
     (bin_dir / "srun").write_text(textwrap.dedent(f"""\
         #!/bin/bash
         nodes=1
         while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${{1#--nodes=}}; shift; done
-        echo "$* | WANDB_API_KEY=${{WANDB_API_KEY-unset}} RAY_AUTH_MODE=${{RAY_AUTH_MODE-unset}} RAY_AUTH_TOKEN_PATH=${{RAY_AUTH_TOKEN_PATH-unset}} RAY_idle_worker_killing_time_threshold_ms=${{RAY_idle_worker_killing_time_threshold_ms-unset}}" >> {log}
+        echo "$* | WANDB_API_KEY=${{WANDB_API_KEY-unset}} RAY_AUTH_MODE=${{RAY_AUTH_MODE-unset}} """
+        f"""RAY_AUTH_TOKEN_PATH=${{RAY_AUTH_TOKEN_PATH-unset}} """
+        f"""RAY_idle_worker_killing_time_threshold_ms=${{RAY_idle_worker_killing_time_threshold_ms-unset}}" >> {log}
         echo $$ >> {pids}
         if ((nodes == 1)); then exec "$@"; fi
         for ((i = 0; i < nodes; i++)); do "$@" || exit 1; done
@@ -430,7 +433,8 @@ def test_sbatch_refuses_data_a_node_cannot_read(tmp_path):
     result = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "meta.json is not readable on every node" in result.stderr
-    assert [line.split(" | ")[0] for line in log.read_text().splitlines()] == [f"test -r {tmp_path}/node-local/meta.json"]
+    assert [line.split(" | ")[0] for line in log.read_text().splitlines()] == [
+        f"test -r {tmp_path}/node-local/meta.json"]
     assert not (tmp_path / "home" / ".ray" / "slurm-4242.token").exists()  # no token made
 
 
@@ -493,7 +497,8 @@ def test_sbatch_starts_a_token_authenticated_cluster_and_runs_the_sweep_on_it(tm
     finally:
         # Stop whatever this test's Ray nodes left: the srun processes by their recorded ids, then
         # the Ray processes that name this test's own temp dir.
-        started = [int(p) for p in (tmp_path / "srun.pids").read_text().split()] if (tmp_path / "srun.pids").exists() else []
+        started = ([int(p) for p in (tmp_path / "srun.pids").read_text().split()]
+                   if (tmp_path / "srun.pids").exists() else [])
         for pid in started:
             try:
                 os.kill(pid, signal.SIGTERM)

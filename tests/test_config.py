@@ -7,7 +7,8 @@ from defect_tune.core.config import ConfigError, TrainConfig, load_config, parse
 def test_defaults_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet18\nloss: focal\nfocal_gamma: 1.5\nlr: 0.01\n")
-    config = load_config(path, ["focal_gamma=3", "focal_alpha=dynamic", "cbam=true", "class_weight_overrides={crack: 1.5}"])
+    config = load_config(path, ["focal_gamma=3", "focal_alpha=dynamic", "cbam=true",
+                                "class_weight_overrides={crack: 1.5}"])
     assert (config.model, config.loss, config.lr) == ("resnet18", "focal", 0.01)
     assert config.focal_gamma == 3.0 and config.focal_alpha == "dynamic" and config.cbam is True
     assert config.class_weight_overrides == {"crack": 1.5}
@@ -42,6 +43,7 @@ def test_errors_name_the_key_and_the_file(tmp_path):
 
 
 def test_override_syntax():
-    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=null", "e=x"]) == {"a": 1, "b": 0.5, "c": True, "d": None, "e": "x"}
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=null", "e=x"]) == {
+        "a": 1, "b": 0.5, "c": True, "d": None, "e": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr"])

@@ -12,7 +12,8 @@ def test_cost_counts_parameters_and_flops_and_times_both_batch_sizes_leaving_the
     small = build_model(TrainConfig(model="el_cnn", pretrained=False), 3)
     large = build_model(TrainConfig(model="resnet18", pretrained=False), 3)
     small.train()
-    costs = {name: model_cost(model, 48, 64, torch.device("cpu")) for name, model in (("small", small), ("large", large))}
+    costs = {name: model_cost(model, 48, 64, torch.device("cpu"))
+             for name, model in (("small", small), ("large", large))}
     assert small.training  # measured in eval mode, handed back in training mode
     for model, cost in ((small, costs["small"]), (large, costs["large"])):
         assert cost["cost/params"] == sum(p.numel() for p in model.parameters())

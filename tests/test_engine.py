@@ -59,7 +59,8 @@ class _Shard:
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
 
-    def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size=None, local_shuffle_seed=None):
+    def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size=None,
+                     local_shuffle_seed=None):
         order = np.arange(len(self.labels))  # no shuffle buffer: the shard's own order
         if local_shuffle_buffer_size:
             order = np.random.default_rng(local_shuffle_seed).permutation(len(self.labels))
@@ -90,11 +91,11 @@ def _trace(driver: str, config: TrainConfig) -> list:
     stopper = EarlyStopping(config.early_stopping_patience)
     rows: list[dict] = []
     if driver == "train":
-        from defect_tune.core.augment import build_augmentation
+        from defect_tune.data.augment import build_augmentation
 
         pipeline = build_augmentation(config.augment, images.shape[1:], config.seed)
-        hooks = LoaderHooks(make_loader(images, labels, config, pipeline, train=True), make_loader(val_x, val_y, config),
-                            parts, on_epoch=rows.append)
+        hooks = LoaderHooks(make_loader(images, labels, config, pipeline, train=True),
+                            make_loader(val_x, val_y, config), parts, on_epoch=rows.append)
     else:
         hooks = WorkerHooks(LoopConfig(config=config.model_dump(), meta=meta), config, parts, stopper, drop_last, 0, 1,
                             _Shard(images, labels), _Shard(val_x, val_y), "node",
@@ -115,7 +116,8 @@ def base_traces():
 def test_a_key_changes_training_under_every_driver_or_none(family, base_traces):
     key, value, aspect = EFFECTS[family]
     config = TrainConfig(**{**BASE, key: value})
-    changed = {driver: [epoch[aspect] for epoch in _trace(driver, config)] != [epoch[aspect] for epoch in base_traces[driver]]
+    changed = {driver: ([epoch[aspect] for epoch in _trace(driver, config)]
+                        != [epoch[aspect] for epoch in base_traces[driver]])
                for driver in ("train", "trial")}
     assert changed == {"train": True, "trial": True}, f"{key}={value!r} changes training only under {changed}"
 

@@ -68,7 +68,8 @@ def _first_epoch_reported(lines: list[str], lr: float) -> bool:
     return bool(started) and any(line.startswith("[epoch 1/") and line.split()[2] == started[0] for line in lines)
 
 
-def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_from_its_checkpoint(synthetic_data, tmp_path, monkeypatch):
+def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_from_its_checkpoint(
+        synthetic_data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("PYTHONPATH", str(FAULTS))
     monkeypatch.setenv("DEFECT_TUNE_TEST_NAN_LR", str(NAN_LR))
@@ -106,7 +107,8 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
     assert len(board) == 2  # the sweep went on past both faults
     diverged = board.set_index("starting_point").loc["diverges"]
     assert diverged["status"] == "error" and diverged["stop_reason"] == "error"
-    assert diverged["error"] == "NonFiniteLoss: epoch 1, batch 4: training loss is nan"  # the reason, not "trial failed"
+    # the reason, not "trial failed"
+    assert diverged["error"] == "NonFiniteLoss: epoch 1, batch 4: training loss is nan"
     # A diverged configuration is trained once: neither Train nor Tune retries it (--max-failures
     # is for crashes), and it reports its objective's worst value, so Optuna learns from it.
     assert len(nan_runs.read_text().splitlines()) == 1
@@ -119,7 +121,8 @@ def test_a_diverging_trial_fails_with_its_reason_and_a_killed_worker_resumes_fro
     assert not psutil.pid_exists(killed)
 
 
-def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other_folds(synthetic_data, tmp_path, monkeypatch):
+def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other_folds(
+        synthetic_data, tmp_path, monkeypatch):
     """Under --cv a configuration whose loss turns NaN on one fold ends its trial with that fold's
     reason, trained once; the trial's other fold stops with it rather than training on beside
     the next trial, and the sweep goes on and gives every CPU back."""
@@ -130,7 +133,8 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
         # Batches of 32: a fold trains on about 170 images, so the poisoned 4th loss is epoch 1's 4th batch.
         "fixed: {model: el_cnn, batch_size: 32, augment: light, warmup_epochs: 0, early_stopping_patience: 0}\n"
         "params:\n  lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
-        f"points_to_evaluate:\n  - {{name: diverges, params: {{lr: {NAN_LR}}}}}\n  - {{name: fine, params: {{lr: 1.0e-3}}}}\n"
+        f"points_to_evaluate:\n  - {{name: diverges, params: {{lr: {NAN_LR}}}}}\n"
+        f"  - {{name: fine, params: {{lr: 1.0e-3}}}}\n"
     )
     nan_runs = tmp_path / "nan_runs.txt"
     monkeypatch.setenv("PYTHONPATH", str(FAULTS))
@@ -146,7 +150,8 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
 
     board = read_csv(out / "leaderboard.csv").set_index("starting_point")
     diverged, fine = board.loc["diverges"], board.loc["fine"]
-    assert diverged["status"] == "error" and diverged["error"] == "fold 1: NonFiniteLoss: epoch 1, batch 4: training loss is nan"
+    assert (diverged["status"] == "error"
+            and diverged["error"] == "fold 1: NonFiniteLoss: epoch 1, batch 4: training loss is nan")
     assert len(nan_runs.read_text().splitlines()) == 1  # fold 1 was trained once: a divergence is not retried
     reported = _progress(out / "tune" / "cvnan", NAN_LR)
     assert reported["epoch"].tolist() == [1] and reported["val_guarded_macro_recall"].tolist() == [0.0]
@@ -154,7 +159,8 @@ def test_a_fold_that_diverges_ends_its_cross_validated_trial_and_stops_its_other
     assert fine["stop_reason"] == "completed" and fine["epochs"] == epochs
     # Fold 0 of the diverged trial kept its held-out predictions per epoch while it trained. It
     # stopped with its trial: on through the next trial's four epochs, it would have kept four.
-    kept = sorted(p.parent.name for p in (out / "tune" / "train").glob(f"cvnan-{diverged['trial_id']}-folds/epoch_*/fold0.npz"))
+    kept = sorted(p.parent.name
+                  for p in (out / "tune" / "train").glob(f"cvnan-{diverged['trial_id']}-folds/epoch_*/fold0.npz"))
     assert len(kept) < epochs, kept
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]

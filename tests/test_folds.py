@@ -59,7 +59,8 @@ def test_folds_partition_train_and_val_keep_every_class_and_leave_test_alone(syn
         assert max(per_fold) - min(per_fold) <= max(2, total // 4), (name, per_fold)  # stratified, not by chance
     again = make_folds(synthetic_data, meta, 4, 0)
     assert [f["fold"]["val_ids"] for f in again] == [f["fold"]["val_ids"] for f in folds]
-    assert [f["fold"]["val_ids"] for f in make_folds(synthetic_data, meta, 4, 1)] != [f["fold"]["val_ids"] for f in folds]
+    assert ([f["fold"]["val_ids"] for f in make_folds(synthetic_data, meta, 4, 1)]
+            != [f["fold"]["val_ids"] for f in folds])
 
 
 @needs_neu_det

@@ -37,7 +37,8 @@ def severstal_rle(height, columns):
 def test_tiles_cover_the_frame_and_take_labels_from_masks():
     height, width = 32, 200
     pixels = np.arange(height * width, dtype=np.uint32).reshape(height, width).astype(np.uint8)
-    regions = [Region("class_1", rle=severstal_rle(height, (5, 10))), Region("class_3", rle=severstal_rle(height, (190, 200)))]
+    regions = [Region("class_1", rle=severstal_rle(height, (5, 10))),
+               Region("class_3", rle=severstal_rle(height, (190, 200)))]
     tiles = fit_image(item(["class_1", "class_3"], regions), pixels, 32, "tile")
     # 200 px wide at height 32: tiles start at 0, 32, ..., 160, plus one flush with the right edge.
     assert [t.suffix for t in tiles] == [f"#t{k}" for k in range(7)]

@@ -282,7 +282,8 @@ def test_per_class_table_lists_every_class_and_formats_numbers():
     assert lines[3].split() == "Class Thresh Precision 95% CI Recall 95% CI F1 F2 AP AUC Support TP FP TN FN".split()
     rows = {line.split()[0]: line.split() for line in lines}
     # crack: precision 2/4, Wilson [0.150, 0.850]; recall 2/3, Wilson [0.208, 0.939] (see the Wilson test)
-    assert rows["crack"] == "crack 0.3500 0.5000 0.15-0.85 0.6667 0.21-0.94 0.5714 0.6250 0.8667 0.7778 3 2 2 1 1".split()
+    assert rows["crack"] == ("crack 0.3500 0.5000 0.15-0.85 0.6667 0.21-0.94 "
+                             "0.5714 0.6250 0.8667 0.7778 3 2 2 1 1").split()
     assert rows["rare"] == "rare 0.5000 0.0000 0.00-0.79 - - - - - - 0 0 1 5 0".split()
     assert rows["finger"][1:3] == ["0.2500", "0.7500"]
     macro = [line for line in lines if line.startswith("MACRO AVG")][0].split()

@@ -19,7 +19,8 @@ def logits_of(model, size=64, batch=2):
         return model(torch.randn(batch, 1, size, size))
 
 
-@pytest.mark.parametrize("name", ["el_cnn", "steel_cnn", "resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"])
+@pytest.mark.parametrize("name", ["el_cnn", "steel_cnn", "resnet18", "efficientnet_b0", "mobilenetv3_small_100",
+                                  "convnext_atto"])
 def test_every_backbone_takes_one_channel_and_gives_one_logit_per_class(name):
     model = build_model(load_config(None, [f"model={name}"]), num_classes=5)
     out = logits_of(model)
@@ -64,7 +65,8 @@ def test_unknown_model_suggests_close_names():
 def test_pretrained_without_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("DEFECT_TUNE_WEIGHTS", raising=False)
-    with pytest.raises(ModelError, match=r"no ImageNet weights for resnet18: looked in .*HF_HUB_OFFLINE is set.*weights add"):
+    with pytest.raises(ModelError,
+                       match=r"no ImageNet weights for resnet18: looked in .*HF_HUB_OFFLINE is set.*weights add"):
         build_model(load_config(None, ["model=resnet18", "pretrained=true"]), 2)
     with pytest.raises(ModelError, match="no published weights"):
         build_model(load_config(None, ["model=el_cnn", "pretrained=true"]), 2)

@@ -90,5 +90,6 @@ def test_predict_with_the_onnx_runtime_matches_torch_and_says_when_there_is_no_o
     info["classes"] = classes[::-1]
     info["thresholds"] = {c: 0.5 for c in classes}
     (model_dir / "model.json").write_text(json.dumps(info))
-    with pytest.raises(OnnxError, match=r"model.json: classes \[.*\] differ from the order of those model.onnx was exported with"):
+    with pytest.raises(OnnxError, match=(r"model.json: classes \[.*\] differ from the order "
+                                         r"of those model.onnx was exported with")):
         predict_images(model_dir, images, runtime="onnx")

@@ -131,7 +131,8 @@ def test_a_bad_box_skips_its_image_and_strict_refuses_it(small_voc, tmp_path):
     assert meta["bad_inputs"] == 2 and meta["images"] == 42 - 2
     ids = {r["id"] for s in SPLITS for r in read_split(out, s)}
     assert not {"crack_005", "scratch_006"} & ids
-    with pytest.raises(PrepareError, match=re.escape("crack_005.xml: bad <object>: <bndbox> is inverted: [20, 2, 5, 22]")):
+    with pytest.raises(PrepareError,
+                       match=re.escape("crack_005.xml: bad <object>: <bndbox> is inverted: [20, 2, 5, 22]")):
         run(small_voc, tmp_path / "strict", strict=True)
     assert not (tmp_path / "strict").exists() and list(tmp_path.glob(".strict.tmp-*")) == []
 
@@ -140,7 +141,8 @@ def test_mixed_shapes_under_fit_keep_are_skipped_and_strict_refuses_them(tmp_pat
     root = make_voc(tmp_path / "voc", balanced_labels(["a", "b"], per_class=6), size=(16, 32))
     for k in range(2):  # square among 1:2 frames: under --fit keep they cannot share one shape
         write_image(root / "JPEGImages" / f"square_{k}.jpg", 100 + k, size=(16, 16))
-        (root / "Annotations" / f"square_{k}.xml").write_text(voc_xml(f"square_{k}.jpg", [("a", (2, 2, 14, 14))], (16, 16)))
+        (root / "Annotations" / f"square_{k}.xml").write_text(voc_xml(f"square_{k}.jpg", [("a", (2, 2, 14, 14))],
+                                                                      (16, 16)))
     out = tmp_path / "out"
     meta = run(root, out, fit="keep", image_size=8)
     assert (meta["image"]["height"], meta["image"]["width"], meta["image"]["fit"]) == (8, 16, "keep")
@@ -380,7 +382,8 @@ def test_two_concurrent_prepares_of_one_out_the_second_is_refused_naming_the_fir
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
-    assert f"{out}: another prepare is writing this --out (process {first.pid} started " in " ".join(second.stderr.split())
+    assert (f"{out}: another prepare is writing this --out (process {first.pid} started "
+            in " ".join(second.stderr.split()))
     _, errors = first.communicate(timeout=300)
     assert first.returncode == 0, errors
     meta = json.loads((out / "meta.json").read_text())
@@ -392,7 +395,8 @@ def test_sigterm_mid_run_leaves_the_earlier_output_as_it_was_and_a_rerun_replace
     out = tmp_path / "out"
     subprocess.run(_prepare_command(tmp_path / "earlier", out, "--seed", "1"), check=True, capture_output=True)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    stopped = subprocess.Popen(_prepare_command(tmp_path / "voc", out, "--overwrite"), stderr=subprocess.PIPE, text=True)
+    stopped = subprocess.Popen(_prepare_command(tmp_path / "voc", out, "--overwrite"), stderr=subprocess.PIPE,
+                               text=True)
     staging = lambda: any((p / "staging").is_dir() for p in tmp_path.glob(".out.tmp-*"))  # noqa: E731 - decoding has begun
     _wait_for(staging, stopped, "staging folder")
     stopped.send_signal(signal.SIGSTOP)  # between two polls it may not have got far: hold it where it is
@@ -401,14 +405,17 @@ def test_sigterm_mid_run_leaves_the_earlier_output_as_it_was_and_a_rerun_replace
     _, errors = stopped.communicate(timeout=120)
     assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in errors, errors
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out", "voc"]  # its staging folder and lock went with it
-    rerun = subprocess.run(_prepare_command(tmp_path / "voc", out, "--overwrite"), capture_output=True, text=True, timeout=300)
+    # its staging folder and lock went with it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out", "voc"]
+    rerun = subprocess.run(_prepare_command(tmp_path / "voc", out, "--overwrite"), capture_output=True, text=True,
+                           timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((out / "meta.json").read_text())["options"]["seed"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out", "voc"]
 
 
-def test_a_full_disk_mid_run_is_one_line_naming_the_file_and_leaves_out_and_its_folder_as_they_were(small_voc, tmp_path, monkeypatch):
+def test_a_full_disk_mid_run_is_one_line_naming_the_file_and_leaves_out_and_its_folder_as_they_were(
+        small_voc, tmp_path, monkeypatch):
     """The disk fills while shards are written: the error names the file and the cause, --out
     keeps the earlier output, and neither staging nor lock is left beside it."""
     import errno

@@ -60,7 +60,8 @@ def make_results(tmp_path: Path, data: Path) -> Path:
                   "cost/latency_ms_b1": latency, "cost/params": params}
         for k, c in enumerate(classes):
             values[f"val_recall/{c}"] = None if objective is None else 0.5 + k / 100
-            values[f"threshold/{c}"] = None if objective is None else (PREDICT_NOTHING if k == 0 else 0.1 * (k + 1) + lr)
+            values[f"threshold/{c}"] = (None if objective is None
+                                        else (PREDICT_NOTHING if k == 0 else 0.1 * (k + 1) + lr))
         return values
 
     board = pd.DataFrame([
@@ -71,7 +72,8 @@ def make_results(tmp_path: Path, data: Path) -> Path:
     board.insert(0, "rank", range(1, 4))
     out = tmp_path / "results"
     options = SearchOptions(data=data, space=space_file, name="demo-sweep", out=out)
-    write_results(out, board, space, options, str(tmp_path / "tune" / "demo-sweep"), read_meta(data), 12.0, {"CPU": 2}, {"CPU": 2})
+    write_results(out, board, space, options, str(tmp_path / "tune" / "demo-sweep"), read_meta(data), 12.0,
+                  {"CPU": 2}, {"CPU": 2})
     return out
 
 
@@ -84,15 +86,17 @@ def test_export_picks_the_best_trial_within_latency_and_size_limits_or_names_the
     assert within["sweep"]["trial_id"] == "t_00000" and within["sweep"]["limits"] == {"cost/latency_ms_b1": 2.0}
     assert within["sweep"]["cost"] == {"latency_ms_b1": 1.5, "params": 2e6}
     assert build_export(results, limits={"cost/params": parse_count("5M")})["sweep"]["trial_id"] == "t_00000"
-    with pytest.raises(ExportError, match=r"no trial meets --max-latency-ms 1, --max-params 3e\+06; the closest is trial "
-                                          r"t_00000 with milliseconds per image at batch 1 1.5, parameters 2e\+06"):
+    with pytest.raises(ExportError, match=r"no trial meets --max-latency-ms 1, --max-params 3e\+06; "
+                                          r"the closest is trial t_00000 with milliseconds per image at batch 1 1.5, "
+                                          r"parameters 2e\+06"):
         build_export(results, limits={"cost/latency_ms_b1": 1.0, "cost/params": 3e6})
     assert [parse_count(text) for text in ("5M", "500k", "2500000", "1.2e6")] == [5e6, 5e5, 2.5e6, 1.2e6]
     with pytest.raises(ExportError, match="expected a positive count"):
         parse_count("lots")
 
-    chosen = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(results), "--out", str(tmp_path / "small.yaml"),
-                             "--max-params", "5M"], capture_output=True, text=True, timeout=300)
+    chosen = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(results),
+                             "--out", str(tmp_path / "small.yaml"), "--max-params", "5M"],
+                            capture_output=True, text=True, timeout=300)
     assert chosen.returncode == 0 and "exported trial t_00000" in chosen.stderr and "params <= 5e+06" in chosen.stderr
     assert read_export(tmp_path / "small.yaml")["sweep"]["trial_id"] == "t_00000"
 
@@ -111,7 +115,8 @@ def test_export_holds_config_thresholds_epoch_fingerprint_and_versions(tmp_path,
                                      "definition": OBJECTIVE_DEFINITION}
     # The full config: the space's fixed values, the trial's sampled ones, the epoch budget.
     config = TrainConfig.model_validate(exported["config"])
-    assert (config.model, config.loss, config.focal_gamma, config.lr, config.epochs) == ("el_cnn", "focal", 2.0, 1e-3, 2)
+    assert (config.model, config.loss, config.focal_gamma, config.lr, config.epochs) == (
+        "el_cnn", "focal", 2.0, 1e-3, 2)
     assert config.batch_size == 64 and config.augment == "light"
     classes = meta["classes"]
     assert list(exported["thresholds"]) == classes
@@ -155,7 +160,8 @@ def test_a_corrupt_results_file_is_one_line_naming_it(tmp_path, synthetic_data):
     cases = [
         ("sweep.json", "{oops", "not readable JSON: Expecting property name"),
         ("sweep.json", "[]", "expected a JSON object, got list"),
-        ("sweep.json", '{"name": "demo-sweep"}', "missing ['objective', 'mode', 'classes', 'data', 'experiment', 'space']"),
+        ("sweep.json", '{"name": "demo-sweep"}',
+         "missing ['objective', 'mode', 'classes', 'data', 'experiment', 'space']"),
         ("trial_configs.json", '{"t_00001": ', "not readable JSON: Expecting value"),
         ("leaderboard.parquet", "PAR1 not really", "not a readable Parquet file"),
     ]
@@ -172,10 +178,12 @@ def test_a_corrupt_results_file_is_one_line_naming_it(tmp_path, synthetic_data):
         assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_retrain_refuses_a_bad_holdout_other_classes_or_a_bad_config_before_ray_starts(tmp_path, synthetic_data, monkeypatch):
+def test_retrain_refuses_a_bad_holdout_other_classes_or_a_bad_config_before_ray_starts(tmp_path, synthetic_data,
+                                                                                       monkeypatch):
     import ray
 
-    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("retrain started Ray before checking its inputs"))
+    monkeypatch.setattr(ray, "init",
+                        lambda *args, **kwargs: pytest.fail("retrain started Ray before checking its inputs"))
     classes = read_meta(synthetic_data)["classes"]
     exported = build_export(make_results(tmp_path, synthetic_data))
     write_export(exported, tmp_path / "best.yaml")
@@ -208,16 +216,19 @@ def write_model_dir(tmp_path: Path, data: Path, thresholds: list[float]) -> Path
     model = build_model(config, len(meta["classes"]))
     info = {"classes": meta["classes"], "thresholds": dict(zip(meta["classes"], thresholds)), "thresholds_from": "test",
             "preprocessing": {"image_size": meta["options"]["image_size"], "fit": meta["image"]["fit"],
-                              "height": meta["image"]["height"], "width": meta["image"]["width"], "mean": 0.449, "std": 0.226},
-            "training": {"train_positives": {c: 50 for c in meta["classes"]}, "holdout": "val", "train_splits": ["train"],
-                         "epochs_trained": 1, "best_epoch": 1, "seed": 0},
+                              "height": meta["image"]["height"], "width": meta["image"]["width"],
+                              "mean": 0.449, "std": 0.226},
+            "training": {"train_positives": {c: 50 for c in meta["classes"]}, "holdout": "val",
+                         "train_splits": ["train"], "epochs_trained": 1, "best_epoch": 1, "seed": 0},
             "data": {"dir": str(data), "source_fingerprint": "x", "images": {"train": 1, "val": 1, "test": 1}},
             "export": {"file": "best.yaml", "name": "demo", "trial_id": "t", "sweep_objective": 0.5},
             "objective": {"name": OBJECTIVE, "definition": "d"}, "created": "now"}
     rng = np.random.default_rng(0)
-    scores = evaluate(rng.random((20, len(meta["classes"]))), rng.integers(0, 2, (20, len(meta["classes"]))), meta["classes"])
+    scores = evaluate(rng.random((20, len(meta["classes"]))), rng.integers(0, 2, (20, len(meta["classes"]))),
+                      meta["classes"])
     out = tmp_path / "model"
-    _write(out, model, config, info, {"test": scores, "val": None, "test_macro_recall": None, "test_guarded_macro_recall": None})
+    _write(out, model, config, info,
+           {"test": scores, "val": None, "test_macro_recall": None, "test_guarded_macro_recall": None})
     return out
 
 
@@ -234,7 +245,8 @@ def test_predict_writes_probabilities_and_decisions_per_image(tmp_path, syntheti
     Image.fromarray(np.zeros((40, 80), np.uint8)).save(tmp_path / "wide.png")  # pads to the model's square
     (tmp_path / "broken.png").write_bytes(b"not an image")
     table = predict_images(model_dir, [str(p) for p in images[:7]] + [str(images[7].parent / "*.png"),
-                                                                      str(tmp_path / "wide.png"), str(tmp_path / "broken.png")])
+                                                                      str(tmp_path / "wide.png"),
+                                                                      str(tmp_path / "broken.png")])
 
     paths = table["path"].tolist()
     assert paths[:7] == [str(p) for p in images[:7]]  # order kept, each image once
@@ -254,7 +266,8 @@ def test_predict_writes_probabilities_and_decisions_per_image(tmp_path, syntheti
     # TTA averages flips: different numbers, same shape; batch size does not change results.
     tta = predict_images(model_dir, [str(p) for p in images[:4]], tta=True)
     plain = predict_images(model_dir, [str(p) for p in images[:4]], batch_size=3)
-    assert not np.allclose(tta[[f"prob/{c}" for c in classes]].to_numpy(float), plain[[f"prob/{c}" for c in classes]].to_numpy(float))
+    assert not np.allclose(tta[[f"prob/{c}" for c in classes]].to_numpy(float),
+                           plain[[f"prob/{c}" for c in classes]].to_numpy(float))
     np.testing.assert_allclose(plain[[f"prob/{c}" for c in classes]].to_numpy(float), probs[:4], rtol=1e-5, atol=1e-6)
 
 
@@ -289,8 +302,10 @@ def test_a_broken_model_directory_is_one_line_naming_the_file(tmp_path, syntheti
     cases = [
         (broken("json", lambda m: (m / "model.json").write_text("{oops")), "model.json: not readable JSON"),
         (broken("noclasses", lambda m: (m / "model.json").write_text("{}")), "model.json: no list of classes"),
-        (broken("noweights", lambda m: (m / "model.safetensors").unlink()), "model.safetensors: not found; the model directory is incomplete"),
-        (broken("torn", lambda m: (m / "model.safetensors").write_bytes(b"\x08\x00\x00\x00")), "model.safetensors: cannot load the weights"),
+        (broken("noweights", lambda m: (m / "model.safetensors").unlink()),
+         "model.safetensors: not found; the model directory is incomplete"),
+        (broken("torn", lambda m: (m / "model.safetensors").write_bytes(b"\x08\x00\x00\x00")),
+         "model.safetensors: cannot load the weights"),
         (broken("config", lambda m: (m / "config.yaml").write_text("lr: [")), "config.yaml: "),
     ]
     for model, message in cases:
@@ -312,15 +327,16 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
     write_export(build_export(results, rank=2), best)  # bce, 2 epochs, best epoch 2
     ray.init(num_cpus=2, configure_logging=False)  # one local cluster for all three runs; retrain leaves it up
     request.addfinalizer(ray.shutdown)
-    runs = [retrain(RetrainOptions(export=best, data=synthetic_data, out=tmp_path / f"model{k}", seed=7)) for k in (1, 2)]
+    runs = [retrain(RetrainOptions(export=best, data=synthetic_data, out=tmp_path / f"model{k}", seed=7))
+            for k in (1, 2)]
     first, second = (load_file(str(tmp_path / f"model{k}" / "model.safetensors")) for k in (1, 2))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert runs[0]["thresholds"] == runs[1]["thresholds"]
 
     model = tmp_path / "model1"
-    assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.onnx", "config.yaml", "model.json", "metrics.json",
-                                                 "per_class.txt", "MODEL_CARD.md"}
+    assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.onnx", "config.yaml", "model.json",
+                                                 "metrics.json", "per_class.txt", "MODEL_CARD.md"}
     info = json.loads((model / "model.json").read_text())
     # model.onnx agrees with the shipped weights on every test image, and the card says how fast each runs.
     checked = info["onnx"]["parity"]
@@ -331,7 +347,8 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
     assert f"| onnxruntime | {latency['onnxruntime']['batch_1']:.2f} | {latency['onnxruntime']['batch_32']:.2f} |" in \
         (model / "MODEL_CARD.md").read_text()
     classes = read_meta(synthetic_data)["classes"]
-    assert info["training"]["holdout"] == "val" and info["training"]["epochs_trained"] == 2 and info["training"]["seed"] == 7
+    assert (info["training"]["holdout"] == "val" and info["training"]["epochs_trained"] == 2
+            and info["training"]["seed"] == 7)
     assert info["training"]["best_epoch"] in (1, 2)
     assert info["thresholds_from"] == "learned on val with the retrained model"
     assert list(info["thresholds"]) == classes
@@ -347,7 +364,8 @@ def test_retrain_is_reproducible_and_writes_a_model_directory(tmp_path, syntheti
     # train+val: the sweep's best epoch, the exported thresholds, no validation figures.
     exported = read_export(best)
     merged = retrain(RetrainOptions(export=best, data=synthetic_data, out=tmp_path / "merged", holdout="none"))
-    assert merged["training"]["train_splits"] == ["train", "val"] and merged["training"]["epochs_trained"] == exported["best_epoch"]
+    assert (merged["training"]["train_splits"] == ["train", "val"]
+            and merged["training"]["epochs_trained"] == exported["best_epoch"])
     assert merged["thresholds"] == exported["thresholds"]
     assert json.loads((tmp_path / "merged" / "metrics.json").read_text())["val"] is None
 
@@ -379,6 +397,7 @@ def test_serving_a_model_imports_no_ray():
     import subprocess
     import sys
 
-    code = "import sys, defect_tune.production.predict, defect_tune.production.model_dir; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    code = ("import sys, defect_tune.production.predict, defect_tune.production.model_dir; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -54,8 +54,9 @@ def test_a_model_directory_logged_to_mlflow_registers_a_version_that_loads_back_
     from defect_tune.data.readers import Item
 
     pre = json.loads((model_dir / "model.json").read_text())["preprocessing"]
-    pixels = np.stack([decode_or_reason((Item(id=str(p), path=p, labels=()), pre["image_size"], pre["fit"])).outputs[0].pixels
-                       for p in images])
+    pixels = np.stack([
+        decode_or_reason((Item(id=str(p), path=p, labels=()), pre["image_size"], pre["fit"])).outputs[0].pixels
+        for p in images])
     got = served.predict(pixels.astype(np.float32))
     for k, path in enumerate(images):
         for c in classes:

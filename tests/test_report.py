@@ -52,14 +52,16 @@ TRIALS = [
          params=dict(model="steel_cnn", loss="focal", class_weight_exponent=0.3, focal_gamma=2.0, lr=2e-3)),
     dict(index=2, stop="completed", epochs=4, objective=0.71, params=dict(model="el_cnn", loss="bce", lr=5e-4)),
     dict(index=3, stop="error", epochs=2, objective=None,
-         params=dict(model="steel_cnn", loss="asl", asl_gamma_neg=3.0, lr=8e-4), error="RuntimeError: CUDA out of memory"),
+         params=dict(model="steel_cnn", loss="asl", asl_gamma_neg=3.0, lr=8e-4),
+         error="RuntimeError: CUDA out of memory"),
     dict(index=4, stop="early_stopping", epochs=3, objective=0.55,
          params=dict(model="el_cnn", loss="focal", class_weight_exponent=0.8, focal_gamma=1.0, lr=1.5e-3)),
     dict(index=5, stop="asha", epochs=2, objective=0.40, params=dict(model="steel_cnn", loss="bce", lr=2.5e-3)),
 ]
 PARAMS = ["model", "loss", "class_weight_exponent", "focal_gamma", "asl_gamma_neg", "lr"]
 SECTIONS = ["Leaderboard", "Optimization history", "Parameter importances", "Parameters vs objective",
-            "Per-class recall of the top configurations", "ASHA&#x27;s savings", "Precision-recall curves of the best trial"]
+            "Per-class recall of the top configurations", "ASHA&#x27;s savings",
+            "Precision-recall curves of the best trial"]
 
 
 # Tune's trial ids are random; the order trials started is only in their folders' names.
@@ -87,7 +89,8 @@ def make_results(root: Path, trials=TRIALS, space: str | None = SPACE, params=PA
     rows = []
     for trial in trials:
         # As Tune names a trial's folder: trainable, id, 1-based index, parameters, start time.
-        (root / "tune" / "sweep" / f"run_trial_{trial_id(trial)}_{trial['index'] + 1}_lr={trial['params']['lr']:.4f}_2026-11-26_13-22-58").mkdir(parents=True)
+        (root / "tune" / "sweep" / (f"run_trial_{trial_id(trial)}_{trial['index'] + 1}"
+                                    f"_lr={trial['params']['lr']:.4f}_2026-11-26_13-22-58")).mkdir(parents=True)
         row = {"trial_id": trial_id(trial), "starting_point": trial.get("starting_point")}
         row.update({f"param/{p}": trial["params"].get(p, np.nan) for p in params})
         row.update(status="error" if trial["stop"] == "error" else "terminated", stop_reason=trial["stop"],
@@ -104,7 +107,8 @@ def make_results(root: Path, trials=TRIALS, space: str | None = SPACE, params=PA
             # A bootstrap interval of +-0.1: the leader's (0.71) holds el_seed's 0.62, not 0.55.
             row["val_guarded_macro_recall_low"] = trial["objective"] - 0.1
             row["val_guarded_macro_recall_high"] = trial["objective"] + 0.1
-            row.update({f"val_recall/{c}": (np.nan if c == "scratch" else trial["objective"] - 0.1 * k) for k, c in enumerate(CLASSES)})
+            row.update({f"val_recall/{c}": (np.nan if c == "scratch" else trial["objective"] - 0.1 * k)
+                        for k, c in enumerate(CLASSES)})
             thresholds = learn_thresholds(probs, targets, "recall_at_precision", 0.5)  # as the trial exported them
             row.update({f"threshold/{c}": float(t) for c, t in zip(CLASSES, thresholds)})
         rows.append(row)
@@ -122,8 +126,10 @@ def make_results(root: Path, trials=TRIALS, space: str | None = SPACE, params=PA
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if rows else {},
     }
     if best:
-        summary["best"] = {"trial_id": trial_id(best), "val_guarded_macro_recall": best["objective"], "params": best["params"]}
-        (results / "best_config.yaml").write_text(f"# best of sweep\nlr: {best['params']['lr']}\nprecision_floor: 0.5\n")
+        summary["best"] = {"trial_id": trial_id(best), "val_guarded_macro_recall": best["objective"],
+                           "params": best["params"]}
+        (results / "best_config.yaml").write_text(f"# best of sweep\nlr: {best['params']['lr']}\n"
+                                                  "precision_floor: 0.5\n")
     (results / "sweep.json").write_text(json.dumps(summary))
     return results
 
@@ -156,7 +162,8 @@ def test_the_leaderboard_lists_every_trial_best_first(report):
     _, page = report
     table = page.split("<h2>Leaderboard</h2>", 1)[1].split("</table>", 1)[0]
     ids = re.findall("|".join(IDS), table)
-    expected = [trial_id(t) for t in sorted(TRIALS, key=lambda t: -1 if t["objective"] is None else t["objective"], reverse=True)]
+    expected = [trial_id(t) for t in sorted(TRIALS, key=lambda t: -1 if t["objective"] is None else t["objective"],
+                                            reverse=True)]
     assert ids == expected
     assert "el_seed" in table and "0.7100" in table and "stopped by ASHA" in table
     best_row = re.search(r"<tr class='best'>(.*?)</tr>", table).group(1)
@@ -175,7 +182,8 @@ def test_trials_inside_the_leaders_interval_are_marked_tied(report):
 def test_without_intervals_nothing_is_tied():
     board = pd.DataFrame({"val_guarded_macro_recall": [0.7, 0.69]})  # a leaderboard from before intervals
     assert not tied_with_leader(board, "val_guarded_macro_recall").any()
-    board = pd.DataFrame({"val_guarded_macro_recall": [0.7, 0.69, 0.5, np.nan], "val_guarded_macro_recall_low": [0.6, 0.6, 0.4, np.nan],
+    board = pd.DataFrame({"val_guarded_macro_recall": [0.7, 0.69, 0.5, np.nan],
+                          "val_guarded_macro_recall_low": [0.6, 0.6, 0.4, np.nan],
                           "val_guarded_macro_recall_high": [0.8, 0.8, 0.6, np.nan]})
     assert tied_with_leader(board, "val_guarded_macro_recall").tolist() == [False, True, False, False]
 
@@ -199,7 +207,8 @@ def test_asha_savings_count_epochs_run_against_the_full_budget(report, tmp_path)
     asha_saved = sum(MAX_EPOCHS - t["epochs"] for t in asha)
     numbers = savings(load_sweep(make_results(tmp_path)))
     assert (numbers["run"], numbers["full"], numbers["saved"]) == (run, full, full - run)
-    assert numbers["by_reason"]["asha"] == {"trials": len(asha), "run": sum(t["epochs"] for t in asha), "saved": asha_saved}
+    assert numbers["by_reason"]["asha"] == {"trials": len(asha), "run": sum(t["epochs"] for t in asha),
+                                            "saved": asha_saved}
     assert f"ran <b>{run}</b> of the <b>{full}</b> epochs" in page
     assert f"{(full - run) / full:.1%} saved" in page
     assert f"ASHA stopped {len(asha)} trials early, saving {asha_saved} epochs ({asha_saved / full:.1%}" in page
@@ -239,7 +248,8 @@ def test_a_conditional_choice_of_none_is_told_apart_from_not_sampled(tmp_path):
     # focal_alpha: null is a real choice of focal trials; the leaderboard stores it as None, as it
     # does for trials whose branch never sampled focal_alpha. The space tells them apart.
     space = SPACE.replace("  lr: {", "  focal_alpha: {choice: [null, dynamic], when: {loss: focal}}\n  lr: {")
-    trials = [{**t, "params": {**t["params"], **({"focal_alpha": None} if t["params"]["loss"] == "focal" else {})}} for t in TRIALS]
+    trials = [{**t, "params": {**t["params"], **({"focal_alpha": None} if t["params"]["loss"] == "focal" else {})}}
+              for t in TRIALS]
     study, notes = rebuild_study(load_sweep(make_results(tmp_path, trials, space, PARAMS + ["focal_alpha"])))
     assert notes == []
     for trial, frozen in zip(trials, study.trials):
@@ -253,7 +263,8 @@ def test_trials_are_put_in_the_order_they_started(tmp_path):
     assert sweep.order_note is None
     assert sweep.in_start_order()["trial_id"].tolist() == IDS  # from the experiment's folder names
     # Older Tune ids carry the index themselves.
-    assert trial_indices(pd.DataFrame({"trial_id": ["ab12_00002", "ab12_00000", "ab12_00001"]}), None) == ([2, 0, 1], None)
+    assert trial_indices(pd.DataFrame({"trial_id": ["ab12_00002", "ab12_00000", "ab12_00001"]}), None) == (
+        [2, 0, 1], None)
     # Without the experiment folder the order is a guess, and the report says so.
     shutil.rmtree(tmp_path / "tune" / "sweep")
     sweep = load_sweep(results)
@@ -288,7 +299,8 @@ def test_a_remote_checkpoint_is_named_not_fetched(tmp_path):
     board.loc[0, "checkpoint"] = "s3://bucket/sweeps/sweep/train/sweep-f0b2e913/checkpoint_000003"
     board.to_parquet(results / "leaderboard.parquet", index=False)
     page = write_report(results).read_text()
-    assert "remote storage (s3://bucket/sweeps/sweep/train/sweep-f0b2e913/checkpoint_000003/val_predictions.npz)" in page
+    assert ("remote storage (s3://bucket/sweeps/sweep/train/sweep-f0b2e913/checkpoint_000003/val_predictions.npz)"
+            in page)
 
 
 def test_a_class_without_validation_positives_is_said_not_drawn(report):
@@ -312,7 +324,8 @@ def test_a_cross_validated_trials_curves_use_every_folds_held_out_predictions(tm
     board.loc[0, "fold_predictions"] = json.dumps(folds)
     board.to_parquet(results / "leaderboard.parquet", index=False)
     page = write_report(results).read_text()
-    assert "No curve for scratch: no positives among the 110 validation images." in page  # 50 + 40 + 20, not the 120 of the checkpoint column
+    # 50 + 40 + 20, not the 120 of the checkpoint column
+    assert "No curve for scratch: no positives among the 110 validation images." in page
     Path(folds[1]).unlink()  # one fold's predictions gone: said, not drawn from the others
     page = write_report(results, tmp_path / "again").read_text()
     assert html.escape(f"{folds[1]} not found") in page
@@ -368,7 +381,8 @@ def test_costs_appear_in_the_leaderboard_and_the_pareto_front_marks_trials_no_ot
     board.to_parquet(results / "leaderboard.parquet", index=False)
 
     front = pareto_front(board, "val_guarded_macro_recall", "max", "cost/latency_ms_b1")
-    # 0.71 at 5 ms, 0.62 at 1 ms and 0.40 at 0.4 ms; 0.55 at 2 ms loses to 0.62 at 1 ms, 0.31 at 0.5 ms to 0.40 at 0.4 ms.
+    # 0.71 at 5 ms, 0.62 at 1 ms and 0.40 at 0.4 ms; 0.55 at 2 ms loses to 0.62 at 1 ms, 0.31 at 0.5 ms
+    # to 0.40 at 0.4 ms.
     assert set(board.loc[front, "trial_id"]) == {IDS[2], IDS[0], IDS[5]}
     assert not front[board["trial_id"] == IDS[3]].any()  # no latency, no place on the front
     minimised = pareto_front(board, "val_guarded_macro_recall", "min", "cost/latency_ms_b1")
@@ -388,7 +402,8 @@ def test_the_best_trials_predictions_kept_in_the_results_folder_draw_its_curves_
     kept.mkdir(parents=True)
     shutil.copyfile(Path(best["checkpoint"]) / PREDICTIONS_FILE, kept / PREDICTIONS_FILE)
     summary = json.loads((results / "sweep.json").read_text())
-    summary["best_predictions"] = {"trial_id": best["trial_id"], "files": [f"predictions/{best['trial_id']}/{PREDICTIONS_FILE}"]}
+    summary["best_predictions"] = {"trial_id": best["trial_id"],
+                                   "files": [f"predictions/{best['trial_id']}/{PREDICTIONS_FILE}"]}
     (results / "sweep.json").write_text(json.dumps(summary))
     shutil.rmtree(tmp_path / "tune" / "train")  # as a committed results folder: no Tune checkpoints
     page = write_report(results, tmp_path / "page").read_text()
@@ -402,7 +417,8 @@ def test_learning_curves_come_from_the_stored_study_with_ashas_cut_off_at_each_r
     from defect_tune.report.study import asha_cutoffs
 
     # Rungs at 1 and 2 (grace 1, factor 2, 4 epochs): at each, the top half of the values recorded there went on.
-    curves = {0: {1: 0.2, 2: 0.3}, 1: {1: 0.4, 2: 0.6, 3: 0.7, 4: 0.8}, 2: {1: 0.1}, 3: {1: 0.5, 2: 0.5, 3: 0.6, 4: 0.6}}
+    curves = {0: {1: 0.2, 2: 0.3}, 1: {1: 0.4, 2: 0.6, 3: 0.7, 4: 0.8}, 2: {1: 0.1},
+              3: {1: 0.5, 2: 0.5, 3: 0.6, 4: 0.6}}
     assert asha_cutoffs(curves, 1, 2, 4, "max") == {1: pytest.approx(0.3), 2: pytest.approx(0.5)}
     assert asha_cutoffs(curves, 1, 3, 4, "max") == {1: pytest.approx(np.percentile([0.2, 0.4, 0.1, 0.5], 100 * 2 / 3)),
                                                     3: pytest.approx(np.percentile([0.7, 0.6], 100 * 2 / 3))}
@@ -414,7 +430,8 @@ def test_learning_curves_come_from_the_stored_study_with_ashas_cut_off_at_each_r
         trial = study.ask()
         for step, value in curve.items():
             trial.report(value, step)
-        study.tell(trial, None if len(curve) < 4 else curve[4], state=None if len(curve) == 4 else optuna.trial.TrialState.PRUNED)
+        study.tell(trial, None if len(curve) < 4 else curve[4],
+                   state=None if len(curve) == 4 else optuna.trial.TrialState.PRUNED)
     page = write_report(results, tmp_path / "page").read_text()
     assert "<h2>Learning curves</h2>" in page and (tmp_path / "page" / "learning_curves.png").is_file()
     assert "ASHA&#x27;s cut-offs: epoch 1: 0.3000, epoch 2: 0.5000." in page

@@ -108,7 +108,8 @@ def assert_study_stored_and_served(out: Path, name: str, board: pd.DataFrame) ->
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dashboard = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), f"sqlite:///{out / 'optuna.db'}",
+    dashboard = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")),
+                                  f"sqlite:///{out / 'optuna.db'}",
                                   "--port", str(port), "--host", "127.0.0.1", "--quiet"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -119,7 +120,8 @@ def assert_study_stored_and_served(out: Path, name: str, board: pd.DataFrame) ->
                     answer = (response.status, json.loads(response.read()))
             except OSError:
                 time.sleep(0.5)
-        assert answer is not None, dashboard.stderr.read().decode() if dashboard.poll() is not None else "no answer in 60 s"
+        assert answer is not None, (dashboard.stderr.read().decode() if dashboard.poll() is not None
+                                    else "no answer in 60 s")
         status, studies = answer
         assert status == 200 and [s["study_name"] for s in studies["study_summaries"]] == [name]
     finally:
@@ -157,7 +159,8 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert board["checkpoint"].notna().all()
         # Each objective with its bootstrap interval, each class's recall with its counts and Wilson interval.
         objective = board["val_guarded_macro_recall"]
-        assert (board["val_guarded_macro_recall_low"] <= objective).all() and (objective <= board["val_guarded_macro_recall_high"]).all()
+        assert ((board["val_guarded_macro_recall_low"] <= objective).all()
+                and (objective <= board["val_guarded_macro_recall_high"]).all())
         for c in json.loads((synthetic_data / "meta.json").read_text())["classes"]:
             scored = board[board[f"val_positives/{c}"] > 0]
             assert (scored[f"val_recall/{c}"] == scored[f"val_recalled/{c}"] / scored[f"val_positives/{c}"]).all()
@@ -167,12 +170,14 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert (board["startup_seconds"] > 0).all() and (board["startup_seconds"] < board["wall_seconds"]).all()
         for progress in (out / "tune" / "leak").glob("run_trial_*/progress.csv"):
             history = read_csv(progress)
-            assert (history[["startup/datasets_s", "startup/trainer_s", "startup/model_s", "startup/first_batch_s", "epoch_s"]] > 0).all().all()
+            assert (history[["startup/datasets_s", "startup/trainer_s", "startup/model_s", "startup/first_batch_s",
+                             "epoch_s"]] > 0).all().all()
             assert (history["timestamp_s"] > history["trial_started_s"]).all()
             # The parts follow one another from the trial's start to its first batch, before its
             # first report: together no longer than that (a part counted twice would be).
             first = history.sort_values("epoch").iloc[0]
-            assert first[[c for c in history if c.startswith("startup/")]].sum() < first["timestamp_s"] - first["trial_started_s"]
+            assert (first[[c for c in history if c.startswith("startup/")]].sum()
+                    < first["timestamp_s"] - first["trial_started_s"])
         summary = json.loads((out / "sweep.json").read_text())
         total, free = summary["resources_total"], summary["resources_free_at_end"]
         assert free["CPU"] == total["CPU"]  # no CPU held by a stopped trial's placement group
@@ -181,7 +186,8 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         assert pd.read_parquet(out / "leaderboard.parquet")["trial_id"].tolist() == board["trial_id"].tolist()
         # What each configuration costs: measured once per trial on its device, memory every epoch.
         assert (board["cost/params"] > 0).all() and (board["cost/gflops_per_image"] > 0).all()
-        assert ((board["cost/latency_ms_b1"] > 0) & (board["cost/latency_ms_b32"] > 0) & (board["cost/peak_memory_mb"] > 0)).all()
+        assert ((board["cost/latency_ms_b1"] > 0) & (board["cost/latency_ms_b32"] > 0)
+                & (board["cost/peak_memory_mb"] > 0)).all()
         assert board.groupby("param/loss")["cost/params"].nunique().max() == 1  # one backbone (el_cnn): one size
         assert_study_stored_and_served(out, "leak", board)
 
@@ -207,7 +213,8 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         moved.parent.mkdir()
         shutil.move(out, moved)
         assert not board["checkpoint"].str.startswith("/").any()  # kept relative to the folder
-        exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(moved), "--out", str(tmp_path / "moved.yaml")],
+        exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(moved),
+                                   "--out", str(tmp_path / "moved.yaml")],
                                   capture_output=True, text=True, timeout=300)
         assert exported.returncode == 0, exported.stderr[-3000:]
         handed = yaml.safe_load((tmp_path / "moved.yaml").read_text())["sweep"]
@@ -218,18 +225,21 @@ def test_asha_sweeps_in_a_row_complete_give_every_resource_back_and_log_every_tr
         shutil.rmtree(moved / "tune")
         kept = json.loads((moved / "sweep.json").read_text())["best_predictions"]
         assert kept["trial_id"] == board["trial_id"][0] and (moved / kept["files"][0]).is_file()
-        reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(moved)], capture_output=True, text=True, timeout=600)
+        reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(moved)],
+                                  capture_output=True, text=True, timeout=600)
         assert reported.returncode == 0, reported.stderr[-3000:]
         page = (moved / "report" / "report.html").read_text()
         assert "No precision-recall curves" not in page and (moved / "report" / "precision_recall.png").is_file()
-        assert "could not be drawn" not in page and "Values of" not in page  # the space was found (a copy in the folder)
+        # the space was found (a copy in the folder)
+        assert "could not be drawn" not in page and "Values of" not in page
 
         # Another sweep right after, cross-validated: two TorchTrainers per trial, side by side.
         (tmp_path / "again").mkdir()
         before = _pids()
         again = subprocess.run(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path / "again", 1, 2), "--name", "again",
-                           "--out", tmp_path / "again", "--max-concurrent", 1, "--cpus-per-worker", 0.5, "--cv", 2),
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path / "again", 1, 2),
+                           "--name", "again", "--out", tmp_path / "again", "--max-concurrent", 1,
+                           "--cpus-per-worker", 0.5, "--cv", 2),
             capture_output=True, text=True, timeout=600, env=offline_env(tmp_path, ray_tmp),
         )
         assert again.returncode == 0, again.stderr[-3000:]
@@ -367,7 +377,8 @@ def test_a_time_budget_ends_the_sweep_and_keeps_every_trial(synthetic_data, tmp_
     assert len(board) == len(list(experiment.glob("run_trial_*"))) > 2  # every trial Tune started is kept
     reasons = board["stop_reason"]
     assert set(reasons) == {"completed", "time_budget"}
-    assert (board.loc[reasons == "completed", "epochs"] == 2).all() and (board.loc[reasons == "time_budget", "epochs"] < 2).all()
+    assert ((board.loc[reasons == "completed", "epochs"] == 2).all()
+            and (board.loc[reasons == "time_budget", "epochs"] < 2).all())
     for trial_dir in experiment.glob("run_trial_*"):  # a trial cut off keeps the epochs it reported
         history = read_progress(trial_dir / "progress.csv")
         trial_id = trial_dir.name.split("_")[2]
@@ -376,11 +387,13 @@ def test_a_time_budget_ends_the_sweep_and_keeps_every_trial(synthetic_data, tmp_
     assert summary["num_samples"] is None and summary["time_budget"]["seconds"] == budget
     assert summary["time_budget"]["cut_off"] == sorted(board.loc[reasons == "time_budget", "trial_id"])
     assert summary["stop_reasons"] == reasons.value_counts().to_dict()
-    assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]  # cut-off trials' placement groups are given back (wait_for_release)
+    # cut-off trials' placement groups are given back (wait_for_release)
+    assert summary["resources_free_at_end"]["CPU"] == summary["resources_total"]["CPU"]
     assert load_config(out / "best_config.yaml").epochs == 2
 
 
-def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request, monkeypatch):
+def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthetic_data, tmp_path, request,
+                                                                          monkeypatch):
     """A resumed trial whose Train run had checkpointed its last epoch before the driver died (Tune
     never recorded it; seen in CI) reports that epoch again instead of ending without a result.
 
@@ -421,7 +434,8 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
         return [row for _, row in ray.get(reports.take.remote(name, 0))]  # all there once fit() has returned
 
     def shard_reads() -> int:
-        return sum(task.name.startswith("ReadParquet") for task in list_tasks(limit=10_000, raise_on_missing_output=False))
+        return sum(task.name.startswith("ReadParquet")
+                   for task in list_tasks(limit=10_000, raise_on_missing_output=False))
 
     first = fit()
     assert [row["epoch"] for row in first] == [1, 2, 3] and all(0 <= row[OBJECTIVE] <= 1 for row in first)
@@ -429,7 +443,8 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_that_epoch_again(synthe
     assert shard_reads() == len(shards)  # one read task per shard file; a streamed run reads train's 3 times
     resumed = fit()  # the same Train run again: it restores from its checkpoint after epoch 3 of 3
     assert len(resumed) == 1 and resumed[0]["epoch"] == first[-1]["epoch"] == 3
-    assert resumed[0][OBJECTIVE] == first[-1][OBJECTIVE] and resumed[0]["checkpoint_path"] != first[-1]["checkpoint_path"]
+    assert (resumed[0][OBJECTIVE] == first[-1][OBJECTIVE]
+            and resumed[0]["checkpoint_path"] != first[-1]["checkpoint_path"])
     assert shard_reads() == len(shards)
 
     # 140 training images per worker: 2 batches of 64 an epoch, so rank 1's 4th batch is epoch 2's last.
@@ -459,9 +474,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synt
         cluster.wait_for_nodes()
         out = tmp_path / "out"
         driver = subprocess.Popen(
-            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 3, 2, grace=2), "--name", "two-nodes",
-                           "--out", out, "--storage", tmp_path / "shared", "--address", cluster.address,
-                           "--cpus-per-worker", 1, "--max-failures", 2),
+            search_command("--data", synthetic_data, "--space", write_space(tmp_path, 3, 2, grace=2),
+                           "--name", "two-nodes", "--out", out, "--storage", tmp_path / "shared",
+                           "--address", cluster.address, "--cpus-per-worker", 1, "--max-failures", 2),
             stderr=subprocess.PIPE, text=True,
         )
         lines: list[str] = []
@@ -471,7 +486,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(synt
         while lost is None and driver.poll() is None and time.monotonic() < deadline:
             for progress in experiment.glob("run_trial_*/progress.csv"):
                 table = read_progress(progress)
-                if table is not None and len(table) == 1 and table["node_id"].iloc[0] == worker.node_id:  # mid-trial on the worker
+                # mid-trial on the worker
+                if table is not None and len(table) == 1 and table["node_id"].iloc[0] == worker.node_id:
                     lost = progress.parent.name
                     cluster.remove_node(worker)  # the node's raylet and every process on it, at once
                     break
@@ -512,11 +528,13 @@ def test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_b
         "  - {name: large, params: {model: resnet18, lr: 1.0e-3}}\n"
     )
     out = tmp_path / "out"
-    result = subprocess.run(search_command("--data", synthetic_data, "--space", space, "--name", "pareto", "--out", out),
+    result = subprocess.run(search_command("--data", synthetic_data, "--space", space, "--name", "pareto",
+                                           "--out", out),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     # The sweep's own lines, without the start-up notices nobody acts on (ray_compat.quiet_start_notices).
-    for notice in ("Token authentication is enabled", "Configuration for experiment", "tensorboard", "A new study created"):
+    for notice in ("Token authentication is enabled", "Configuration for experiment", "tensorboard",
+                   "A new study created"):
         assert notice not in result.stderr + result.stdout
     assert "[done]" in result.stderr and "next: defect-tune report" in result.stderr
     board = read_csv(out / "leaderboard.csv").set_index("trial_id", drop=False)
@@ -530,14 +548,17 @@ def test_a_multi_objective_sweep_trades_its_objective_against_latency_over_two_b
     assert sorted(t.values[1] for t in told) == pytest.approx(latencies)  # the searcher saw what the leaderboard shows
     assert json.loads((out / "sweep.json").read_text())["trade_offs"] == ["cost/latency_ms_b1"]
 
-    reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(out)], capture_output=True, text=True, timeout=600)
+    reported = subprocess.run([sys.executable, "-m", "defect_tune", "report", str(out)],
+                              capture_output=True, text=True, timeout=600)
     assert reported.returncode == 0, reported.stderr[-3000:]
     page = (out / "report" / "report.html").read_text()
-    assert "<h2>Objective against cost</h2>" in page and "on the front against milliseconds per image at batch 1" in page
+    assert ("<h2>Objective against cost</h2>" in page
+            and "on the front against milliseconds per image at batch 1" in page)
     fastest = board.sort_values("cost/latency_ms_b1").iloc[0]
     limit = float(fastest["cost/latency_ms_b1"]) * 1.0001
-    exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(out), "--out", str(tmp_path / "fast.yaml"),
-                               "--max-latency-ms", str(limit)], capture_output=True, text=True, timeout=300)
+    exported = subprocess.run([sys.executable, "-m", "defect_tune", "export", str(out),
+                               "--out", str(tmp_path / "fast.yaml"), "--max-latency-ms", str(limit)],
+                              capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
     chosen = yaml.safe_load((tmp_path / "fast.yaml").read_text())["sweep"]
     assert chosen["cost"]["latency_ms_b1"] <= limit and chosen["limits"] == {"cost/latency_ms_b1": limit}

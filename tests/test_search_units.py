@@ -76,7 +76,8 @@ def test_a_cross_validated_trial_reserves_its_folds_or_lets_them_take_turns():
     with pytest.raises(SearchError, match="cannot run one trial"):
         trials_at_once({"CPU": 8}, options(gpus_per_worker=1), folds=2)
     note = folds_side_by_side({"CPU": 2}, options(cpus_per_worker=0.5), 5)
-    assert "5 folds need 2.5 CPUs, more than the 1 left for workers" in note and "--cpus-per-worker 0.2 runs them side by side" in note
+    assert ("5 folds need 2.5 CPUs, more than the 1 left for workers" in note
+            and "--cpus-per-worker 0.2 runs them side by side" in note)
     assert folds_side_by_side({"CPU": 16}, options(cpus_per_worker=1), 5) is None
 
 
@@ -90,10 +91,11 @@ def test_trials_per_gpu_sets_each_workers_share_so_that_they_all_fit():
 
 def test_auto_fits_the_hungriest_backbone_in_the_gpus_memory_or_says_which_does_not_fit():
     gib = 2**30
-    assert fit_on_gpu({"resnet18": 3 * gib, "efficientnet_b0": 5 * gib}, 80 * gib) == math.floor(GPU_MEMORY_FILL * 80 / 5)
+    assert (fit_on_gpu({"resnet18": 3 * gib, "efficientnet_b0": 5 * gib}, 80 * gib)
+            == math.floor(GPU_MEMORY_FILL * 80 / 5))
     assert fit_on_gpu({"resnet18": 3 * gib}, 16 * gib) == 4
-    with pytest.raises(SearchError, match=r"convnext_tiny takes 20\.0 GiB at the space's largest settings, more than 85% of "
-                                          r"the GPU's 16\.0 GiB; lower the space's batch_size"):
+    with pytest.raises(SearchError, match=r"convnext_tiny takes 20\.0 GiB at the space's largest settings, "
+                                          r"more than 85% of the GPU's 16\.0 GiB; lower the space's batch_size"):
         fit_on_gpu({"resnet18": 3 * gib, "convnext_tiny": 20 * gib}, 16 * gib)
 
 
@@ -101,9 +103,11 @@ def test_trials_per_gpu_values_that_cannot_work_are_refused_before_ray_starts():
     check_gpu_options(options(trials_per_gpu="auto"))
     check_gpu_options(options(trials_per_gpu=4))
     for value in (0, -2, "four", True):
-        with pytest.raises(SearchError, match=f"--trials-per-gpu takes a positive number of workers per GPU or auto, got {value!r}"):
+        with pytest.raises(SearchError, match="--trials-per-gpu takes a positive number of workers per GPU "
+                                              f"or auto, got {value!r}"):
             check_gpu_options(options(trials_per_gpu=value))
-    with pytest.raises(SearchError, match="--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.25"):
+    with pytest.raises(SearchError,
+                       match="--trials-per-gpu 4 sets each worker's GPU share; drop --gpus-per-worker 0.25"):
         check_gpu_options(options(trials_per_gpu=4, gpus_per_worker=0.25))
 
 
@@ -137,16 +141,19 @@ def test_sweeps_and_retrains_use_the_clusters_gpus_unless_told_otherwise():
 def test_a_time_budget_is_a_positive_duration_in_seconds_minutes_or_hours():
     from defect_tune.core.units import parse_duration
 
-    for text, seconds in (("90s", 90), ("20m", 1200), ("1.5h", 5400), ("600", 600), ("0.5", 0.5), (" 2H ", 7200), (".5m", 30)):
+    for text, seconds in (("90s", 90), ("20m", 1200), ("1.5h", 5400), ("600", 600), ("0.5", 0.5), (" 2H ", 7200),
+                          (".5m", 30)):
         assert parse_duration(text) == seconds
     for text in ("0", "0s", "-5", "-5m", "abc", "nan", "inf", "1e3", "", "5 m", "5d", "9" * 400):
-        with pytest.raises(ValueError, match=r"expected a positive duration such as 90s, 20m, 1\.5h or 600 \(seconds\)"):
+        with pytest.raises(ValueError,
+                           match=r"expected a positive duration such as 90s, 20m, 1\.5h or 600 \(seconds\)"):
             parse_duration(text)
     assert [clock(s) for s in (5400, 1200, 3600, 90, 60.4, 0.4)] == ["1h30m", "20m", "1h", "1m30s", "1m", "0s"]
     check_time_budget(options())
     check_time_budget(options(time_budget_s=1))
     for value in (0, -60, math.nan, math.inf, "20m", True):
-        with pytest.raises(SearchError, match=re.escape(f"--time-budget takes a positive number of seconds, got {value!r}")):
+        with pytest.raises(SearchError,
+                           match=re.escape(f"--time-budget takes a positive number of seconds, got {value!r}")):
             check_time_budget(options(time_budget_s=value))
 
 
@@ -157,15 +164,19 @@ def test_a_time_budget_bounds_the_trial_count_unless_num_samples_is_given_and_re
 
     bounded, seconds, note = budget_for_sweep(options(time_budget_s=1200), space, tmp_path / "a")
     assert (bounded.num_samples, seconds, note) == (-1, 1200, None)  # -1: Tune starts trials until the budget runs out
-    assert json.loads((tmp_path / "a" / BUDGET_RECORD).read_text()) == {"seconds": 1200, "num_samples": -1, "cut_off": []}
-    counted, _, note = budget_for_sweep(options(time_budget_s=30, num_samples=5), replace(space, num_samples=5), tmp_path / "b")
+    assert json.loads((tmp_path / "a" / BUDGET_RECORD).read_text()) == {
+        "seconds": 1200, "num_samples": -1, "cut_off": []}
+    counted, _, note = budget_for_sweep(options(time_budget_s=30, num_samples=5), replace(space, num_samples=5),
+                                        tmp_path / "b")
     assert counted.num_samples == 5  # whichever runs out first
-    assert note.startswith("note: a time budget of 30s is short") and f"ASHA's first rung at epoch {space.grace_period}" in note
+    assert (note.startswith("note: a time budget of 30s is short")
+            and f"ASHA's first rung at epoch {space.grace_period}" in note)
 
     resumed, seconds, note = budget_for_sweep(options(resume=True), space, tmp_path / "a")
     assert (resumed.num_samples, seconds) == (-1, 1200) and "time budget of 20m starts again now" in note
     assert budget_for_sweep(options(resume=True, time_budget_s=1200.0), space, tmp_path / "a")[1] == 1200
-    with pytest.raises(SearchError, match=r"--resume: sweep 'n' started with a time budget of 20m; Tune keeps it, so drop --time-budget"):
+    with pytest.raises(SearchError, match=r"--resume: sweep 'n' started with a time budget of 20m; "
+                                          r"Tune keeps it, so drop --time-budget"):
         budget_for_sweep(options(resume=True, time_budget_s=600), space, tmp_path / "a")
     with pytest.raises(SearchError, match=r"--resume: sweep 'n' started with no time budget; Tune keeps it"):
         budget_for_sweep(options(resume=True, time_budget_s=600), space, tmp_path / "none")
@@ -238,7 +249,8 @@ def test_the_memory_measured_for_auto_is_each_backbone_at_the_spaces_largest_set
     assert [c.model for c in configs] == ["el_cnn", "resnet18"]
     assert {(c.batch_size, c.cbam, c.head, c.head_hidden) for c in configs} == {(32, True, "mlp", 48)}
     fixed = load_space(QUICK).largest_configs()  # a space that searches none of them keeps the defaults
-    assert [(c.model, c.batch_size, c.cbam) for c in fixed] == [(m, 32, False) for m in load_space(QUICK).values_of("model")]
+    assert [(c.model, c.batch_size, c.cbam) for c in fixed] == [
+        (m, 32, False) for m in load_space(QUICK).values_of("model")]
 
     # What the GPU measurement runs, run here on the CPU: the largest settings build and train,
     # on images of the data's size, with the backbone trainable even in a trial that freezes it.
@@ -263,10 +275,11 @@ def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, mon
 
     space, meta = load_space(QUICK), read_meta(synthetic_data)
     console = Console(file=io.StringIO(), width=200)
-    with pytest.raises(SearchError, match=r"--trials-per-gpu auto: the cluster has no GPUs \(where an autoscaler adds GPU "
-                                          r"nodes as trials wait, pass --max-concurrent\)"):
+    with pytest.raises(SearchError, match=r"--trials-per-gpu auto: the cluster has no GPUs \(where an autoscaler "
+                                          r"adds GPU nodes as trials wait, pass --max-concurrent\)"):
         gpus_for_workers(options(trials_per_gpu="auto"), space, meta, {"CPU": 2}, console)
-    assert gpus_for_workers(options(trials_per_gpu=4, max_concurrent=16), space, meta, {"CPU": 2}, console) == (0.25, None)
+    assert (gpus_for_workers(options(trials_per_gpu=4, max_concurrent=16), space, meta, {"CPU": 2}, console)
+            == (0.25, None))
     assert gpus_for_workers(options(), space, meta, {"CPU": 2}, console) == (0.0, None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
@@ -275,10 +288,12 @@ def test_trials_per_gpu_needs_a_gpu_and_auto_measures_on_one(synthetic_data, mon
         assert gpus_for_workers(options(), space, meta, resources, console) == (1.0, None)
         assert "training on the cluster's 1 GPU(s), one per worker" in console.file.getvalue()
         assert gpus_for_workers(options(gpus_per_worker=0), space, meta, resources, console) == (0, None)
-        assert "the cluster has 1 GPU(s) and trials use none; --trials-per-gpu auto trains on them" in console.file.getvalue()
+        assert ("the cluster has 1 GPU(s) and trials use none; --trials-per-gpu auto trains on them"
+                in console.file.getvalue())
         assert gpus_for_workers(options(trials_per_gpu=4), space, meta, resources, console) == (0.25, None)
-        with pytest.raises(SearchError, match=r"--trials-per-gpu auto: measuring the backbones failed: .*RuntimeError\(.node "
-                                              r"[0-9.]+ offers Ray a GPU, but torch sees no CUDA device"):
+        with pytest.raises(SearchError, match=r"--trials-per-gpu auto: measuring the backbones failed: "
+                                              r".*RuntimeError\(.node [0-9.]+ offers Ray a GPU, "
+                                              r"but torch sees no CUDA device"):
             gpus_for_workers(options(trials_per_gpu="auto"), space, meta, resources, console)
         free, removed = wait_for_release(resources, timeout=30)
         assert (free.get("GPU"), free.get("CPU"), removed) == (1, 2, 0)  # the measurement gave its GPU and CPU back
@@ -321,10 +336,12 @@ def test_asha_stopped_trials_reach_optuna_as_pruned():
     searcher.on_trial_complete("stopped", {space.objective: 0.3, "training_iteration": 1, "epoch": 1})
     # Restarted from a checkpoint at epoch 2: Tune's iteration says 2, the trial's epoch says 4.
     searcher.on_trial_complete("finished", {space.objective: 0.5, "training_iteration": 2, "epoch": space.max_epochs})
-    searcher.on_trial_complete("patience", {space.objective: 0.4, "training_iteration": 2, "epoch": 2, "early_stopped": True})
+    searcher.on_trial_complete("patience", {space.objective: 0.4, "training_iteration": 2, "epoch": 2,
+                                            "early_stopped": True})
     searcher.on_trial_complete("crashed", None, error=True)
     # Its own searched epoch budget (2) ended before max_epochs: complete, not pruned.
-    searcher.on_trial_complete("short", {space.objective: 0.45, "training_iteration": 2, "epoch": 2, "planned_epochs": 2})
+    searcher.on_trial_complete("short", {space.objective: 0.45, "training_iteration": 2, "epoch": 2,
+                                         "planned_epochs": 2})
     states = [t.state for t in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
                       optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
@@ -376,7 +393,8 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     results = [
         fake_result({"id": "a", **seed}, 4, [0.2, 0.5, 0.7, 0.6], checkpoint="/ckpt/a", index=1),
         fake_result({"id": "b", "model": "steel_cnn", "loss": "bce", "lr": 0.002}, 1, [0.3], index=3),
-        fake_result({"id": "c", "model": "el_cnn", "loss": "asl", "asl_gamma_neg": 2.0, "lr": 0.001}, 2, [0.1, 0.75], early=True, index=2),
+        fake_result({"id": "c", "model": "el_cnn", "loss": "asl", "asl_gamma_neg": 2.0, "lr": 0.001}, 2, [0.1, 0.75],
+                    early=True, index=2),
         SimpleNamespace(config={"model": "el_cnn"}, metrics={"trial_id": "d"}, metrics_dataframe=None,
                         error=RuntimeError("boom"), path="/x/run_d"),
     ]
@@ -388,7 +406,8 @@ def test_leaderboard_ranks_by_best_epoch_and_names_stop_reasons():
     assert a["val_guarded_macro_recall"] == 0.7 and a["best_epoch"] == 3 and a["epochs"] == 4
     assert a["starting_point"] == "el_seed" and a["checkpoint"] == "/ckpt/a" and a["wall_seconds"] == 40.0
     # The best epoch's interval and counts, and the Wilson interval of 3 recalled of 6 positives.
-    assert a["val_guarded_macro_recall_low"] == pytest.approx(0.6) and a["val_guarded_macro_recall_high"] == pytest.approx(0.8)
+    assert (a["val_guarded_macro_recall_low"] == pytest.approx(0.6)
+            and a["val_guarded_macro_recall_high"] == pytest.approx(0.8))
     assert (a["val_recalled/a"], a["val_positives/a"]) == (3, 6)
     assert [a["val_recall_low/a"], a["val_recall_high/a"]] == pytest.approx([0.1876, 0.8124], abs=1e-4)
     assert board.set_index("trial_id").loc["d", "error"] == "RuntimeError: boom"
@@ -423,8 +442,10 @@ def test_trials_and_epochs_tied_on_the_objective_rank_by_validation_ap(tmp_path)
     from defect_tune.core.leaderboard import pick
 
     space = load_space(QUICK)
-    results = [fake_result({"id": "first", "model": "el_cnn", "lr": 0.001}, 3, [0.9, 1.0, 1.0], ap=[0.99, 0.90, 0.93], index=0),
-               fake_result({"id": "later", "model": "el_cnn", "lr": 0.002}, 3, [1.0, 1.0, 0.95], ap=[0.91, 0.97, 0.99], index=1),
+    results = [fake_result({"id": "first", "model": "el_cnn", "lr": 0.001}, 3, [0.9, 1.0, 1.0], ap=[0.99, 0.90, 0.93],
+                           index=0),
+               fake_result({"id": "later", "model": "el_cnn", "lr": 0.002}, 3, [1.0, 1.0, 0.95], ap=[0.91, 0.97, 0.99],
+                           index=1),
                fake_result({"id": "lower", "model": "el_cnn", "lr": 0.003}, 2, [0.5, 0.98], ap=[1.0, 1.0], index=2)]
     board = build_leaderboard(results, space, ["a"])
     assert board["trial_id"].tolist() == ["later", "first", "lower"]
@@ -436,7 +457,8 @@ def test_trials_and_epochs_tied_on_the_objective_rank_by_validation_ap(tmp_path)
 
 
 def test_a_diverged_trial_reports_its_objectives_worst_value():
-    assert diverged_report("val_guarded_macro_recall", "max") == {"val_guarded_macro_recall": 0.0, "val_selection_score": 0.0}
+    assert diverged_report("val_guarded_macro_recall", "max") == {"val_guarded_macro_recall": 0.0,
+                                                                  "val_selection_score": 0.0}
     assert diverged_report("val_loss", "min") == {"val_loss": math.inf}
 
 
@@ -456,7 +478,8 @@ def test_resume_copies_the_sweep_state_again_when_a_killed_driver_left_it_cut_sh
                                           r"run_trial_\*/ \(progress.csv\)"):
         finish_interrupted_sync(str(experiment), "sweep")
 
-    staged = tmp_path / "tmp" / "ray" / "session_2026-11-30_21-43-05_1_2" / "artifacts" / "2026-11-30_21-43-14" / "sweep" / "driver_artifacts"
+    staged = (tmp_path / "tmp" / "ray" / "session_2026-11-30_21-43-05_1_2" / "artifacts" / "2026-11-30_21-43-14"
+              / "sweep" / "driver_artifacts")
     (staged / "run_trial_a_1").mkdir(parents=True)
     (staged / "experiment_state-2026-11-30_21-43-14.json").write_text('{"trial_data": []}')
     (staged / "run_trial_a_1" / "progress.csv").write_text("epoch\n1\n2\n")
@@ -476,7 +499,8 @@ def test_a_second_local_cluster_is_refused_with_the_running_address(monkeypatch)
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        with pytest.raises(ClusterError, match=f"already running on this machine \\(.*{re.escape(address)}.*\\); pass --address"):
+        with pytest.raises(ClusterError,
+                           match=f"already running on this machine \\(.*{re.escape(address)}.*\\); pass --address"):
             refuse_second_local_cluster(None)
         refuse_second_local_cluster(address)  # connecting to it is fine
         monkeypatch.setenv("RAY_ADDRESS", address)  # a Ray job's driver: Ray says which cluster
@@ -512,7 +536,8 @@ def test_a_local_cluster_started_here_gets_its_settings_and_this_process_keeps_n
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's own setting
     start_ray(None)
-    assert seen[-1] == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_idle_worker_killing_time_threshold_ms": "60000"})
+    assert seen[-1] == (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
+                               "RAY_idle_worker_killing_time_threshold_ms": "60000"})
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
@@ -527,7 +552,8 @@ def test_spaces_are_found_by_name_or_path_and_a_missing_one_lists_the_bundled(tm
     mine = tmp_path / "el_solar.yaml"  # a file of the user's wins over the bundled space of that name
     mine.write_text("num_samples: 1\n")
     assert resolve_space(Path("el_solar.yaml")) == Path("el_solar.yaml")
-    with pytest.raises(SpaceError, match=r"^steel2: no such search space file \(bundled spaces, usable by name: defects, el_solar, full, quick, steel\)"):
+    with pytest.raises(SpaceError, match=r"^steel2: no such search space file "
+                                         r"\(bundled spaces, usable by name: defects, el_solar, full, quick, steel\)"):
         resolve_space("steel2")
     with pytest.raises(SpaceError, match="^configs/quick: no such search space file"):
         resolve_space("configs/quick")  # a path is a path, never a bundled name
@@ -551,7 +577,8 @@ def test_a_failed_trials_reason_is_its_root_cause_not_rays_wrapper():
         "RayTaskError(WorkerGroupError): ray::ImplicitFunc.train() (pid=14755, ip=192.0.2.2)\n"
         "  File \"/venv/ray/air/_internal/util.py\", line 98, in run\n    self._ret = self._target(*self._args)\n"
         "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
-        "Traceback (most recent call last):\n  File \"/work/defect_tune/training/train.py\", line 154, in train_one_epoch\n"
+        "Traceback (most recent call last):\n"
+        "  File \"/work/defect_tune/training/train.py\", line 154, in train_one_epoch\n"
         "    raise NonFiniteLoss(f\"epoch {epoch + 1}, batch {step + 1}: training loss is {loss.item()}\")\n"
         "defect_tune.training.train.NonFiniteLoss: epoch 1, batch 4: training loss is nan\n"
     )
@@ -581,8 +608,8 @@ def test_a_kept_shard_gives_every_image_once_per_epoch_in_a_new_order_with_its_l
     import numpy as np
     import torch
 
-    from defect_tune.core.augment import build_augmentation
     from defect_tune.core.config import TrainConfig
+    from defect_tune.data.augment import build_augmentation
     from defect_tune.data.shards import to_tensor
     from defect_tune.training.engine import memory_batches
 
@@ -651,7 +678,8 @@ def test_the_report_relay_hands_each_trial_its_own_reports_in_order_and_waits_fo
 def test_the_report_relay_process_imports_neither_torch_nor_the_training_core():
     """Its actor process imports the module that defines it: that must stay light."""
     loaded = subprocess.run([sys.executable, "-c", "import sys, defect_tune.search.report_relay; "
-                             "print(sorted(m for m in ('torch', 'defect_tune.search.trial', 'defect_tune.training.train') if m in sys.modules))"],
+                             "print(sorted(m for m in ('torch', 'defect_tune.search.trial', "
+                             "'defect_tune.training.train') if m in sys.modules))"],
                             capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
 
@@ -671,7 +699,8 @@ def test_the_sweep_console_prints_a_line_per_event_with_where_the_sweep_stands(t
         view = SweepConsole(space, Console(file=shown, force_terminal=terminal, width=300))
         view.setup()
         assert (view.live is not None) == terminal  # a live status line on a terminal only
-        first, second = (SimpleNamespace(trial_id=t, config={"lr": 0.001, "model": "el_cnn"}, local_path=f"/tune/{t}") for t in ("aaa", "bbb"))
+        first, second = (SimpleNamespace(trial_id=t, config={"lr": 0.001, "model": "el_cnn"}, local_path=f"/tune/{t}")
+                         for t in ("aaa", "bbb"))
         for trial in (first, second):
             view.on_trial_start(0, [], trial)
         objective = space.objective
@@ -688,16 +717,20 @@ def test_the_sweep_console_prints_a_line_per_event_with_where_the_sweep_stands(t
         if terminal:
             assert any(line.startswith("sweep: 2/8 finished") for line in re.split(r"[\r\n]", plain))
         assert lines[0] == "[start 1/8] aaa lr=0.001 model=el_cnn" and lines[2] == f"[epoch 1/4] aaa {objective}=0.5000"
-        assert lines[3].startswith("[done] aaa stopped by ASHA after epoch 1: 0.5000. 1/8 finished (1 stopped by ASHA); 1 running")
+        assert lines[3].startswith("[done] aaa stopped by ASHA after epoch 1: 0.5000. 1/8 finished "
+                                   "(1 stopped by ASHA); 1 running")
         assert lines[-1].startswith("[done] bbb completed 4 epochs: 0.8000 (0.700-0.900). 2/8 finished (1 completed, "
                                     "1 stopped by ASHA); 0 running; best bbb 0.8000 (0.700-0.900); ")
         assert "elapsed; about " in lines[-1] and lines[-1].endswith(" left")
         assert "TERMINATED" not in plain and "┃" not in plain  # no table reprinted per trial
     worse = SimpleNamespace(trial_id="ccc", config={}, local_path="/tune/ccc")
     view.on_trial_start(0, [], worse)
-    view.on_trial_result(0, [], worse, {"epoch": 1, space.objective: 0.9, "val_selection_score": 0.9, "planned_epochs": 2})
-    view.on_trial_result(0, [], worse, {"epoch": 2, space.objective: 0.7, "val_selection_score": 0.7, "planned_epochs": 2})
-    assert view.rows["ccc"]["objective"] == 0.9 and view.best()[0] == "ccc"  # its best epoch counts, as on the leaderboard
+    view.on_trial_result(0, [], worse, {"epoch": 1, space.objective: 0.9, "val_selection_score": 0.9,
+                                        "planned_epochs": 2})
+    view.on_trial_result(0, [], worse, {"epoch": 2, space.objective: 0.7, "val_selection_score": 0.7,
+                                        "planned_epochs": 2})
+    # its best epoch counts, as on the leaderboard
+    assert view.rows["ccc"]["objective"] == 0.9 and view.best()[0] == "ccc"
     diverged = SimpleNamespace(trial_id="ddd", config={}, local_path="/tune/ddd")
     view.on_trial_start(0, [], diverged)
     view.on_trial_result(0, [], diverged, {"epoch": 1, space.objective: 0.0, "planned_epochs": 2,
@@ -721,14 +754,17 @@ def test_paths_inside_the_results_folder_are_kept_relative_and_read_back_from_wh
     assert in_results("s3://bucket/sweep/checkpoint", results) == "s3://bucket/sweep/checkpoint"
     assert in_results(None, results) is None
     moved = tmp_path / "moved"
-    assert from_results("tune/train/sweep-a/checkpoint_000002", moved) == str(moved / "tune/train/sweep-a/checkpoint_000002")
+    assert (from_results("tune/train/sweep-a/checkpoint_000002", moved)
+            == str(moved / "tune/train/sweep-a/checkpoint_000002"))
     assert from_results("/elsewhere/checkpoint", moved) == "/elsewhere/checkpoint"  # an older sweep's absolute path
     assert from_results("gs://b/c", moved) == "gs://b/c"
     board = pd.DataFrame({"checkpoint": [str(inside), None],
-                          "fold_predictions": [json.dumps([str(results / "tune/f/fold0.npz"), "s3://b/fold1.npz"]), None]})
+                          "fold_predictions": [json.dumps([str(results / "tune/f/fold0.npz"), "s3://b/fold1.npz"]),
+                                               None]})
     kept = paths_in_results(board, results)
     assert kept["checkpoint"][0] == "tune/train/sweep-a/checkpoint_000002" and pd.isna(kept["checkpoint"][1])
-    assert json.loads(kept["fold_predictions"][0]) == ["tune/f/fold0.npz", "s3://b/fold1.npz"] and pd.isna(kept["fold_predictions"][1])
+    assert (json.loads(kept["fold_predictions"][0]) == ["tune/f/fold0.npz", "s3://b/fold1.npz"]
+            and pd.isna(kept["fold_predictions"][1]))
     assert board["checkpoint"][0] == str(inside)  # the caller's table is left as it was
 
 
@@ -804,7 +840,8 @@ def test_no_trial_starts_that_cannot_reach_the_first_rung_before_the_budget_ends
     assert searcher.suggest("b") is not None  # 40 s to the rung fit in the 50 s left
     clock[0] += 20
     assert searcher.suggest("c") == Searcher.FINISHED  # 30 s left: a new trial would be cut off before it
-    asked = optuna.load_study(study_name="budget", storage=storage).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    asked = optuna.load_study(study_name="budget", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.RUNNING,))
     assert [t.user_attrs["proposed_by"] for t in asked] == ["transfer", "baseline"]  # the first two points, by name
 
 
@@ -817,18 +854,21 @@ def test_asha_judges_the_proposals_but_lets_the_starting_points_train_to_the_end
 
     from defect_tune.search.searcher import PointsFinishASHA
 
-    scheduler = PointsFinishASHA(points=[{"model": "efficientnet_lite0", "lr": 1e-3}], time_attr="epoch", metric="score",
-                                 mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    scheduler = PointsFinishASHA(points=[{"model": "efficientnet_lite0", "lr": 1e-3}], time_attr="epoch",
+                                 metric="score", mode="max", max_t=4, grace_period=1, reduction_factor=2)
     leader, point, weak = (SimpleNamespace(trial_id=name, config=config) for name, config in (
         ("leader", {"model": "resnet18", "lr": 3e-3}), ("point", {"model": "efficientnet_lite0", "lr": 1e-3}),
         ("weak", {"model": "efficientnet_lite0", "lr": 2e-3})))
     for trial in (leader, point, weak):
         scheduler.on_trial_add(None, trial)
     assert scheduler.on_trial_result(None, leader, {"epoch": 1, "score": 0.9}) == TrialScheduler.CONTINUE
-    assert scheduler.on_trial_result(None, point, {"epoch": 1, "score": 0.1}) == TrialScheduler.CONTINUE  # ASHA would stop it
-    assert scheduler.on_trial_result(None, weak, {"epoch": 1, "score": 0.05}) == TrialScheduler.STOP  # a proposal is judged
+    # ASHA would stop it
+    assert scheduler.on_trial_result(None, point, {"epoch": 1, "score": 0.1}) == TrialScheduler.CONTINUE
+    # a proposal is judged
+    assert scheduler.on_trial_result(None, weak, {"epoch": 1, "score": 0.05}) == TrialScheduler.STOP
     assert scheduler.on_trial_result(None, point, {"epoch": 4, "score": 0.5}) == TrialScheduler.STOP  # its last epoch
-    assert scheduler.is_point({"model": "efficientnet_lite0", "lr": 1e-3, "augment": "light"}) and not scheduler.is_point(weak.config)
+    assert (scheduler.is_point({"model": "efficientnet_lite0", "lr": 1e-3, "augment": "light"})
+            and not scheduler.is_point(weak.config))
 
 
 def test_train_keeps_the_checkpoint_of_the_epoch_the_leaderboard_names_in_the_objectives_direction():

@@ -37,7 +37,8 @@ def test_a_baseline_point_is_the_recipe_and_must_be_reachable(tmp_path):
             "  loss: {choice: [bce, weighted_bce, focal]}\n  focal_gamma: {uniform: [1.0, 3.0], when: {loss: focal}}\n"
             "  lr: {loguniform: [1.0e-4, 1.0e-2]}\npoints_to_evaluate:\n  - name: baseline\n")
     space = load_space(write(tmp_path, body))
-    assert space.points == (("baseline", {"model": "resnet18", "loss": "weighted_bce", "lr": 1e-3}),)  # no gamma: not focal
+    # no gamma: not focal
+    assert space.points == (("baseline", {"model": "resnet18", "loss": "weighted_bce", "lr": 1e-3}),)
     with pytest.raises(SpaceError, match=r"baseline.*lr 0.001 is outside the searched loguniform \[0.01, 0.1\]"):
         load_space(write(tmp_path, body.replace("[1.0e-4, 1.0e-2]", "[1.0e-2, 1.0e-1]")))
     with pytest.raises(SpaceError, match="params.epochs"):

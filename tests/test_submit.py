@@ -60,7 +60,8 @@ def test_the_upload_as_ray_packs_it_has_the_code_and_none_of_the_bulk(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
     checkout = tmp_path / "checkout"
-    files = ["pyproject.toml", "defect_tune/data/shards.py", "defect_tune/cli.py", "search_spaces/quick.yaml", "tests/data/x.txt",
+    files = ["pyproject.toml", "defect_tune/data/shards.py", "defect_tune/cli.py", "search_spaces/quick.yaml",
+             "tests/data/x.txt",
              "data/synthetic/meta.json", "results/demo/leaderboard.csv", ".venv/bin/python", ".git/HEAD",
              "wandb/run/x.wandb", "defect_tune/__pycache__/cli.pyc", "defect_tune.egg-info/PKG-INFO"]
     for name in files:
@@ -68,14 +69,15 @@ def test_the_upload_as_ray_packs_it_has_the_code_and_none_of_the_bulk(tmp_path):
         (checkout / name).write_text("x")
     _zip_files(str(checkout), list(submit.EXCLUDES), str(tmp_path / "upload.zip"), include_gitignore=False)
     packed = {n for n in zipfile.ZipFile(tmp_path / "upload.zip").namelist() if not n.endswith("/")}
-    assert packed == {"pyproject.toml", "defect_tune/data/shards.py", "defect_tune/cli.py", "search_spaces/quick.yaml", "tests/data/x.txt"}
+    assert packed == {"pyproject.toml", "defect_tune/data/shards.py", "defect_tune/cli.py", "search_spaces/quick.yaml",
+                      "tests/data/x.txt"}
 
 
 def test_the_default_code_is_this_checkout():
     assert (submit.default_working_dir() / "defect_tune" / "search" / "submit.py").is_file()
 
 
-def test_address_from_option_then_environment_then_the_local_default():
+def test_dashboard_from_option_then_environment_then_the_local_default():
     assert submit.dashboard_address("http://head:8265/", {"RAY_ADDRESS": "http://other:8265"}) == "http://head:8265"
     assert submit.dashboard_address(None, {"RAY_ADDRESS": "10.0.0.5:8265"}) == "http://10.0.0.5:8265"
     assert submit.dashboard_address(None, {"RAY_API_SERVER_ADDRESS": "https://a:443", "RAY_ADDRESS": "b"}) == "https://a:443"
@@ -115,7 +117,8 @@ def test_commands_and_paths_are_checked_before_anything_is_sent():
     with pytest.raises(SubmitError, match="'jobs' is not a defect-tune command to submit"):
         submit.check_command(["jobs", "list"], commands)
     notes = submit.path_notes(["search", "--data", "data/synthetic", "--storage=s3://b/p"])
-    assert len(notes) == 2 and "without --out" in notes[0] and notes[1].startswith("--data data/synthetic: a relative path")
+    assert (len(notes) == 2 and "without --out" in notes[0]
+            and notes[1].startswith("--data data/synthetic: a relative path"))
     assert submit.path_notes(["search", "--data", "/shared/d", "--out", "/shared/r", "--storage", "/shared/t"]) == []
 
 
@@ -124,13 +127,16 @@ def test_ray_errors_become_one_line_reasons():
     from ray.exceptions import AuthenticationError
 
     def reason(error, token_sent=True, job_id="j1"):
-        with pytest.raises(SubmitError) as caught, submit.Cluster(None, "http://head:8265", token_sent).requests(job_id):
+        with (pytest.raises(SubmitError) as caught,
+              submit.Cluster(None, "http://head:8265", token_sent).requests(job_id)):
             raise error
         return caught
 
     assert reason(RuntimeError("Request failed with status code 404: Job j1 does not exist.")).type is submit.UnknownJob
-    server_traceback = "Request failed with status code 500: Traceback (most recent call last):\n  File x\nValueError: Job with submission_id j1 already exists.\n.\n."
-    assert str(reason(RuntimeError(server_traceback)).value).endswith("answered: ValueError: Job with submission_id j1 already exists.")
+    server_traceback = ("Request failed with status code 500: Traceback (most recent call last):\n  File x\n"
+                        "ValueError: Job with submission_id j1 already exists.\n.\n.")
+    assert str(reason(RuntimeError(server_traceback)).value).endswith(
+        "answered: ValueError: Job with submission_id j1 already exists.")
     assert "refused the token" in str(reason(AuthenticationError("403")).value)
     assert "requires a token and none was found" in str(reason(AuthenticationError("401"), token_sent=False).value)
     assert "cannot reach a Ray dashboard at http://head:8265" in str(reason(http.exceptions.ConnectionError()).value)
@@ -145,7 +151,7 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = defect_tune("jobs", "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}")
+    result = defect_tune("jobs", "status", "raysubmit_x", "--dashboard", f"http://127.0.0.1:{port}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot reach a Ray dashboard at http://127.0.0.1:{port}" in result.stderr
 
@@ -182,13 +188,15 @@ def head():
     from ray._private.services import find_gcs_addresses
 
     if running := find_gcs_addresses():  # two clusters on one machine disturb each other (see search.py)
-        pytest.fail(f"another Ray cluster is running on this machine ({', '.join(running)}); these tests start their own")
+        pytest.fail(f"another Ray cluster is running on this machine ({', '.join(running)}); "
+                    "these tests start their own")
     token = secrets.token_hex(32)
     temp_dir = Path(tempfile.mkdtemp(prefix="dt-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     gcs_port, dashboard_port, agent_port, client_port = _free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # The image's `python` runs a job's entrypoint: here, this virtualenv's, as if it were activated.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM stops at once, not after a 30 s drain
     ray_cli = Path(sys.executable).with_name("ray")
     log = open(temp_dir / "ray-start.log", "w")
@@ -233,7 +241,8 @@ def head():
 def write_space(tmp_path: Path, num_samples: int, max_epochs: int) -> Path:
     path = tmp_path / "space.yaml"
     path.write_text(
-        f"num_samples: {num_samples}\nmax_epochs: {max_epochs}\nasha: {{grace_period: {max_epochs}, reduction_factor: 2}}\n"
+        f"num_samples: {num_samples}\nmax_epochs: {max_epochs}\n"
+        f"asha: {{grace_period: {max_epochs}, reduction_factor: 2}}\n"
         "fixed: {model: el_cnn, batch_size: 64, augment: light, warmup_epochs: 0, early_stopping_patience: 0}\n"
         "params:\n  lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
     )
@@ -241,14 +250,16 @@ def write_space(tmp_path: Path, num_samples: int, max_epochs: int) -> Path:
 
 
 @pytest.mark.slow
-def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in_shared_storage(head, synthetic_data, tmp_path):
+def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in_shared_storage(
+        head, synthetic_data, tmp_path):
     shared = tmp_path / "shared"
     env = head.env(WANDB_MODE="offline", WANDB_API_KEY=FAKE_KEY)
     started = time.monotonic()
     result = defect_tune(
-        "submit", "--address", head.url, "--follow", "--job-id", "sweep-on-loopback", "--",
+        "submit", "--dashboard", head.url, "--follow", "--job-id", "sweep-on-loopback", "--",
         # The data as a URI (what s3://... takes on a real cluster; file:// is the same code path).
-        "search", "--data", synthetic_data.absolute().as_uri(), "--space", write_space(tmp_path, 2, 1), "--name", "loopback",
+        "search", "--data", synthetic_data.absolute().as_uri(), "--space", write_space(tmp_path, 2, 1),
+        "--name", "loopback",
         "--storage", shared / "tune", "--out", shared / "results" / "loopback",
         env=env, timeout=900,
     )
@@ -262,18 +273,22 @@ def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in
     assert len(board) == 2 and board["stop_reason"].eq("completed").all()
     assert (shared / "tune" / "loopback").is_dir()  # the Tune experiment, in the shared storage
     shipped = [p for p in head.temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
-    assert len(shipped) == 1 and (shipped[0] / "defect_tune" / "search" / "submit.py").is_file()  # the job ran this checkout
+    assert (len(shipped) == 1
+            and (shipped[0] / "defect_tune" / "search" / "submit.py").is_file())  # the job ran this checkout
     assert not any((shipped[0] / name).exists() for name in (".git", "data", "results"))
 
-    status = defect_tune("jobs", "status", "sweep-on-loopback", "--address", head.url, env=head.env())
+    status = defect_tune("jobs", "status", "sweep-on-loopback", "--dashboard", head.url, env=head.env())
     assert status.returncode == 0 and status.stdout.startswith("sweep-on-loopback SUCCEEDED")
-    listed = defect_tune("jobs", "list", "--address", head.url, env=head.env())
+    listed = defect_tune("jobs", "list", "--dashboard", head.url, env=head.env())
     assert "sweep-on-loopback SUCCEEDED" in listed.stdout
 
-    details = requests.get(f"{head.url}/api/jobs/sweep-on-loopback", headers={"Authorization": f"Bearer {head.token}"}).json()
+    details = requests.get(f"{head.url}/api/jobs/sweep-on-loopback",
+                           headers={"Authorization": f"Bearer {head.token}"}).json()
     assert details["runtime_env"]["env_vars"] == {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    assert details["entrypoint"].startswith(f"python -m defect_tune search --data {synthetic_data.absolute().as_uri()} ")
-    assert json.loads((shared / "results" / "loopback" / "sweep.json").read_text())["data"] == synthetic_data.absolute().as_uri()
+    assert details["entrypoint"].startswith(
+        f"python -m defect_tune search --data {synthetic_data.absolute().as_uri()} ")
+    assert (json.loads((shared / "results" / "loopback" / "sweep.json").read_text())["data"]
+            == synthetic_data.absolute().as_uri())
     logs = head.session_logs()
     assert "Creating runtime env" in logs and "WANDB_MODE" in logs  # the agent's log, which would have leaked it
     for output in (result.stdout, result.stderr, logs):
@@ -282,15 +297,17 @@ def test_submit_follow_runs_a_sweep_on_the_cluster_and_leaves_its_leaderboard_in
 
 
 @pytest.mark.slow
-def test_jobs_stop_ends_a_running_sweep_and_gives_the_cluster_back(head, synthetic_data, tmp_path, monkeypatch, fresh_token_cache):
+def test_jobs_stop_ends_a_running_sweep_and_gives_the_cluster_back(
+        head, synthetic_data, tmp_path, monkeypatch, fresh_token_cache):
     result = defect_tune(
-        "submit", "--address", head.url, "--", "search", "--data", synthetic_data, "--space", write_space(tmp_path, 4, 200),
+        "submit", "--dashboard", head.url, "--", "search", "--data", synthetic_data,
+        "--space", write_space(tmp_path, 4, 200),
         "--name", "endless", "--storage", tmp_path / "tune", "--out", tmp_path / "results",
         env=head.env(),
     )
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip()
-    assert f"stop: defect-tune jobs stop {job} --address {head.url}" in result.stderr
+    assert f"stop: defect-tune jobs stop {job} --dashboard {head.url}" in result.stderr
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
     cluster = submit.connect(head.url)
@@ -301,7 +318,7 @@ def test_jobs_stop_ends_a_running_sweep_and_gives_the_cluster_back(head, synthet
         time.sleep(2)
 
     started = time.monotonic()
-    stopped = defect_tune("jobs", "stop", job, "--address", head.url, env=head.env())
+    stopped = defect_tune("jobs", "stop", job, "--dashboard", head.url, env=head.env())
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.startswith(f"{job} STOPPED")
     assert str(submit.info(cluster, job).status) == "STOPPED"
@@ -312,7 +329,8 @@ def test_jobs_stop_ends_a_running_sweep_and_gives_the_cluster_back(head, synthet
         f"ray.init(address='{head.gcs}', log_to_driver=False)\n"
         "deadline = time.monotonic() + 60\n"
         "while ray.available_resources().get('CPU', 0) < 2 and time.monotonic() < deadline: time.sleep(0.5)\n"
-        "print(json.dumps({'free': ray.available_resources().get('CPU', 0), 'total': ray.cluster_resources()['CPU']}))\n"
+        "print(json.dumps({'free': ray.available_resources().get('CPU', 0), "
+        "'total': ray.cluster_resources()['CPU']}))\n"
     )
     probe = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=180,
                            env=head.env(RAY_AUTH_MODE="token"))
@@ -324,14 +342,14 @@ def test_jobs_stop_ends_a_running_sweep_and_gives_the_cluster_back(head, synthet
 @pytest.mark.slow
 def test_a_missing_or_wrong_token_and_an_unknown_job_are_one_line_errors(head, tmp_path):
     home = {"HOME": str(tmp_path)}  # no ~/.ray/auth_token
-    missing = defect_tune("jobs", "list", "--address", head.url, env={**head.env(**home), "RAY_AUTH_TOKEN": ""})
+    missing = defect_tune("jobs", "list", "--dashboard", head.url, env={**head.env(**home), "RAY_AUTH_TOKEN": ""})
     assert missing.returncode == 2 and "requires a token and none was found" in missing.stderr
-    wrong = defect_tune("jobs", "list", "--address", head.url, env=head.env(RAY_AUTH_TOKEN="not-the-token", **home))
+    wrong = defect_tune("jobs", "list", "--dashboard", head.url, env=head.env(RAY_AUTH_TOKEN="not-the-token", **home))
     assert wrong.returncode == 2 and "refused the token" in wrong.stderr and "not-the-token" not in wrong.stderr
-    unknown = defect_tune("jobs", "status", "no-such-job", "--address", head.url, env=head.env())
+    unknown = defect_tune("jobs", "status", "no-such-job", "--dashboard", head.url, env=head.env())
     assert unknown.returncode == 2 and f"no job 'no-such-job' on the cluster at {head.url}" in unknown.stderr
-    # RAY_ADDRESS (often a GCS address in a user's shell) does not override --address.
-    listed = defect_tune("jobs", "list", "--all", "--address", head.url, env=head.env(RAY_ADDRESS="127.0.0.1:1"))
+    # RAY_ADDRESS (often a GCS address in a user's shell) does not override --dashboard.
+    listed = defect_tune("jobs", "list", "--all", "--dashboard", head.url, env=head.env(RAY_ADDRESS="127.0.0.1:1"))
     assert listed.returncode == 0, listed.stderr
     for result in (missing, wrong, unknown, listed):
         assert "Traceback" not in result.stderr and head.token not in result.stdout + result.stderr

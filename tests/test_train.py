@@ -129,7 +129,8 @@ def test_frozen_backbone_epochs_train_only_the_head(synthetic_data):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
     assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
     train_one_epoch(parts, config, batches, epoch=1, rng=rng)
-    assert not torch.equal(before["backbone.features.0.0.weight"], parts.model.state_dict()["backbone.features.0.0.weight"])
+    assert not torch.equal(before["backbone.features.0.0.weight"],
+                           parts.model.state_dict()["backbone.features.0.0.weight"])
 
 
 def test_sample_weights_oversample_rare_classes():
@@ -142,8 +143,8 @@ def test_sample_weights_oversample_rare_classes():
 def test_train_command_end_to_end(synthetic_data, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "defect_tune", "train", "--data", str(synthetic_data), "--out", str(out), "--device", "cpu",
-         "epochs=1", "batch_size=64"],
+        [sys.executable, "-m", "defect_tune", "train", "--data", str(synthetic_data), "--out", str(out),
+         "--device", "cpu", "epochs=1", "batch_size=64"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -167,7 +168,8 @@ def test_prepared_data_reads_the_same_from_a_uri_and_uri_errors_name_the_file(sy
     assert data_file("s3://bucket/el/", "train-00000.parquet") == "s3://bucket/el/train-00000.parquet"
     assert read_meta(uri) == read_meta(synthetic_data)
     for split in ("train", "val", "test"):
-        from_uri, from_path = load_split(uri, split, read_meta(uri)), load_split(synthetic_data, split, read_meta(synthetic_data))
+        from_uri, from_path = (load_split(uri, split, read_meta(uri)),
+                               load_split(synthetic_data, split, read_meta(synthetic_data)))
         assert np.array_equal(from_uri[0], from_path[0]) and np.array_equal(from_uri[1], from_path[1])
         assert from_uri[2] == from_path[2]
 

@@ -141,9 +141,10 @@ def test_online_without_a_key_is_refused_before_the_sweep(monkeypatch, tmp_path)
 
 
 def _epoch(epoch: int, objective: float, early_stopped: bool = False) -> dict:
-    return {"epoch": epoch, "training_iteration": epoch, "val_guarded_macro_recall": objective, "early_stopped": early_stopped,
-            "val_recall/crack": objective + 0.1, "val_recall/finger": objective - 0.1,
-            "threshold/crack": 0.3 + epoch / 10, "threshold/finger": 0.2 + epoch / 10, "node_id": "n1", "config": {"lr": 0.01}}
+    return {"epoch": epoch, "training_iteration": epoch, "val_guarded_macro_recall": objective,
+            "early_stopped": early_stopped, "val_recall/crack": objective + 0.1, "val_recall/finger": objective - 0.1,
+            "threshold/crack": 0.3 + epoch / 10, "threshold/finger": 0.2 + epoch / 10, "node_id": "n1",
+            "config": {"lr": 0.01}}
 
 
 class _Queue:
@@ -158,7 +159,8 @@ def test_a_diverged_trial_run_ends_failed_with_its_reason_and_its_best_epoch_bef
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml")
     callback = SweepRuns("proj", "sweep-1", space, META, str(tmp_path), "offline")
     callback.note("t_00002", _epoch(1, 0.5))
-    callback.note("t_00002", {"epoch": 2, "val_guarded_macro_recall": 0.0, "diverged": "NonFiniteLoss: epoch 2, batch 1: training loss is nan"})
+    callback.note("t_00002", {"epoch": 2, "val_guarded_macro_recall": 0.0,
+                              "diverged": "NonFiniteLoss: epoch 2, batch 1: training loss is nan"})
     summary = callback.final("t_00002", failed=False)["summary"]  # Tune saw the trial end, not fail
     assert summary == {"stop_reason": "error", "epochs": 2, "best_epoch": 1, "val_guarded_macro_recall": 0.5,
                        "error": "NonFiniteLoss: epoch 2, batch 1: training loss is nan"}
@@ -179,11 +181,12 @@ def test_a_trial_run_has_epoch_axis_best_summary_and_per_class_table(tmp_path, m
     final = callback.final("t_00001", failed=False)
     assert final["summary"] == {"stop_reason": "completed" if space.max_epochs <= 3 else "early_stopping",
                                 "epochs": 3, "best_epoch": 2, "val_guarded_macro_recall": 0.7}
-    queue = _Queue([*((_QueueItem.RESULT, r) for r in results), (_QueueItem.RESULT, {FINAL: final}), (_QueueItem.END, None)])
+    queue = _Queue([*((_QueueItem.RESULT, r) for r in results), (_QueueItem.RESULT, {FINAL: final}),
+                    (_QueueItem.END, None)])
     (tmp_path / "trial").mkdir()
     actor = _TrialRun(logdir=str(tmp_path / "trial"), queue=queue, exclude=["config", "done"], to_config=["node_id"],
-                      id="t_00001", name="t_00001", project="proj", group="sweep-1", job_type="trial", tags=["defect-tune"],
-                      dir=str(tmp_path), mode="offline", config={"lr": 0.01, "sweep": "sweep-1"})
+                      id="t_00001", name="t_00001", project="proj", group="sweep-1", job_type="trial",
+                      tags=["defect-tune"], dir=str(tmp_path), mode="offline", config={"lr": 0.01, "sweep": "sweep-1"})
     actor.run()
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
@@ -214,7 +217,8 @@ def assert_one_run_per_trial(out: Path, sweep: str, project: str, data: Path) ->
     classes = json.loads((data / "meta.json").read_text())["classes"]
     for _, row in board.iterrows():
         run = runs[row["trial_id"]]
-        assert (run["name"], run["group"], run["job_type"], run["project"]) == (row["trial_id"], sweep, "trial", project)
+        assert (run["name"], run["group"], run["job_type"], run["project"]) == (
+            row["trial_id"], sweep, "trial", project)
         assert run["tags"] == ["defect-tune", "space"]
         sampled = {k.removeprefix("param/"): v for k, v in row.items() if k.startswith("param/") and pd.notna(v)}
         assert {k: run["config"][k] for k in sampled} == pytest.approx(sampled)
@@ -225,7 +229,8 @@ def assert_one_run_per_trial(out: Path, sweep: str, project: str, data: Path) ->
         tune_history = read_csv(progress)
         epochs = [h for h in run["history"] if "val_guarded_macro_recall" in h]
         assert [h["epoch"] for h in epochs] == tune_history["epoch"].tolist() == list(range(1, row["epochs"] + 1))
-        assert [h["val_guarded_macro_recall"] for h in epochs] == pytest.approx(tune_history["val_guarded_macro_recall"].tolist())
+        assert [h["val_guarded_macro_recall"] for h in epochs] == pytest.approx(
+            tune_history["val_guarded_macro_recall"].tolist())
         assert max(h["val_guarded_macro_recall"] for h in epochs) == pytest.approx(row["val_guarded_macro_recall"])
         summary = run["summary"]
         assert summary["stop_reason"] == row["stop_reason"] and summary["epochs"] == row["epochs"]

@@ -102,7 +102,8 @@ def test_the_hub_is_asked_last_and_its_download_is_used(tmp_path, monkeypatch):
     downloaded = tmp_path / "downloaded.safetensors"
     save_file(timm_state("resnet18"), downloaded)
     asked = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: asked.append((repo, name)) or str(downloaded))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name: asked.append((repo, name)) or str(downloaded))
     found = w.find_weights("resnet18")
     assert (found.source, found.path, asked) == ("hub", downloaded, [("timm/resnet18.a1_in1k", "model.safetensors")])
     assert w.find_weights("resnet18", hub=False) is None and len(asked) == 1
@@ -114,7 +115,8 @@ def test_weights_add_checks_the_file_against_the_model_before_copying(tmp_path):
     save_file(timm_state("resnet18"), good)
     save_file(timm_state("resnet34"), other)
     folder = tmp_path / "weights"
-    with pytest.raises(w.WeightsError, match=r"other.safetensors: not weights for resnet18: stray \d+ tensor\(s\), e.g. layer1.2"):
+    with pytest.raises(w.WeightsError,
+                       match=r"other.safetensors: not weights for resnet18: stray \d+ tensor\(s\), e.g. layer1.2"):
         w.add_weights(other, "resnet18", folder)
     assert not folder.exists()
     target = w.add_weights(good, "resnet18", folder)
@@ -145,7 +147,8 @@ def test_a_space_whose_backbones_cannot_build_is_refused_before_the_sweep(tmp_pa
     with pytest.raises(SpaceError) as refused:
         load_space(space).check_weights()
     message = str(refused.value)
-    assert "2 backbone(s)" in message and "'resnet18': no ImageNet weights" in message and "'steel_cnn' has no published" in message
+    assert ("2 backbone(s)" in message and "'resnet18': no ImageNet weights" in message
+            and "'steel_cnn' has no published" in message)
     assert "efficientnet_lite0" not in message  # its package is installed
     # Pretrained only where the space says so: the seeds' CNN trains from scratch, lite0 has its weights.
     space.write_text(
@@ -188,4 +191,5 @@ def test_train_auto_recipe_falls_back_to_scratch_with_one_line_when_no_weights(m
     assert cli._choose_recipe("scratch", None, []) == ("scratch", None)
     monkeypatch.setitem(w.PACKAGES, "efficientnet_lite0", ("no_such_weights_package", "models/x.pth"))
     chosen, note = cli._choose_recipe("auto", None, [])
-    assert chosen == "scratch" and note.startswith("recipe scratch (the plain recipe, from scratch): no ImageNet weights")
+    assert chosen == "scratch" and note.startswith("recipe scratch (the plain recipe, from scratch): "
+                                                   "no ImageNet weights")

@@ -44,7 +44,8 @@ def class_weights(
     for name, positives in counts.positives.items():
         if name in overrides:
             if overrides[name] < 0:
-                raise UserError(f"class_weight_overrides: class-weight override for {name!r} must be >= 0, got {overrides[name]}")
+                raise UserError(f"class_weight_overrides: class-weight override for {name!r} must be >= 0, got "
+                                f"{overrides[name]}")
             weights[name] = float(overrides[name])
         elif not 0 < positives <= counts.total:
             raise UserError(

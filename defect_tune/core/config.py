@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from defect_tune.core.augment import parse_augment
+from defect_tune.core.augment_spec import parse_augment
 from defect_tune.core.errors import UserError
 
 
@@ -107,8 +107,8 @@ class TrainConfig(BaseModel):
     """Every default together is the plain baseline recipe (`defect-tune train` with no keys, and
     the `baseline` point of every shipped search space): a timm ResNet-18 from scratch, AdamW
     with a one-cycle schedule, square-root class weights, flips, batch 32, 30 epochs, no early
-    stopping (the epoch with the best validation objective is kept). Chosen as a strong generic recipe for small grayscale defect
-    sets, not fitted to any dataset here."""
+    stopping (the epoch with the best validation objective is kept). Chosen as a strong generic
+    recipe for small grayscale defect sets, not fitted to any dataset here."""
 
     # allow_inf_nan: an infinite warmup or MixUp alpha would train on in silence or fail as a NaN loss.
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False)

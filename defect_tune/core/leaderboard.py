@@ -69,7 +69,8 @@ def paths_in_results(board: pd.DataFrame, results: Path) -> pd.DataFrame:
     if "checkpoint" in board:
         board["checkpoint"] = [in_results(_clean(p), results) for p in board["checkpoint"]]
     if "fold_predictions" in board:
-        board["fold_predictions"] = [None if _clean(files) is None else json.dumps([in_results(f, results) for f in json.loads(files)])
+        board["fold_predictions"] = [None if _clean(files) is None
+                                     else json.dumps([in_results(f, results) for f in json.loads(files)])
                                      for files in board["fold_predictions"]]
     return board
 
@@ -82,7 +83,8 @@ def prediction_files(row, results: Path) -> list[str]:
     from defect_tune.core.config import PREDICTIONS_FILE
 
     folds, checkpoint = _clean(row.get("fold_predictions")), _clean(row.get("checkpoint"))
-    files = json.loads(folds) if folds else ([f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"] if checkpoint else [])
+    files = (json.loads(folds) if folds
+             else ([f"{str(checkpoint).rstrip('/')}/{PREDICTIONS_FILE}"] if checkpoint else []))
     return [from_results(file, results) for file in files]
 
 
@@ -123,7 +125,8 @@ def _within(usable: pd.DataFrame, limits: dict[str, float], where: Path) -> pd.D
         if column not in usable.columns or pd.to_numeric(usable[column], errors="coerce").isna().all():
             raise RankingError(f"{where}: no {column!r} column; {LIMITS[column][0]} needs a sweep that measured costs "
                               "(defect-tune search from this version on)")
-    excess = pd.concat([pd.to_numeric(usable[c], errors="coerce") / limit for c, limit in limits.items()], axis=1).max(axis=1)
+    excess = pd.concat([pd.to_numeric(usable[c], errors="coerce") / limit for c, limit in limits.items()],
+                       axis=1).max(axis=1)
     meeting = usable[excess <= 1.0]
     if meeting.empty and len(usable):
         closest = usable.loc[excess.idxmin()]
@@ -153,7 +156,8 @@ def _listed(board: pd.DataFrame, passed: pd.Series, most: int = 5) -> str:
     return ", ".join(shown) + (f" and {len(passed) - most} more" if len(passed) > most else "")
 
 
-def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path, limits: dict[str, float] | None = None) -> pd.Series:
+def pick(board: pd.DataFrame, metric: str, mode: str, rank: int, where: Path,
+         limits: dict[str, float] | None = None) -> pd.Series:
     """The `rank`-th best trial by `metric` among trials that finished an epoch without error,
     and that meet `limits` (a leaderboard cost column -> its largest allowed value)."""
     if metric not in board.columns:

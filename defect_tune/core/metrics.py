@@ -28,7 +28,8 @@ _BETA = {"f1": 1.0, "f2": 2.0}
 def _check(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     if probs.ndim != 2 or probs.shape != targets.shape or probs.shape[0] == 0:
-        raise ValueError(f"probs and targets must be equal (N, C) arrays with N > 0, got {probs.shape} and {targets.shape}")
+        raise ValueError(f"probs and targets must be equal (N, C) arrays with N > 0, got {probs.shape} and "
+                         f"{targets.shape}")
     if not np.all((probs >= 0) & (probs <= 1)):  # also rejects NaN; logits passed by mistake land here
         raise ValueError("probs must be sigmoid probabilities in [0, 1] (were logits passed?)")
     if not np.isin(targets, (0, 1)).all():
@@ -294,6 +295,7 @@ def per_class_table(report: dict, title: str = "") -> str:
     lines.append(row("MICRO AVG", ["", micro["precision"], "", micro["recall"], "", micro["f1"], micro["f2"], "", ""]
                      + [micro[k] for k in keys[9:]]))
     if report["classes_without_support"]:
-        lines.append(f"no positives in this split (left out of MACRO AVG): {', '.join(report['classes_without_support'])}")
+        lines.append("no positives in this split (left out of MACRO AVG): "
+                     f"{', '.join(report['classes_without_support'])}")
     lines.append("=" * width)
     return "\n".join(lines)

@@ -132,7 +132,8 @@ class FoldMean:
         if not known:
             return None
         epoch = min(known)
-        still_training = [f for f, rows in enumerate(self.rows) if f not in self.finished and max(rows, default=0) < epoch]
+        still_training = [f for f, rows in enumerate(self.rows)
+                          if f not in self.finished and max(rows, default=0) < epoch]
         return None if still_training else epoch
 
     def mean(self, epoch: int) -> dict:
@@ -155,7 +156,8 @@ def fold_mean(rows: list[dict], epoch: int, objective: str) -> dict:
     out: dict = {"epoch": epoch, "folds": k}
     for key in dict.fromkeys(key for row in rows for key in row):
         present = [row[key] for row in rows if row.get(key) is not None]
-        if key in ("epoch", "checkpoint_path", "predictions_path", "best_epoch") or key.endswith(("_low", "_high")) or not present:
+        if (key in ("epoch", "checkpoint_path", "predictions_path", "best_epoch") or key.endswith(("_low", "_high"))
+                or not present):
             continue  # intervals are the folds' own, recomputed below
         if key.startswith(("val_recalled/", "val_positives/")):
             out[key] = int(sum(present))

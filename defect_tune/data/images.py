@@ -72,7 +72,8 @@ def gray(image: Image.Image, bit_depth: int | None = None) -> tuple[np.ndarray, 
         brightest = max(float(array.max()), 255.0)
         depth = bit_depth or int(np.ceil(np.log2(brightest + 1)))
         if brightest > 2.0 ** depth - 1:
-            raise ValueError(f"brightest pixel {brightest:.0f} is above the {depth}-bit range set by prepare --bit-depth {depth}")
+            raise ValueError(f"brightest pixel {brightest:.0f} is above the {depth}-bit range set by prepare "
+                             f"--bit-depth {depth}")
         return np.clip(np.rint(array * (255.0 / (2.0 ** depth - 1))), 0, 255).astype(np.uint8), depth
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)

@@ -110,21 +110,27 @@ class PrepareOptions:
         if self.resolved_fit not in FITS:
             raise PrepareError(f"unknown --fit {self.fit!r}; choose one of {FITS}")
         if self.bit_depth is not None and self.bit_depth not in BIT_DEPTHS:
-            raise PrepareError(f"--bit-depth must be between {BIT_DEPTHS[0]} and {BIT_DEPTHS[-1]} (8-bit images need none), got {self.bit_depth}")
+            raise PrepareError(f"--bit-depth must be between {BIT_DEPTHS[0]} and {BIT_DEPTHS[-1]} (8-bit images need "
+                               f"none), got {self.bit_depth}")
         if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
             raise PrepareError(f"--image-size must be between 8 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
         fractions = self.split
-        if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise PrepareError(f"--split needs three finite fractions >= 0 that sum to 1, got {'/'.join(map(str, fractions))}")
+        if (len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions)
+                or abs(sum(fractions) - 1) > 1e-6):
+            raise PrepareError("--split needs three finite fractions >= 0 that sum to 1, got "
+                               f"{'/'.join(map(str, fractions))}")
         if fractions[0] <= 0 or fractions[1] <= 0:
             # Training without a validation split has nothing to pick its epoch, thresholds or trial by.
-            raise PrepareError(f"--split needs train and validation fractions above 0, got {'/'.join(map(str, fractions))}")
+            raise PrepareError("--split needs train and validation fractions above 0, got "
+                               f"{'/'.join(map(str, fractions))}")
         if self.long_tail is not None and not (math.isfinite(self.long_tail) and self.long_tail >= 1):
-            raise PrepareError(f"--long-tail is the ratio of the most to the least frequent class, at least 1; got {self.long_tail}")
+            raise PrepareError("--long-tail is the ratio of the most to the least frequent class, at least 1; got "
+                               f"{self.long_tail}")
         if not 0 <= self.seed < 2**32:
             raise PrepareError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.workers is not None and self.workers < 1:
-            raise PrepareError(f"--workers must be at least 1 decode process (leave it out for one per core), got {self.workers}")
+            raise PrepareError("--workers must be at least 1 decode process (leave it out for one per core), got "
+                               f"{self.workers}")
         if self.shard_rows < 1:
             raise PrepareError(f"--shard-rows must be at least 1, got {self.shard_rows}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -176,7 +182,8 @@ def _apply_classes(catalog: Catalog, classes: tuple[str, ...] | None) -> list[st
     for item in catalog.items:
         unknown = sorted(set(item.labels) - known)
         if unknown:
-            catalog.skip(item.origin or item.path, f"unknown class {unknown[0]!r} for {item.path.name}; --classes allows {list(classes)}")
+            catalog.skip(item.origin or item.path, f"unknown class {unknown[0]!r} for {item.path.name}; --classes "
+                                                   f"allows {list(classes)}")
         else:
             kept.append(item)
     catalog.items = kept
@@ -217,7 +224,9 @@ class _Row:
 _CHUNK = 64  # images per decode task: big enough to amortise a task, small enough for a smooth bar
 
 
-def _decode_chunk(job: tuple[list[Item], int, str, int | None, Path]) -> list[tuple[str, list[tuple[str, tuple[str, ...], tuple[int, int]]], int | None] | str]:
+def _decode_chunk(
+    job: tuple[list[Item], int, str, int | None, Path],
+) -> list[tuple[str, list[tuple[str, tuple[str, ...], tuple[int, int]]], int | None] | str]:
     """Decode a run of items in a worker; the pixels go straight to a staging Parquet file, so
     only small metadata travels back to the parent (shipping pixels through the pool's pipe
     made two workers slower than one)."""
@@ -229,7 +238,8 @@ def _decode_chunk(job: tuple[list[Item], int, str, int | None, Path]) -> list[tu
         if isinstance(result, str):
             results.append(result)
             continue
-        results.append((result.content_hash, [(o.suffix, o.labels, o.pixels.shape) for o in result.outputs], result.bit_depth))
+        results.append((result.content_hash, [(o.suffix, o.labels, o.pixels.shape) for o in result.outputs],
+                        result.bit_depth))
         pixels.extend(o.pixels.tobytes() for o in result.outputs)
     pq.write_table(pa.table({"pixels": pa.array(pixels, pa.binary())}), path)
     return results
@@ -249,7 +259,8 @@ def _decode_all(options: PrepareOptions, items: list[Item], staging: Path, catal
     workers = options.workers or os.cpu_count() or 1
     staging.mkdir()
     jobs = [
-        (items[start : start + _CHUNK], options.image_size, options.resolved_fit, options.bit_depth, staging / f"{start // _CHUNK:08d}.parquet")
+        (items[start : start + _CHUNK], options.image_size, options.resolved_fit, options.bit_depth,
+         staging / f"{start // _CHUNK:08d}.parquet")
         for start in range(0, len(items), _CHUNK)
     ]
     pool = None
@@ -296,7 +307,8 @@ def _common_shape(rows: list[_Row], catalog: Catalog, options: PrepareOptions) -
     shape = Counter(row.shape for row in rows).most_common(1)[0][0]
     usable = np.array([row.shape == shape for row in rows])
     mismatched = [
-        BadInput(row.source, f"stored shape {row.shape} differs from the dataset's {shape} under --fit keep; use --fit pad or tile")
+        BadInput(row.source, f"stored shape {row.shape} differs from the dataset's {shape} under --fit keep; use --fit "
+                             "pad or tile")
         for row, ok in zip(rows, usable)
         if not ok
     ]
@@ -321,7 +333,8 @@ def _conflicting_labels(rows: list[_Row], usable: np.ndarray, catalog: Catalog, 
         shown = " vs ".join(sorted(";".join(s) or "(defect-free)" for s in labels[group]))
         for source in sources[group]:
             others = ", ".join(s for s in sources[group] if s != source)
-            bad.append(BadInput(source, f"identical bytes to {others} but labelled differently ({shown}); label the image once"))
+            bad.append(BadInput(source, f"identical bytes to {others} but labelled differently ({shown}); label the "
+                                        "image once"))
     _fail_if_strict(options, bad)
     catalog.bad.extend(bad)
     return usable & np.array([row.group not in conflicted for row in rows], dtype=bool)
@@ -344,9 +357,11 @@ def _check_class_names(classes: list[str], catalog: Catalog, source) -> None:
                                "name one class one way (or list the one you mean with --classes)")
 
 
-def _assign_splits(rows: list[_Row], usable: np.ndarray, classes: list[str], options: PrepareOptions, meta_columns: tuple[str, ...]) -> np.ndarray:
+def _assign_splits(rows: list[_Row], usable: np.ndarray, classes: list[str], options: PrepareOptions,
+                   meta_columns: tuple[str, ...]) -> np.ndarray:
     """Split per group (duplicates and tiles of one source stay together); -1 for unusable rows."""
-    stratify_by = options.stratify_by if options.stratify_by is not None else (("cell_type",) if options.format == "elpv" else ())
+    stratify_by = (options.stratify_by if options.stratify_by is not None
+                   else (("cell_type",) if options.format == "elpv" else ()))
     missing = [c for c in stratify_by if c not in meta_columns]
     if missing:
         raise PrepareError(f"--stratify-by {missing}: no such metadata column; this dataset has {list(meta_columns)}")
@@ -369,9 +384,11 @@ def _assign_splits(rows: list[_Row], usable: np.ndarray, classes: list[str], opt
     return np.array([group_split[index[row.group]] if ok else -1 for row, ok in zip(rows, usable)])
 
 
-def _write_shards(staging: Path, rows: list[_Row], split_of: np.ndarray, classes: list[str], meta_columns, tmp: Path, options: PrepareOptions) -> dict:
+def _write_shards(staging: Path, rows: list[_Row], split_of: np.ndarray, classes: list[str], meta_columns, tmp: Path,
+                  options: PrepareOptions) -> dict:
     files = sorted(staging.glob("*.parquet"))  # chunk order is item order, as `rows` is
-    pixels = pa.chunked_array([pq.read_table(f, memory_map=True).column("pixels").combine_chunks() for f in files], pa.binary())
+    pixels = pa.chunked_array([pq.read_table(f, memory_map=True).column("pixels").combine_chunks() for f in files],
+                              pa.binary())
     label_type = pa.list_(pa.uint8(), len(classes))
     rng = np.random.default_rng(options.seed)
     shards: dict[str, list[dict]] = {}
@@ -451,7 +468,8 @@ def _prepare(options: PrepareOptions, console: Console | None) -> dict:
     _check_class_names(classes, catalog, options.source)
     _fail_if_strict(options, catalog.bad)
     if not catalog.items:
-        raise PrepareError(f"{options.source}: no usable images found ({len(catalog.bad)} skipped{_reasons(catalog.bad)})")
+        raise PrepareError(f"{options.source}: no usable images found ({len(catalog.bad)} "
+                           f"skipped{_reasons(catalog.bad)})")
 
     items, long_tail = catalog.items, None
     if options.long_tail is not None:
@@ -486,12 +504,14 @@ def _prepare(options: PrepareOptions, console: Console | None) -> dict:
             "defect_tune_version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "command": options.command,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items() if k != "command"},
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()
+                        if k != "command"},
             "source": {"format": options.format, "path": str(options.source.absolute()) if options.source else None},
             "source_fingerprint": _fingerprint(rows, split_of),
             "classes": classes,
-            "image": {"height": shape[0], "width": shape[1], "channels": 1, "dtype": "uint8", "fit": options.resolved_fit,
-                      "bit_depth": options.bit_depth, "deep_images_by_bit_depth": {str(d): n for d, n in sorted(depths.items())}},
+            "image": {"height": shape[0], "width": shape[1], "channels": 1, "dtype": "uint8",
+                      "fit": options.resolved_fit, "bit_depth": options.bit_depth,
+                      "deep_images_by_bit_depth": {str(d): n for d, n in sorted(depths.items())}},
             "metadata_columns": list(catalog.meta_columns),
             "images": len(stored),
             "positives": {c: sum(c in r.labels for r in stored) for c in classes},
@@ -501,7 +521,8 @@ def _prepare(options: PrepareOptions, console: Console | None) -> dict:
                 "groups": sum(1 for n in group_sizes.values() if n > 1),
                 "images": sum(n for n in group_sizes.values() if n > 1),
             },
-            "long_tail": None if long_tail is None else {"ratio": options.long_tail, "target": long_tail.target, "kept": long_tail.kept},
+            "long_tail": None if long_tail is None else {"ratio": options.long_tail, "target": long_tail.target,
+                                                         "kept": long_tail.kept},
             "split_fractions": dict(zip(SPLITS, options.split)),
             "splits": stats,
             "bad_inputs": len(catalog.bad),
@@ -523,7 +544,8 @@ def _prepare(options: PrepareOptions, console: Console | None) -> dict:
 
 
 def summary_table(meta: dict) -> Table:
-    table = Table(title=f"{meta['images']} images, {len(meta['classes'])} classes, {meta['image']['height']}x{meta['image']['width']}")
+    table = Table(title=f"{meta['images']} images, {len(meta['classes'])} classes, "
+                        f"{meta['image']['height']}x{meta['image']['width']}")
     table.add_column("class")
     for name in SPLITS:
         table.add_column(name, justify="right")
@@ -538,7 +560,8 @@ def summary_table(meta: dict) -> Table:
     table.add_section()
     for label, key in (("defect-free", "defect_free"), ("multi-label", "multi_label"), ("images", "images")):
         cells = [str(meta["splits"][s][key]) for s in SPLITS]
-        total = {"defect_free": meta["defect_free_images"], "multi_label": meta["multi_label_images"], "images": meta["images"]}[key]
+        total = {"defect_free": meta["defect_free_images"], "multi_label": meta["multi_label_images"],
+                 "images": meta["images"]}[key]
         table.add_row(label, *cells, str(total), *([""] if meta["long_tail"] else []))
     throughput = meta["throughput"]
     table.caption = (

@@ -93,7 +93,8 @@ def check_out_dir(options) -> None:  # options: a prepare.PrepareOptions
         raise PrepareError(f"{options.out} already exists and is not empty; pass --overwrite to replace it")
     problem = not_a_prepare_output(out)
     if problem:
-        raise PrepareError(f"{options.out}: {problem}; --overwrite only replaces an earlier prepare's output, refusing to delete it")
+        raise PrepareError(f"{options.out}: {problem}; --overwrite only replaces an earlier prepare's output, refusing "
+                           "to delete it")
 
 
 def not_a_prepare_output(folder: Path) -> str | None:
@@ -141,7 +142,8 @@ def clear_dead_staging(out: Path, console: Console | None) -> None:
             continue  # alive, under another user
         shutil.rmtree(folder, ignore_errors=True)
         if console is not None:
-            console.print(f"removed {folder}, the staging folder of an earlier prepare (process {pid}) that did not finish")
+            console.print(f"removed {folder}, the staging folder of an earlier prepare (process {pid}) that did not "
+                          "finish")
 
 
 @contextlib.contextmanager

@@ -69,6 +69,17 @@ def _require(layout: str, *paths: Path, check=Path.exists) -> None:
             raise FileNotFoundError(f"{path}: not found; {layout}")
 
 
+def labelled_twice(path: Path, labels: list[tuple[str, ...]], where: str) -> str:
+    """Why an image reached under two labels is refused, in every reader."""
+    named = " vs ".join("+".join(label) or "defect-free" for label in labels)
+    return f"{path} is one file labelled {named} by {where}; label it once (one class folder, one row)"
+
+
+def read_once(path: Path, first: Path) -> str:
+    """Why a second path to an image already read is left out, in every reader."""
+    return f"{path} is the same file as {first} (through a link or another path to it): read once"
+
+
 def one_item_per_file(catalog: Catalog) -> Catalog:
     """Every reader's last step: one item per image file, and one id per item.
 
@@ -87,14 +98,12 @@ def one_item_per_file(catalog: Catalog) -> Catalog:
             continue
         where = ", ".join(str(item.origin or item.path) for item in items)
         if len({item.labels for item in items}) > 1:
-            labels = " vs ".join(str(list(item.labels)) for item in items)
             for item in items:
-                catalog.skip(item.origin or item.path, f"{item.path} is one file labelled {labels} by {where}; label it once")
+                catalog.skip(item.origin or item.path, labelled_twice(item.path, [i.labels for i in items], where))
         else:
             kept.append(items[0])
             for item in items[1:]:
-                catalog.skip(item.origin or item.path, f"{item.path} is the same file as {items[0].path} (through a link "
-                                                       "or another path to it): read once")
+                catalog.skip(item.origin or item.path, read_once(item.path, items[0].path))
     order = {id(item): n for n, item in enumerate(catalog.items)}
     kept.sort(key=lambda item: order[id(item)])
     counts: dict[str, int] = {}
@@ -255,7 +264,8 @@ def check_rle(rle: str) -> None:
     huge = next((v for v in values if len(v.lstrip("0")) > len(str(MAX_RLE_VALUE)) or int(v) > MAX_RLE_VALUE), None)
     if huge is not None:
         shown = huge if len(huge) <= 24 else f"{huge[:12]}...({len(huge)} digits)"
-        raise ValueError(f"EncodedPixels value {shown} is larger than any image's pixel count (at most {MAX_RLE_VALUE})")
+        raise ValueError(f"EncodedPixels value {shown} is larger than any image's pixel count (at most "
+                         f"{MAX_RLE_VALUE})")
     if any(int(n) < 1 for n in values):
         raise ValueError("EncodedPixels has a start or length below 1")
 
@@ -358,11 +368,10 @@ def read_folders(root: Path, defect_free: tuple[str, ...] = (), exclude: tuple[s
         if len(labels) > 1:
             refused.add(first)
             for path in paths:
-                catalog.skip(path, f"one file reached under {len(labels)} labels ({', '.join(labels)}) through links: "
-                                   f"{', '.join(str(p) for p in paths)}; keep it in one class folder")
+                catalog.skip(path, labelled_twice(path, [(label,) for label in labels], ", ".join(map(str, paths))))
         else:
             for path in paths[1:]:
-                catalog.skip(path, f"the same file as {first} (through a link): read once")
+                catalog.skip(path, read_once(path, first))
     for path, problem in walk.problems:
         if not left_out(path):
             catalog.skip(path, problem)
@@ -451,7 +460,8 @@ def read_manifest(manifest: Path) -> Catalog:
     kept = []
     for item, key in zip(catalog.items, keys):
         if key in conflicted:
-            catalog.skip(item.origin, f"{item.path.name}: labelled differently at line {conflicted[key]}; label the image once")
+            catalog.skip(item.origin, f"{item.path.name}: labelled differently at line {conflicted[key]}; label the "
+                                      "image once")
         else:
             kept.append(item)
     catalog.items = kept

@@ -73,7 +73,8 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}; not a `defect-tune prepare` output")
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}; not a `defect-tune prepare` "
+                        "output")
     for key in ("classes", "image", "splits"):
         if key not in meta:
             raise DataError(f"{path}: missing {key!r}; not a `defect-tune prepare` output")

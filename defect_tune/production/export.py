@@ -62,6 +62,23 @@ def _read(results: Path) -> tuple[dict, pd.DataFrame, dict]:
     return sweep, board, _read_json(files["trial_configs.json"])
 
 
+def export_trial(results: Path, out: Path, rank: int = 1, metric: str | None = None, mode: str | None = None,
+                 max_latency_ms: float | None = None, max_params: str | float | None = None) -> dict:
+    """`defect-tune export`: the `rank`-th best trial among those within the cost limits (ms per
+    image at batch 1, a parameter count such as "5M"), written to `out`; returns the export."""
+    limits = {}
+    if max_latency_ms is not None:
+        if not (np.isfinite(max_latency_ms) and max_latency_ms > 0):
+            raise ExportError(f"--max-latency-ms {max_latency_ms:g}: expected a positive number of milliseconds")
+        limits["cost/latency_ms_b1"] = max_latency_ms
+    if max_params is not None:
+        limits["cost/params"] = parse_count(str(max_params))
+    check_export_out(out)
+    exported = build_export(results, rank, metric, mode, limits)
+    write_export(exported, out)
+    return exported
+
+
 def parse_count(text: str) -> float:
     """`5M`, `500k`, `1.2e6` or `2500000` as a number.
 
@@ -106,11 +123,15 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
     return {
         "format": EXPORT_FORMAT,
         "sweep": {
-            "name": sweep["name"], "results": str(results.absolute()), "experiment": from_results(sweep["experiment"], results.absolute()),
-            "space": from_results(sweep["space"], results.absolute()), "trial_id": trial_id, "rank": rank, "ranked_by": {"metric": metric, "mode": mode},
-            "starting_point": python_value(row.get("starting_point")), "stop_reason": row["stop_reason"], "limits": limits or {},
-            "cost": {column.removeprefix("cost/"): python_value(row[column]) for column in board.columns if column.startswith("cost/")},
-            "epochs_run": int(row["epochs"]), "checkpoint": from_results(python_value(row.get("checkpoint")), results.absolute()),
+            # Paths as the user named the results folder, never this machine's absolute ones.
+            "name": sweep["name"], "results": str(results), "experiment": from_results(sweep["experiment"], results),
+            "space": from_results(sweep["space"], results), "trial_id": trial_id, "rank": rank,
+            "ranked_by": {"metric": metric, "mode": mode},
+            "starting_point": python_value(row.get("starting_point")), "stop_reason": row["stop_reason"],
+            "limits": limits or {},
+            "cost": {column.removeprefix("cost/"): python_value(row[column])
+                     for column in board.columns if column.startswith("cost/")},
+            "epochs_run": int(row["epochs"]), "checkpoint": from_results(python_value(row.get("checkpoint")), results),
             "passed_over": {str(board.at[i, "trial_id"]): reason for i, reason in passed.items()},
         },
         "objective": {
@@ -126,7 +147,8 @@ def build_export(results: Path, rank: int = 1, metric: str | None = None, mode: 
         # no threshold reached the precision floor on validation.
         "thresholds": thresholds,
         "validation": {
-            "macro_precision": python_value(row.get("val_macro_precision")), "macro_f2": python_value(row.get("val_macro_f2")),
+            "macro_precision": python_value(row.get("val_macro_precision")),
+            "macro_f2": python_value(row.get("val_macro_f2")),
             "macro_ap": python_value(row.get("val_macro_ap")),
             "recall": {c: python_value(row.get(f"val_recall/{c}")) for c in classes},
         },
@@ -151,7 +173,8 @@ def check_export_out(out: Path) -> None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         earlier = None
     if not isinstance(earlier, dict) or earlier.get("format") != EXPORT_FORMAT or "sweep" not in earlier:
-        raise ExportError(f"{out}: exists and is not an earlier export; refusing to overwrite it (choose another --out)")
+        raise ExportError(f"{out}: exists and is not an earlier export; "
+                          "refusing to overwrite it (choose another --out)")
 
 
 def write_export(export: dict, out: Path) -> None:

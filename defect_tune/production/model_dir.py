@@ -33,7 +33,8 @@ def format_figure(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def write_model_dir(out: Path, model, config: TrainConfig, info: dict, metrics: dict, files: dict[str, Path] | None = None) -> None:
+def write_model_dir(out: Path, model, config: TrainConfig, info: dict, metrics: dict,
+                    files: dict[str, Path] | None = None) -> None:
     """Writes the model directory at `out` whole or not at all (a staging folder, renamed).
     `files`: more files to move in, by their name in the directory (model.onnx)."""
     staging = out.with_name(out.name + ".partial")
@@ -58,7 +59,8 @@ def write_model_dir(out: Path, model, config: TrainConfig, info: dict, metrics: 
 
 def _interval(report: dict) -> str:
     interval = report["macro"].get("recall_interval")
-    return "" if not interval else f" (95 % interval {interval[0]:.3f}-{interval[1]:.3f}, bootstrap over the test images)"
+    return "" if not interval else (f" (95 % interval {interval[0]:.3f}-{interval[1]:.3f}, "
+                                    "bootstrap over the test images)")
 
 
 def _deployment(info: dict) -> list[str]:
@@ -73,15 +75,17 @@ def _deployment(info: dict) -> list[str]:
         "## Deployment",
         f"- `{WEIGHTS}` for PyTorch (timm), `{onnx['file']}` for onnxruntime or any ONNX runtime. The ONNX graph takes "
         f"{onnx['input']['values']} (`{onnx['input']['name']}`, shape {onnx['input']['shape']}) and returns "
-        f"`{onnx['output']['name']}`; a class is present where its probability reaches its threshold in `{MODEL_JSON}`.",
-        f"- onnxruntime's probabilities on the {check['images']} {check['split']} images differ from PyTorch's by at most "
-        f"{check['max_abs_difference']:.1e} (checked against a tolerance of {check['tolerance']:g}).",
-        f"- Milliseconds per image on the CPU of the machine that retrained it ({latency['torch_threads']} PyTorch threads), "
-        "median of 7 runs:",
+        f"`{onnx['output']['name']}`; a class is present where its probability reaches its threshold in "
+        f"`{MODEL_JSON}`.",
+        f"- onnxruntime's probabilities on the {check['images']} {check['split']} images differ from PyTorch's by at "
+        f"most {check['max_abs_difference']:.1e} (checked against a tolerance of {check['tolerance']:g}).",
+        f"- Milliseconds per image on the CPU of the machine that retrained it ({latency['torch_threads']} PyTorch "
+        "threads), median of 7 runs:",
         "",
         "| runtime | batch 1 | batch 32 |",
         "|---|---|---|",
-        *(f"| {runtime} | {latency[runtime]['batch_1']:.2f} | {latency[runtime]['batch_32']:.2f} |" for runtime in ("torch", "onnxruntime")),
+        *(f"| {runtime} | {latency[runtime]['batch_1']:.2f} | {latency[runtime]['batch_32']:.2f} |"
+          for runtime in ("torch", "onnxruntime")),
         "",
     ]
     return lines
@@ -97,14 +101,15 @@ def model_card(info: dict, metrics: dict, table: str) -> str:
         if info["thresholds"][c] >= PREDICT_NOTHING:
             limits.append(f"- `{c}`: never predicted. No threshold reached the precision floor on validation.")
         if positives < RARE:
-            limits.append(f"- `{c}`: {positives} training images. That is too rare to learn reliably; treat its scores as a hint.")
+            limits.append(f"- `{c}`: {positives} training images. That is too rare to learn reliably; treat its scores "
+                          "as a hint.")
         if support == 0:
             limits.append(f"- `{c}`: no test images, so its test figures are undefined.")
         elif support < 5:
             row = test["per_class"][c]
             low, high = row["recall_interval"]
-            limits.append(f"- `{c}`: {support} test image(s), so its test recall ({row['tp']}/{support}) is a coarse estimate: "
-                          f"95 % interval {low:.2f}-{high:.2f}.")
+            limits.append(f"- `{c}`: {support} test image(s), so its test recall ({row['tp']}/{support}) is a coarse "
+                          f"estimate: 95 % interval {low:.2f}-{high:.2f}.")
     lines = [
         f"# Model card: {export['name']} trial {export['trial_id']}",
         "",
@@ -128,9 +133,10 @@ def model_card(info: dict, metrics: dict, table: str) -> str:
         "## Metric",
         f"The search objective is `{info['objective']['name']}`. {info['objective']['definition']}",
         "",
-        f"On the test split this model has macro recall {format_figure(metrics['test_macro_recall'])}{_interval(test)} at its "
-        f"thresholds and macro precision {format_figure(test['macro']['precision'])}. The guarded macro recall on test, with thresholds "
-        f"chosen on test itself, is {format_figure(metrics['test_guarded_macro_recall'])}; compare it with the sweep's validation figure.",
+        f"On the test split this model has macro recall {format_figure(metrics['test_macro_recall'])}{_interval(test)} "
+        f"at its thresholds and macro precision {format_figure(test['macro']['precision'])}. The guarded macro recall "
+        f"on test, with thresholds chosen on test itself, is {format_figure(metrics['test_guarded_macro_recall'])}; "
+        "compare it with the sweep's validation figure.",
         "",
         "```",
         table.rstrip(),
@@ -171,14 +177,15 @@ def check_model_info(info: dict, path: Path) -> None:
     if missing:
         raise ModelDirError(f"{path}: preprocessing lacks {missing}; predict cannot prepare images as training did")
     sizes = {key: pre[key] for key in ("image_size", "height", "width")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()) or pre["fit"] not in FITS:
+    if (not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values())
+            or pre["fit"] not in FITS):
         # Checked here so that predict blames model.json, not every image it then fails to fit.
         raise ModelDirError(f"{path}: preprocessing {pre} needs positive whole sizes and a fit among {FITS}")
     if sizes["image_size"] > MAX_IMAGE_SIZE or sizes["height"] * sizes["width"] > MAX_IMAGE_SIZE**2:
         # prepare's own bound: a typo here would allocate gigabytes per image before the first prediction.
-        raise ModelDirError(f"{path}: preprocessing image_size {sizes['image_size']}, {sizes['height']}x{sizes['width']} "
-                            f"is larger than prepare writes (image_size at most {MAX_IMAGE_SIZE}, at most "
-                            f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} pixels)")
+        raise ModelDirError(f"{path}: preprocessing image_size {sizes['image_size']}, "
+                            f"{sizes['height']}x{sizes['width']} is larger than prepare writes (image_size at most "
+                            f"{MAX_IMAGE_SIZE}, at most {MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} pixels)")
     if pre.get("bit_depth") is not None and pre["bit_depth"] not in BIT_DEPTHS:  # absent before --bit-depth existed
         raise ModelDirError(f"{path}: preprocessing bit_depth {pre['bit_depth']!r} is not a whole number of bits "
                             f"from {BIT_DEPTHS[0]} to {BIT_DEPTHS[-1]}")
@@ -219,8 +226,8 @@ def _check_classes_match(classes: list[str], recorded: str | None, expected: dic
              and value.shape[0] == len(classes) and tuple(state[key].shape[1:]) == tuple(value.shape[1:])]
     if heads:
         key, found, _ = heads[0]
-        raise ModelDirError(f"{model_json}: lists {len(classes)} classes, but the weights' head ({key} in {weights.name}) "
-                            f"has {found[0]} outputs; model.json does not belong to these weights")
+        raise ModelDirError(f"{model_json}: lists {len(classes)} classes, but the weights' head ({key} in "
+                            f"{weights.name}) has {found[0]} outputs; model.json does not belong to these weights")
 
 
 def load_model(model_dir: Path, device: torch.device | None = None):
@@ -249,6 +256,7 @@ def load_model(model_dir: Path, device: torch.device | None = None):
     except (RuntimeError, ValueError) as error:  # another backbone than config.yaml names
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = "; ".join(lines[1:3]) or lines[0]  # the first line is only "Error(s) in loading state_dict"
-        raise ModelDirError(f"{weights}: does not fit the {config.model!r} network config.yaml builds: {detail[:300]}") from None
+        raise ModelDirError(f"{weights}: does not fit the {config.model!r} network config.yaml builds: "
+                            f"{detail[:300]}") from None
     device = device or pick_device()
     return model.to(device).eval(), info

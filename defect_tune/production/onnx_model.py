@@ -53,7 +53,8 @@ def export_onnx(model: nn.Module, height: int, width: int, path: Path, classes: 
     with warnings.catch_warnings():  # the exporter's progress and deprecation chatter
         warnings.simplefilter("ignore")
         program = torch.onnx.export(deployed, (example,), input_names=[INPUT], output_names=[OUTPUT],
-                                    dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)
+                                    dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                    verbose=False)
     program.model.metadata_props["classes"] = json.dumps(classes)  # onnx_ir's model, before it is written
     program.save(str(path))
     return {"file": path.name, "input": {"name": INPUT, "shape": ["batch", 1, height, width], "dtype": "float32",

@@ -33,16 +33,16 @@ class PredictError(UserError):
 NON_FINITE = "the model gave a non-finite probability (NaN or infinity)"
 
 
-def non_finite_error(table: pd.DataFrame, out: Path, model_dir: Path) -> PredictError | None:
+def non_finite_error(table: pd.DataFrame, out: Path | None, model_dir: Path) -> PredictError | None:
     """The error for predictions where the model gave non-finite probabilities, or None. Raised
     after the CSV is written: the rows say which images, and exit 2 says the run is not usable."""
     broken = table["error"].fillna("").str.startswith(NON_FINITE)
     if not broken.any():
         return None
-    return PredictError(f"{model_dir}: {NON_FINITE} for {int(broken.sum())} of {len(table)} "
-                        f"image(s), e.g. {table.loc[broken, 'path'].iloc[0]}; their rows in {out} say so in 'error' and "
-                        "carry no decisions; exit code 2 because predictions from this model cannot be trusted "
-                        "(check the model's weights for NaN)")
+    rows = f"their rows in {out}" if out is not None else "their rows"
+    return PredictError(f"{model_dir}: {NON_FINITE} for {int(broken.sum())} of {len(table)} image(s), "
+                        f"e.g. {table.loc[broken, 'path'].iloc[0]}; {rows} say so in 'error' and carry no decisions; "
+                        "predictions from this model cannot be trusted (check the model's weights for NaN)")
 
 
 def check_predictions_out(out: Path) -> None:
@@ -140,9 +140,23 @@ def _decoded(paths: list[Path], size: int, fit: str, shape: tuple[int, int],
         tiles = np.stack([output.pixels for output in result.outputs]) if result.outputs else None
         if tiles is None or tiles.shape[1:] != shape:
             got = "no pixels" if tiles is None else f"{tiles.shape[1]}x{tiles.shape[2]}"
-            yield path, f"fits to {got}, the model takes {shape[0]}x{shape[1]} (fit {fit}); prepare-time aspect ratio differs"
+            yield path, (f"fits to {got}, the model takes {shape[0]}x{shape[1]} (fit {fit}); "
+                         "prepare-time aspect ratio differs")
             continue
         yield path, tiles
+
+
+def predict_to_csv(model_dir: Path, inputs: list[str], out: Path, **options) -> pd.DataFrame:
+    """`defect-tune predict`: `predict_images` written to the CSV `out` (checked before the work,
+    which a bad `out` would otherwise lose). Raises PredictError after writing when the model gave
+    non-finite probabilities: the rows say which images, and nothing may read them as "no defect"."""
+    check_predictions_out(out)
+    table = predict_images(model_dir, inputs, **options)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    if (error := non_finite_error(table, out, model_dir)) is not None:
+        raise error
+    return table
 
 
 def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta: bool = False,
@@ -170,16 +184,19 @@ def predict_images(model_dir: Path, inputs: list[str], batch_size: int = 64, tta
             start += len(tiles)
             broken = [c for c, p in zip(classes, image_probs) if not np.isfinite(p)]
             if broken:  # NaN >= threshold is False: it would read as "no defect"
-                rows.append({"path": str(path), "tiles": len(tiles), **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
+                rows.append({"path": str(path), "tiles": len(tiles),
+                             **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
                              "error": f"{NON_FINITE} for {broken}: no decision given"})
                 continue
             decisions = image_probs >= thresholds
-            rows.append({"path": str(path), "tiles": len(tiles), **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
+            rows.append({"path": str(path), "tiles": len(tiles),
+                         **{f"prob/{c}": float(p) for c, p in zip(classes, image_probs)},
                          **{f"pred/{c}": int(d) for c, d in zip(classes, decisions)},
                          "defects": ";".join(c for c, d in zip(classes, decisions) if d), "error": None})
         pending.clear()
 
-    for path, tiles in _decoded(paths, pre["image_size"], pre["fit"], (pre["height"], pre["width"]), pre.get("bit_depth")):
+    for path, tiles in _decoded(paths, pre["image_size"], pre["fit"], (pre["height"], pre["width"]),
+                                pre.get("bit_depth")):
         if isinstance(tiles, str):  # kept, with the reason: nothing is silently dropped
             rows.append({"path": str(path), "tiles": 0, "error": tiles})
             continue

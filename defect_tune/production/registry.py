@@ -34,6 +34,14 @@ except ImportError:
     _PythonModel = object
 
 
+def check_mlflow(tracking_uri: str | None, register: str | None) -> None:
+    """Before hours of retraining, not after: `register` needs a tracking URI, and a URI needs MLflow."""
+    if register is not None and tracking_uri is None:
+        raise RegistryError(f"--register {register}: registering needs --mlflow URI")
+    if tracking_uri is not None and _PythonModel is object:
+        raise RegistryError("--mlflow needs MLflow: pip install -e '.[mlflow]'")
+
+
 class DefectModel(_PythonModel):
     """The pyfunc model: model.onnx plus model.json's classes and thresholds."""
 
@@ -52,7 +60,8 @@ class DefectModel(_PythonModel):
         classes = self.info["classes"]
         thresholds = np.array([self.info["thresholds"][c] for c in classes])
         return pd.DataFrame({**{f"prob/{c}": probs[:, k] for k, c in enumerate(classes)},
-                             **{f"pred/{c}": (probs[:, k] >= thresholds[k]).astype(np.int64) for k, c in enumerate(classes)}})
+                             **{f"pred/{c}": (probs[:, k] >= thresholds[k]).astype(np.int64)
+                                for k, c in enumerate(classes)}})
 
 
 def _flat(prefix: str, values: dict) -> dict:
@@ -127,7 +136,8 @@ def log_model_dir(model_dir: Path, tracking_uri: str, register: str | None = Non
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics(_metrics(metrics))
             mlflow.log_dict(info["thresholds"], "thresholds.json")
-            mlflow.set_tags({"defect_tune.classes": ",".join(info["classes"]), "defect_tune.sweep": str(export.get("name")),
+            mlflow.set_tags({"defect_tune.classes": ",".join(info["classes"]),
+                             "defect_tune.sweep": str(export.get("name")),
                              "defect_tune.trial": str(export.get("trial_id")),
                              "defect_tune.data_fingerprint": str(info.get("data", {}).get("source_fingerprint"))})
             for name in ARTIFACTS:
@@ -135,8 +145,9 @@ def log_model_dir(model_dir: Path, tracking_uri: str, register: str | None = Non
                     mlflow.log_artifact(str(model_dir / name), "model_dir")
             if export_file is not None and Path(export_file).is_file():
                 mlflow.log_artifact(str(export_file), "export")
-            logged = mlflow.pyfunc.log_model(name="model", python_model=DefectModel(), artifacts=artifacts, signature=signature,
-                                             registered_model_name=register, pip_requirements=["onnxruntime", "numpy", "pandas"],
+            logged = mlflow.pyfunc.log_model(name="model", python_model=DefectModel(), artifacts=artifacts,
+                                             signature=signature, registered_model_name=register,
+                                             pip_requirements=["onnxruntime", "numpy", "pandas"],
                                              code_paths=[str(Path(__file__).resolve().parents[1])])
     except mlflow.exceptions.MlflowException as error:
         raise RegistryError(f"MLflow at {tracking_uri}: {str(error).splitlines()[0]}") from None

@@ -79,7 +79,8 @@ def _check(options: RetrainOptions, export: dict, meta: dict) -> None:
         raise RetrainError(f"--gpus-per-worker {error}") from None
     if meta["classes"] != export["data"]["classes"]:
         raise RetrainError(
-            f"{options.data}/meta.json: classes {meta['classes']} differ from the export's {export['data']['classes']}; "
+            f"{options.data}/meta.json: classes {meta['classes']} differ from the export's "
+            f"{export['data']['classes']}; "
             "the thresholds and the head are per class, so retrain on data prepared with the same classes (--classes)"
         )
     if options.holdout == "val" and not meta["splits"]["val"]["images"]:
@@ -112,7 +113,8 @@ def _fit(options: RetrainOptions, config: TrainConfig, meta: dict, stop_after: i
         dataset_config=dataset_config(options.workers),
         run_config=RunConfig(
             name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}", storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION, checkpoint_score_order="max")
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION,
+                                               checkpoint_score_order="max")
             if validate else CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -138,13 +140,16 @@ def _onnx(model, meta: dict, test_x: np.ndarray, path: Path, console: Console) -
         onnx = OnnxModel(path)
     except Exception as error:  # noqa: BLE001 - any exporter failure: the weights still ship
         reason = f"the ONNX exporter failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        console.print(f"warning: no model.onnx: {reason}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"warning: no model.onnx: {reason}", style="yellow", highlight=False, markup=False,
+                      soft_wrap=True)
         return {"error": reason}, {}
     worst = parity(model, onnx, test_x)
-    info["parity"] = {"split": "test", "images": len(test_x), "max_abs_difference": worst, "tolerance": PARITY_TOLERANCE}
+    info["parity"] = {"split": "test", "images": len(test_x), "max_abs_difference": worst,
+                      "tolerance": PARITY_TOLERANCE}
     if not worst <= PARITY_TOLERANCE:
         reason = f"onnxruntime's test probabilities differ from PyTorch's by {worst:.2g}, above {PARITY_TOLERANCE:g}"
-        console.print(f"warning: no model.onnx: {reason}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"warning: no model.onnx: {reason}", style="yellow", highlight=False, markup=False,
+                      soft_wrap=True)
         return {"error": reason, "parity": info["parity"]}, {}
     return info, cpu_latencies(model, onnx, height, width)
 
@@ -163,7 +168,8 @@ def _plan(options: RetrainOptions, export: dict, meta: dict, console: Console) -
     validate = options.holdout == "val"
     stop_after = config.epochs if validate else int(export["best_epoch"])
     if meta.get("source_fingerprint") != export["data"].get("source_fingerprint"):
-        console.print(f"note: {options.data} is not the data the sweep ran on (fingerprints differ); retraining on it anyway",
+        console.print(f"note: {options.data} is not the data the sweep ran on (fingerprints differ); "
+                      "retraining on it anyway",
                       highlight=False, markup=False)
     plan = (f"train on train for up to {stop_after} epochs, best epoch and thresholds from val" if validate else
             f"train on train+val for {stop_after} epochs (the sweep's best epoch"
@@ -190,7 +196,8 @@ def _train_on_ray(options: RetrainOptions, config: TrainConfig, meta: dict, stop
         if not connected:
             start_ray(options.address, configure_logging=False)  # its ClusterError is one line at the CLI
         try:
-            options = replace(options, gpus_per_worker=gpus_per_worker(options.gpus_per_worker, ray.cluster_resources()))
+            options = replace(options,
+                              gpus_per_worker=gpus_per_worker(options.gpus_per_worker, ray.cluster_resources()))
             if options.gpus_per_worker:
                 console.print(f"training on {options.workers} worker(s) with {options.gpus_per_worker:g} GPU each "
                               "(--gpus-per-worker 0: CPUs only)", highlight=False, markup=False)
@@ -220,11 +227,13 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         thresholds = np.array([export["thresholds"][c] for c in classes], dtype=np.float64)
         best_epoch, source = stop_after, f"exported from sweep {export['sweep']['name']}"
         if export.get("cv"):
-            source = (f"the mean of {export['cv']['folds']} folds' thresholds (each learned on its fold's held-out part) "
+            source = (f"the mean of {export['cv']['folds']} folds' thresholds "
+                      "(each learned on its fold's held-out part) "
                       f"in sweep {export['sweep']['name']}")
 
     # The untouched test split, scored on this machine with the weights that will ship.
-    parts = build_parts(config.model_copy(update={"pretrained": False, "pretrained_path": None}), meta, 1, pick_device())
+    parts = build_parts(config.model_copy(update={"pretrained": False, "pretrained_path": None}), meta, 1,
+                        pick_device())
     parts.model.load_state_dict(state["model"])
     test_x, test_y, _ = load_split(options.data, "test", meta)
     test_probs, test_targets, _ = predict(parts, make_loader(test_x, test_y, config))
@@ -252,12 +261,13 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         "training": {
             "holdout": options.holdout, "train_splits": ["train"] if validate else ["train", "val"],
             "epochs_trained": epochs_run, "best_epoch": best_epoch, "seed": config.seed,
-            "workers": options.workers, "gpus_per_worker": options.gpus_per_worker, "train_run": run_path,
+            "workers": options.workers, "gpus_per_worker": options.gpus_per_worker,
+            "train_run": run_path if options.storage else None,  # else a scratch folder, gone
             "train_positives": counts.positives,
         },
-        "data": {"dir": data_location(options.data), "source_fingerprint": meta.get("source_fingerprint"),
+        "data": {"dir": str(options.data), "source_fingerprint": meta.get("source_fingerprint"),
                  "images": {split: meta["splits"][split]["images"] for split in ("train", "val", "test")}},
-        "export": {"file": str(Path(options.export).absolute()), **export["sweep"],
+        "export": {"file": str(options.export), **export["sweep"],
                    "sweep_objective": export["objective"]["value"]},
         "objective": {"name": OBJECTIVE, "definition": OBJECTIVE_DEFINITION},
         "onnx": onnx_info,
@@ -273,10 +283,12 @@ def retrain(options: RetrainOptions, console: Console | None = None) -> dict:
         "val": val_report,
         "sweep_val_objective": export["objective"]["value"],
     }
-    write_model_dir(out, parts.model, config, info, metrics_out, {ONNX_FILE: staging / ONNX_FILE} if "error" not in onnx_info else {})
+    write_model_dir(out, parts.model, config, info, metrics_out,
+                    {ONNX_FILE: staging / ONNX_FILE} if "error" not in onnx_info else {})
     shutil.rmtree(staging, ignore_errors=True)
     console.print(
-        f"model: {out} (test macro recall {format_figure(metrics_out['test_macro_recall'])} at its thresholds, {source}; "
+        f"model: {out} (test macro recall {format_figure(metrics_out['test_macro_recall'])} at its thresholds, "
+        f"{source}; "
         f"the sweep's validation objective was {format_figure(export['objective']['value'])})",
         highlight=False, markup=False, soft_wrap=True,
     )

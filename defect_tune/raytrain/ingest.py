@@ -41,7 +41,7 @@ class _DecodeBatch:
             # node, and a seed fixed per batch would give every epoch the same augmented views.
             # (So sweeps are not bit-reproducible; `defect-tune train` is.)
             seed = int(np.random.default_rng().integers(2**32))
-            from defect_tune.core.augment import augment_batch, build_augmentation
+            from defect_tune.data.augment import augment_batch, build_augmentation
 
             images = augment_batch(build_augmentation(self.augment, (self.height, self.width), seed), images)
         return {"image": images, "labels": labels}

@@ -20,8 +20,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from defect_tune.core.augment import build_augmentation
 from defect_tune.core.config import PREDICTIONS_FILE, TrainConfig
+from defect_tune.data.augment import build_augmentation
 from defect_tune.data.shards import to_tensor
 from defect_tune.raytrain.loop_config import LoopConfig
 from defect_tune.training.cost import model_cost, peak_memory_mb
@@ -44,7 +44,7 @@ def shard_batches(iterator, batch_size: int, drop_last: bool, shuffle: bool = Fa
     """(images, labels) batches from a Dataset shard: normalised tensors, or the stored uint8
     images and float labels as numpy (`as_uint8`, 4x smaller to keep). With `keep`, every
     batch's uint8 images and labels, before augmentation, are appended to it."""
-    from defect_tune.core.augment import augment_batch
+    from defect_tune.data.augment import augment_batch
 
     buffer = 4 * batch_size if shuffle else None  # rows mix across shards within each epoch
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
@@ -233,10 +233,12 @@ def run(loop: LoopConfig, loop_started: float) -> None:
             parts.scheduler.load_state_dict(state["scheduler"])
     validate = loop.validate
     hooks = WorkerHooks(loop, config, parts, stopper, drop_last, rank, world, ray.train.get_dataset_shard("train"),
-                        ray.train.get_dataset_shard("val") if validate else None, ray.get_runtime_context().get_node_id(),
+                        ray.train.get_dataset_shard("val") if validate else None,
+                        ray.get_runtime_context().get_node_id(),
                         timing=timing, model_ready=model_ready, cost=cost)
     try:
-        run_epochs(parts, config, meta["classes"], hooks, progress, stop_after, hooks.rng, finish_on_nonfinite=world > 1)
+        run_epochs(parts, config, meta["classes"], hooks, progress, stop_after, hooks.rng,
+                   finish_on_nonfinite=world > 1)
     except NonFiniteLoss as error:
         if diverged is None:
             raise

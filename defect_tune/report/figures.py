@@ -51,7 +51,8 @@ def history_figure(sweep: Sweep, path: Path) -> Path:
     y = pd.to_numeric(ordered[sweep.objective], errors="coerce").to_numpy(dtype=float)
     fig = Figure(figsize=(9, 4.6), layout="constrained")
     ax = fig.add_subplot()
-    best = np.fmax.accumulate(np.where(np.isnan(y), -np.inf, y)) if sweep.mode == "max" else np.fmin.accumulate(np.where(np.isnan(y), np.inf, y))
+    best = (np.fmax.accumulate(np.where(np.isnan(y), -np.inf, y)) if sweep.mode == "max"
+            else np.fmin.accumulate(np.where(np.isnan(y), np.inf, y)))
     best[~np.isfinite(best)] = np.nan
     ax.step(x, best, where="post", color="#333333", lw=1.8, label="best so far", zorder=1)
     finite = y[np.isfinite(y)]
@@ -61,7 +62,8 @@ def history_figure(sweep: Sweep, path: Path) -> Path:
         if not mask.any():
             continue
         if reason in ("error", "no_result"):
-            ax.scatter(x[mask], np.full(mask.sum(), floor), marker="x", s=60, color=colour, label=f"{label} (no value)", zorder=3)
+            ax.scatter(x[mask], np.full(mask.sum(), floor), marker="x", s=60, color=colour, label=f"{label} (no value)",
+                       zorder=3)
         else:
             hollow = reason in ("asha", "time_budget")
             ax.scatter(x[mask], y[mask], s=55, zorder=3, label=label, edgecolors=colour, linewidths=1.6,
@@ -120,7 +122,8 @@ def importance_figure(values: dict[str, float], n_trials: int, path: Path) -> Pa
 def recall_figure(top: pd.DataFrame, sweep: Sweep, path: Path) -> Path:
     values = top[[f"val_recall/{c}" for c in sweep.classes]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     labels = [f"#{r} {t}  ({metric_text(v)})" for r, t, v in zip(top["rank"], top["trial_id"], top[sweep.objective])]
-    fig = Figure(figsize=(max(6.5, 0.95 * len(sweep.classes) + 3.5), max(3.4, 0.48 * len(top) + 1.9)), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 0.95 * len(sweep.classes) + 3.5), max(3.4, 0.48 * len(top) + 1.9)),
+                 layout="constrained")
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto")
@@ -145,7 +148,8 @@ def savings_figure(sweep: Sweep, path: Path, saved_share: float) -> Path:
     colours = [STOPS.get(r, ("", "#7f7f7f"))[1] for r in ordered["stop_reason"]]
     ax.bar(x, epochs, color=colours)
     ax.axhline(sweep.max_epochs, color="#333333", ls="--", lw=1)
-    handles = [Line2D([], [], color=STOPS[r][1], lw=8, label=STOPS[r][0]) for r in STOPS if (ordered["stop_reason"] == r).any()]
+    handles = [Line2D([], [], color=STOPS[r][1], lw=8, label=STOPS[r][0])
+               for r in STOPS if (ordered["stop_reason"] == r).any()]
     handles.append(Patch(facecolor="none", edgecolor="#bbbbbb", hatch="//", label="epochs not run"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     step = max(1, math.ceil(len(ordered) / 24))
@@ -175,7 +179,8 @@ def pr_figure(probs: np.ndarray, targets: np.ndarray, classes: list[str], thresh
         ax.grid(alpha=0.3)
         if y.sum() == 0:
             ax.set_title(f"{classes[k]}\nno positives")
-            ax.text(0.5, 0.5, "no validation positives:\nno curve", ha="center", va="center", transform=ax.transAxes, color="#555555")
+            ax.text(0.5, 0.5, "no validation positives:\nno curve", ha="center", va="center", transform=ax.transAxes,
+                    color="#555555")
             continue
         precision, recall, _ = precision_recall_curve(y, p)
         ax.step(recall, precision, where="post", color="#1f77b4", lw=1.8)
@@ -200,7 +205,8 @@ def pr_figure(probs: np.ndarray, targets: np.ndarray, classes: list[str], thresh
                Line2D([], [], color="#999999", ls=":", label="prevalence (a random ranking)")]
     if floor is not None:
         handles.append(Line2D([], [], color="#d62728", ls="--", label=f"precision floor {floor:g}"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 if columns == 1 else 4), frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 if columns == 1 else 4),
+               frameon=False)
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
 
@@ -214,7 +220,8 @@ def pareto_front(board: pd.DataFrame, objective: str, mode: str, cost: str) -> p
     on = pd.Series(False, index=board.index)
     for index in board.index[known]:
         others = known & (board.index != index)
-        dominated = others & (value >= value[index]) & (spent <= spent[index]) & ((value > value[index]) | (spent < spent[index]))
+        dominated = (others & (value >= value[index]) & (spent <= spent[index])
+                     & ((value > value[index]) | (spent < spent[index])))
         on[index] = not dominated.any()
     return on
 
@@ -235,8 +242,10 @@ def pareto_figure(sweep: Sweep, costs: list[str], path: Path) -> Path:
         front = pareto_front(rows, sweep.objective, sweep.mode, cost)
         x = rows[cost].astype(float).to_numpy()
         y = rows[sweep.objective].astype(float).to_numpy()
-        low = pd.to_numeric(rows.get(f"{sweep.objective}_low"), errors="coerce") if f"{sweep.objective}_low" in rows else None
-        high = pd.to_numeric(rows.get(f"{sweep.objective}_high"), errors="coerce") if f"{sweep.objective}_high" in rows else None
+        low = (pd.to_numeric(rows.get(f"{sweep.objective}_low"), errors="coerce") if f"{sweep.objective}_low" in rows
+               else None)
+        high = (pd.to_numeric(rows.get(f"{sweep.objective}_high"), errors="coerce") if f"{sweep.objective}_high" in rows
+                else None)
         if low is not None and high is not None:
             spread = np.vstack([np.clip(y - low.to_numpy(), 0, None), np.clip(high.to_numpy() - y, 0, None)])
             ax.errorbar(x, y, yerr=np.nan_to_num(spread), fmt="none", ecolor="#bbbbbb", lw=1, zorder=1)
@@ -264,13 +273,13 @@ def curves_figure(curves: dict, states: dict, cutoffs: dict, sweep: Sweep, path:
     ax = fig.add_subplot()
     for number, curve in curves.items():
         pruned = states.get(number) == "PRUNED"
-        ax.plot(list(curve), list(curve.values()), color=STOPS["asha" if pruned else "completed"][1], alpha=0.75, lw=1.2,
-                ls="--" if pruned else "-", marker="o", ms=3)
+        ax.plot(list(curve), list(curve.values()), color=STOPS["asha" if pruned else "completed"][1], alpha=0.75,
+                lw=1.2, ls="--" if pruned else "-", marker="o", ms=3)
     for rung, cutoff in cutoffs.items():
         ax.axvline(rung, color="#bbbbbb", lw=0.8, zorder=0)
         ax.plot([rung], [cutoff], marker="_", ms=22, mew=2.5, color="#333333", zorder=5)
-    handles = [Line2D([], [], color=STOPS["completed"][1], label="ran on"), Line2D([], [], color=STOPS["asha"][1], ls="--",
-                                                                                        label="stopped by ASHA"),
+    handles = [Line2D([], [], color=STOPS["completed"][1], label="ran on"),
+               Line2D([], [], color=STOPS["asha"][1], ls="--", label="stopped by ASHA"),
                Line2D([], [], color="#333333", marker="_", ms=14, mew=2.5, ls="none", label="cut-off at the rung")]
     ax.legend(handles=handles, frameon=False, loc="lower right")
     ax.set_xlabel("epoch (Tune's iteration)")
@@ -286,15 +295,17 @@ def _predictions_path(sweep: Sweep, file: str) -> tuple[Path | None, str | None]
     if text.startswith("file://"):
         text = text.removeprefix("file://")
     elif "://" in text:
-        return None, (f"No precision-recall curves: the best trial's predictions are on remote storage ({text}), and the "
-                      "report reads local files only. Copy them next to the results and point the leaderboard's "
-                      f"checkpoint column (the folder that holds {PREDICTIONS_FILE}) or, after --cv, its fold_predictions "
-                      "column (the files) at the copy, or run the report where the storage is mounted.")
+        return None, (f"No precision-recall curves: the best trial's predictions are on remote storage ({text}), and "
+                      "the report reads local files only. Copy them next to the results and point the leaderboard's "
+                      f"checkpoint column (the folder that holds {PREDICTIONS_FILE}) or, after --cv, its "
+                      "fold_predictions column (the files) at the copy, or run the report where the storage is "
+                      "mounted.")
     path = Path(text)
     if path.is_file():
         return path, None
     experiment = str(sweep.summary.get("experiment", ""))
-    where = f" (the sweep's storage is {experiment}; run the report where that is reachable)" if "://" in experiment else ""
+    where = (f" (the sweep's storage is {experiment}; run the report where that is reachable)" if "://" in experiment
+             else "")
     return None, f"No precision-recall curves: {path} not found{where}."
 
 

@@ -67,7 +67,8 @@ def load_sweep(results: Path) -> Sweep:
     except (OSError, ValueError) as error:
         raise ReportError(f"{results / 'leaderboard.parquet'}: cannot be read ({error})") from None
     if board.empty:
-        raise ReportError(f"{results / 'leaderboard.parquet'}: the sweep recorded no trials, so there is nothing to report")
+        raise ReportError(f"{results / 'leaderboard.parquet'}: the sweep recorded no trials, so there is nothing to "
+                          "report")
     objective = summary.get("objective", OBJECTIVE)
     if objective not in board:
         raise ReportError(f"{results / 'leaderboard.parquet'}: no column {objective!r} (the objective in sweep.json)")
@@ -78,7 +79,8 @@ def load_sweep(results: Path) -> Sweep:
     summary = {**summary, **{key: from_results(summary.get(key), results) for key in ("experiment", "space")}}
     index, note = trial_indices(board, summary.get("experiment"))
     board = board.assign(trial_index=index)
-    return Sweep(results, summary, board, objective, summary.get("mode", "max"), int(max_epochs), list(classes), params, note)
+    return Sweep(results, summary, board, objective, summary.get("mode", "max"), int(max_epochs), list(classes), params,
+                 note)
 
 
 def is_missing(value) -> bool:

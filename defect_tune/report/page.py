@@ -99,10 +99,13 @@ def _header(sweep: Sweep, notes: list[str]) -> str:
     best = "no trial reported a value"
     if not finished.empty:
         row = finished.iloc[0]
-        best = f"trial {row['trial_id']}: {sweep.objective} {metric_text(row[sweep.objective])} at epoch {count_text(row.get('best_epoch'))} of {count_text(row.get('epochs'))}"
-    definition = OBJECTIVE_DEFINITION if sweep.objective == OBJECTIVE else "(a metric reported by every trial each epoch)"
+        best = (f"trial {row['trial_id']}: {sweep.objective} {metric_text(row[sweep.objective])} "
+                f"at epoch {count_text(row.get('best_epoch'))} of {count_text(row.get('epochs'))}")
+    definition = (OBJECTIVE_DEFINITION if sweep.objective == OBJECTIVE
+                  else "(a metric reported by every trial each epoch)")
     items = [
-        ("data", s.get("data", "unknown"), False), ("data fingerprint", s.get("source_fingerprint") or "unknown", False),
+        ("data", s.get("data", "unknown"), False),
+        ("data fingerprint", s.get("source_fingerprint") or "unknown", False),
         ("objective", f"{sweep.objective} ({'higher' if sweep.mode == 'max' else 'lower'} is better)", False),
         ("definition", definition, True),
         ("search space", s.get("space", "unknown"), False),
@@ -110,7 +113,8 @@ def _header(sweep: Sweep, notes: list[str]) -> str:
         ("stop reasons", reasons, True), ("wall time", duration_text(s.get("seconds")), True), ("best", best, True),
         ("Tune experiment", s.get("experiment", "unknown"), False),
     ]
-    rows = "".join(f"<dt>{html.escape(k)}</dt><dd{' class=text' if text else ''}>{html.escape(str(v))}</dd>" for k, v, text in items)
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd{' class=text' if text else ''}>{html.escape(str(v))}</dd>"
+                   for k, v, text in items)
     return (f"<h1>Sweep {html.escape(str(s.get('name', sweep.folder.name)))}</h1><dl class='summary'>{rows}</dl>"
             + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes))
 
@@ -125,9 +129,11 @@ def write_report(results: Path, out: Path | None = None) -> Path:
                           "name a folder for report.html and its figures")
     others = files_not_written_by(out, frozenset({REPORT_FILE, *FIGURE_FILES}))
     if others:  # an earlier report's files are replaced; a user's are not ours to overwrite or count
-        raise ReportError(f"{out}: --out holds files report did not write ({', '.join(others[:5])}); choose a new folder")
+        raise ReportError(f"{out}: --out holds files report did not write ({', '.join(others[:5])}); choose a new "
+                          "folder")
     if (out / REPORT_FILE).is_file() and not (out / REPORT_FILE).read_bytes().startswith(PAGE_START.encode()):
-        raise ReportError(f"{out / REPORT_FILE}: exists and is not an earlier defect-tune report; refusing to overwrite it")
+        raise ReportError(f"{out / REPORT_FILE}: exists and is not an earlier defect-tune report; refusing to "
+                          "overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_FILES:  # an earlier report's figure that this one cannot draw must not linger
         (out / name).unlink(missing_ok=True)
@@ -136,7 +142,8 @@ def write_report(results: Path, out: Path | None = None) -> Path:
     try:
         values, reason = importances(study)
     except Exception as error:  # noqa: BLE001 - Optuna's estimator on unusual data must not cost the report
-        values, reason = {}, f"No parameter importances: Optuna could not compute them ({type(error).__name__}: {error})."
+        values, reason = {}, ("No parameter importances: Optuna could not compute them "
+                              f"({type(error).__name__}: {error}).")
     ranked = list(values) or sweep.params
     builders = [
         partial(leaderboard_section, sweep), partial(pareto_section, sweep, out), partial(history_section, sweep, out),
@@ -152,10 +159,12 @@ def write_report(results: Path, out: Path | None = None) -> Path:
                 sections.append(build())
             except Exception as error:  # noqa: BLE001 - one figure's failure must not cost the whole report
                 title = build.func.__name__.removesuffix("_section").replace("_", " ").capitalize()
-                sections.append(Section(title, notes=[f"This section could not be drawn: {type(error).__name__}: {error}"]))
+                sections.append(Section(title,
+                                        notes=[f"This section could not be drawn: {type(error).__name__}: {error}"]))
     sections = [s for s in sections if s is not None]
     nav = "<nav>" + "".join(
-        f"<a href='#{re.sub(r'[^a-z0-9]+', '-', s.title.lower()).strip('-')}'>{html.escape(s.title)}</a>" for s in sections
+        f"<a href='#{re.sub(r'[^a-z0-9]+', '-', s.title.lower()).strip('-')}'>{html.escape(s.title)}</a>"
+        for s in sections
     ) + "</nav>"
     page = (
         f"{PAGE_START}{html.escape(str(sweep.summary.get('name', '')))}</title><style>{CSS}</style></head>"

@@ -36,7 +36,8 @@ def _sampled(row: pd.Series, sweep: Sweep, space) -> dict:
     """The parameters this trial sampled. With the space at hand, a conditional choice whose
     value is None (e.g. focal_alpha: null) is told apart from one its branch never sampled."""
     if space is None:
-        return {p: python_value(row.get(f"param/{p}")) for p in sweep.params if python_value(row.get(f"param/{p}")) is not None}
+        return {p: python_value(row.get(f"param/{p}")) for p in sweep.params
+                if python_value(row.get(f"param/{p}")) is not None}
     sampled: dict = {}
     for p in space.params:
         if not p.active(sampled):
@@ -61,10 +62,12 @@ def rebuild_study(sweep: Sweep) -> tuple[optuna.Study, list[str]]:
     try:
         space = load_space(Path(space_path)) if space_path else None
         if space is None:
-            notes.append("sweep.json names no search space, so parameter distributions are inferred from the values tried.")
+            notes.append("sweep.json names no search space, so parameter distributions are inferred from the values "
+                         "tried.")
     except SpaceError as error:
         space = None
-        notes.append(f"The search space could not be read ({error}), so parameter distributions are inferred from the values tried.")
+        notes.append(f"The search space could not be read ({error}), so parameter distributions are inferred from the "
+                     "values tried.")
     rows = [(row, _sampled(row, sweep, space)) for _, row in sweep.in_start_order().iterrows()]
     seen: dict[str, list] = {}
     for _, sampled in rows:
@@ -76,10 +79,12 @@ def rebuild_study(sweep: Sweep) -> tuple[optuna.Study, list[str]]:
         distribution = declared.get(name)
         if distribution is None or not all(optuna_contains(distribution, v) for v in values):
             if distribution is not None:
-                notes.append(f"Values of {name} lie outside its distribution in {space_path} (was the file edited after the sweep?); its range is inferred from the values tried.")
+                notes.append(f"Values of {name} lie outside its distribution in {space_path} (was the file edited "
+                             "after the sweep?); its range is inferred from the values tried.")
             distribution = _inferred([v for v in values if v is not None] or [0.0])
         distributions[name] = distribution
-    study = optuna.create_study(direction="maximize" if sweep.mode == "max" else "minimize", study_name=sweep.summary.get("name"))
+    study = optuna.create_study(direction="maximize" if sweep.mode == "max" else "minimize",
+                                study_name=sweep.summary.get("name"))
     for row, sampled in rows:
         value, reason = python_value(row[sweep.objective]), row["stop_reason"]
         if value is None or reason in ("error", "no_result"):
@@ -105,15 +110,17 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     complete = complete_trials(study)
     others = len(study.trials) - len(complete)
     if len(complete) < 2:
-        return {}, (f"No parameter importances: they compare trials that ran their full budget, and this sweep has "
-                    f"{len(complete)} such trial{'s' if len(complete) != 1 else ''} ({others} other{'s were' if others != 1 else ' was'} "
-                    "stopped by ASHA, failed or reported nothing). Run more trials.")
+        return {}, ("No parameter importances: they compare trials that ran their full budget, and this sweep has "
+                    f"{len(complete)} such trial{'s' if len(complete) != 1 else ''} ({others} "
+                    f"other{'s were' if others != 1 else ' was'} stopped by ASHA, failed or reported nothing). Run "
+                    "more trials.")
     if len({t.value for t in complete}) == 1:
         return {}, f"No parameter importances: all {len(complete)} trials that ran their full budget scored the same."
     varying = {name for name in {n for t in complete for n in t.params}
                if len({repr(t.params.get(name, "<unsampled>")) for t in complete}) > 1}
     if not varying:
-        return {}, f"No parameter importances: the {len(complete)} trials that ran their full budget all used the same parameters."
+        return {}, (f"No parameter importances: the {len(complete)} trials that ran their full budget all used the "
+                    "same parameters.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PED-ANOVA warns about small studies; the caption says so
         raw = optuna.importance.get_param_importances(study, params=sorted(varying), normalize=False)
@@ -146,9 +153,11 @@ def savings(sweep: Sweep) -> dict:
     full = len(sweep.board) * sweep.max_epochs
     by_reason = {}
     for reason, group in epochs.groupby(sweep.board["stop_reason"]):
-        by_reason[reason] = {"trials": len(group), "run": int(group.sum()), "saved": int(len(group) * sweep.max_epochs - group.sum())}
+        by_reason[reason] = {"trials": len(group), "run": int(group.sum()),
+                             "saved": int(len(group) * sweep.max_epochs - group.sum())}
     run = int(epochs.sum())
-    return {"run": run, "full": full, "saved": full - run, "share": (full - run) / full if full else 0.0, "by_reason": by_reason}
+    return {"run": run, "full": full, "saved": full - run, "share": (full - run) / full if full else 0.0,
+            "by_reason": by_reason}
 
 
 def study_curves(sweep: Sweep) -> tuple[dict[int, dict[int, float]], dict[int, str]] | None:
@@ -165,7 +174,8 @@ def study_curves(sweep: Sweep) -> tuple[dict[int, dict[int, float]], dict[int, s
     return curves, {t.number: t.state.name for t in study.trials}
 
 
-def asha_cutoffs(curves: dict[int, dict[int, float]], grace: int, factor: float, max_epochs: int, mode: str) -> dict[int, float]:
+def asha_cutoffs(curves: dict[int, dict[int, float]], grace: int, factor: float, max_epochs: int,
+                 mode: str) -> dict[int, float]:
     """At each of ASHA's rungs (grace, grace·factor, ... below max_epochs), the value a trial had to
     reach there to go on: the top 1/factor of the values recorded at that rung, as ASHA keeps it
     (a trial judged early saw fewer values; this is the cut-off over the whole sweep)."""

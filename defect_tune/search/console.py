@@ -92,7 +92,8 @@ class SweepConsole(tune.Callback):
         if not scored:
             return None
         sign = direction(self.space.mode)  # ties on the objective go to validation AP, as in the leaderboard
-        return max(scored, key=lambda item: sign * (item[1]["objective"] if item[1].get("score") is None else item[1]["score"]))
+        return max(scored,
+                   key=lambda item: sign * (item[1]["objective"] if item[1].get("score") is None else item[1]["score"]))
 
     def standing(self) -> str:
         states = [row["state"] for row in self.rows.values()]

@@ -69,9 +69,11 @@ def trial_row(result, space, classes: list[str], cut_off: frozenset[str] = froze
         for c in classes:
             row[f"val_recall/{c}"] = python_value(best.get(f"val_recall/{c}"))
         for c in classes:  # recalled of positives, and the Wilson interval of that proportion
-            recalled, positives = python_value(best.get(f"val_recalled/{c}")), python_value(best.get(f"val_positives/{c}"))
+            recalled, positives = (python_value(best.get(f"val_recalled/{c}")),
+                                   python_value(best.get(f"val_positives/{c}")))
             row[f"val_recalled/{c}"], row[f"val_positives/{c}"] = recalled, positives
-            interval = wilson_interval(int(recalled), int(positives)) if recalled is not None and positives is not None else None
+            interval = (wilson_interval(int(recalled), int(positives)) if recalled is not None and positives is not None
+                        else None)
             row[f"val_recall_low/{c}"], row[f"val_recall_high/{c}"] = interval or (None, None)
         for c in classes:  # the best epoch's learned thresholds, which `export` hands to production
             row[f"threshold/{c}"] = python_value(best.get(f"threshold/{c}"))

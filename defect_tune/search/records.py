@@ -30,7 +30,8 @@ def resolve_cv(requested: int | str, meta: dict) -> tuple[int, str | None]:
     if requested == "auto":
         folds = 5 if rare else 0
         if rare:
-            return folds, f"--cv auto: 5 folds, since these classes have fewer than {FEW_POSITIVES} validation positives: {listed}"
+            return folds, (f"--cv auto: 5 folds, since these classes have fewer than {FEW_POSITIVES} validation "
+                           f"positives: {listed}")
         return 0, f"--cv auto: no cross-validation; every class has {FEW_POSITIVES}+ validation positives"
     folds = int(requested)
     if folds == 1 or folds < 0:
@@ -71,8 +72,8 @@ def overrides_for_sweep(options: SearchOptions, out: Path) -> dict:
     if options.resume:
         started = json.loads(record.read_text()) if record.is_file() else {}
         if options.overrides and options.overrides != started:
-            raise SearchError(f"--resume: sweep {options.name!r} started with overrides {started or 'none'} ({record}); "
-                              "a resumed sweep keeps them, so drop the key=value arguments")
+            raise SearchError(f"--resume: sweep {options.name!r} started with overrides {started or 'none'} "
+                              f"({record}); a resumed sweep keeps them, so drop the key=value arguments")
         return started
     return options.overrides
 
@@ -83,7 +84,8 @@ def record_overrides(options: SearchOptions, out: Path) -> None:
         (out / OVERRIDES_RECORD).write_text(json.dumps(options.overrides) + "\n")
 
 
-BUDGET_RECORD = "time_budget.json"  # in the results folder: a sweep's time budget, trial count and the trials it cut off
+# in the results folder: a sweep's time budget, trial count and the trials it cut off
+BUDGET_RECORD = "time_budget.json"
 
 
 UNTIL_BUDGET = -1  # Tune's num_samples for "new trials until the time budget runs out"
@@ -103,7 +105,8 @@ def check_time_budget(options: SearchOptions) -> None:
         raise SearchError(f"--time-budget takes a positive number of seconds, got {value!r}")
 
 
-def budget_for_sweep(options: SearchOptions, space: SearchSpace, out: Path) -> tuple[SearchSpace, float | None, str | None]:
+def budget_for_sweep(options: SearchOptions, space: SearchSpace,
+                     out: Path) -> tuple[SearchSpace, float | None, str | None]:
     """The space with the sweep's trial count, its time budget, and what to tell the user.
 
     A new sweep with a budget and no --num-samples starts trials until the budget runs out, and
@@ -116,7 +119,8 @@ def budget_for_sweep(options: SearchOptions, space: SearchSpace, out: Path) -> t
         started = json.loads(record.read_text()) if record.is_file() else {"seconds": None}
         if options.time_budget_s is not None and options.time_budget_s != started["seconds"]:
             was = f"a time budget of {clock(started['seconds'])}" if started["seconds"] else "no time budget"
-            raise SearchError(f"--resume: sweep {options.name!r} started with {was}; Tune keeps it, so drop --time-budget")
+            raise SearchError(f"--resume: sweep {options.name!r} started with {was}; Tune keeps it, so drop "
+                              "--time-budget")
         if not started["seconds"]:
             return space, None, None
         note = (f"--resume: the sweep's time budget of {clock(started['seconds'])} starts again now; "
@@ -130,8 +134,8 @@ def budget_for_sweep(options: SearchOptions, space: SearchSpace, out: Path) -> t
     note = None
     if options.time_budget_s < SHORT_BUDGET_S:
         note = (f"note: a time budget of {clock(options.time_budget_s)} is short: every trial starts a TorchTrainer, "
-                "its workers and its data before its first epoch (the leaderboard's startup_seconds says how long), so few "
-                f"trials may reach ASHA's first rung at epoch {space.grace_period}")
+                "its workers and its data before its first epoch (the leaderboard's startup_seconds says how long), so "
+                f"few trials may reach ASHA's first rung at epoch {space.grace_period}")
     return dataclasses.replace(space, num_samples=samples), options.time_budget_s, note
 
 
@@ -205,7 +209,8 @@ def finish_interrupted_sync(experiment: str, name: str) -> str | None:
         return None
     state = states[-1]
     temp = ray_temp_dir()
-    staged = sorted((p for p in staged_experiment_states(name, state.name) if _whole_json(p)), key=lambda p: p.stat().st_mtime)
+    staged = sorted((p for p in staged_experiment_states(name, state.name) if _whole_json(p)),
+                    key=lambda p: p.stat().st_mtime)
     if not staged:
         raise SearchError(
             f"{state}: empty or not valid JSON: the sweep's driver was killed while Tune was copying its state there, "

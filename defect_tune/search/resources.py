@@ -63,8 +63,9 @@ def folds_side_by_side(resources: dict, options: SearchOptions, folds: int) -> s
         return None
     fits = math.floor(usable / (options.workers_per_trial * folds) * 10) / 10
     advice = f"; --cpus-per-worker {fits:g} runs them side by side" if fits > 0 else ""
-    return (f"note: a trial's {folds} folds need {need:g} CPUs, more than the {usable:g} left for workers: folds take turns, so "
-            f"ASHA sees a trial's first fold-mean only when its last fold has trained an epoch{advice}")
+    return (f"note: a trial's {folds} folds need {need:g} CPUs, more than the {usable:g} left for workers: "
+            "folds take turns, so ASHA sees a trial's first fold-mean "
+            f"only when its last fold has trained an epoch{advice}")
 
 
 # The share of a GPU's memory that `--trials-per-gpu auto` fills with measured workers; the rest
@@ -129,13 +130,14 @@ def gpus_for_workers(options: SearchOptions, space: SearchSpace, meta: dict, res
         if options.gpus_per_worker == "auto":
             gpus = resources.get("GPU", 0)
             if gpus:
-                console.print(f"training on the cluster's {gpus:g} GPU(s), one per worker (--gpus-per-worker 0: CPUs only; "
+                console.print(f"training on the cluster's {gpus:g} GPU(s), one per worker "
+                              "(--gpus-per-worker 0: CPUs only; "
                               "--trials-per-gpu auto: as many trials on each GPU as its memory holds)",
                               highlight=False, markup=False, soft_wrap=True)
             return gpus_per_worker("auto", resources), None
         if resources.get("GPU", 0) and not options.gpus_per_worker:
-            console.print(f"note: the cluster has {resources['GPU']:g} GPU(s) and trials use none; --trials-per-gpu auto "
-                          "trains on them", highlight=False, markup=False, soft_wrap=True)
+            console.print(f"note: the cluster has {resources['GPU']:g} GPU(s) and trials use none; "
+                          "--trials-per-gpu auto trains on them", highlight=False, markup=False, soft_wrap=True)
         return options.gpus_per_worker, None
     if not resources.get("GPU", 0) and not options.max_concurrent:  # --max-concurrent: an autoscaler adds them
         raise SearchError(f"--trials-per-gpu {options.trials_per_gpu}: the cluster has no GPUs (where an autoscaler "

@@ -22,12 +22,11 @@ from defect_tune.core.leaderboard import (
     read_leaderboard,
 )
 from defect_tune.core.versions import package_versions
-from defect_tune.data.shards import data_location
 from defect_tune.search.console import _short
 from defect_tune.search.options import SearchOptions
 from defect_tune.search.records import OVERRIDES_RECORD
 from defect_tune.search.searcher import SPACE_FILE
-from defect_tune.search.space import SearchSpace
+from defect_tune.search.space import SearchSpace, space_name
 
 
 def keep_best_predictions(best, out: Path) -> dict | None:
@@ -63,7 +62,8 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
     if Path(space.path).absolute() != (out / SPACE_FILE).absolute():
         shutil.copyfile(space.path, out / SPACE_FILE)
     summary = {
-        "name": options.name, "space": SPACE_FILE, "space_source": space.path, "data": data_location(options.data),
+        # Paths as the user gave them, never this machine's absolute ones (the folder may move).
+        "name": options.name, "space": SPACE_FILE, "space_source": space_name(space.path), "data": str(options.data),
         "source_fingerprint": meta.get("source_fingerprint"), "experiment": in_results(experiment, out),
         "objective": space.objective, "mode": space.mode,
         "trade_offs": [metric for metric, _ in space.trade_offs],  # what Optuna traded the objective against
@@ -77,13 +77,15 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
         "stop_reasons": board["stop_reason"].value_counts().to_dict() if len(board) else {},
         "resources_total": total, "resources_free_at_end": free, "versions": package_versions(),
         "placement_groups_removed_at_end": leftovers,  # left by Train runs whose trial was killed (wait_for_release)
-        "worker": {"per_trial": options.workers_per_trial, "cpus": options.cpus_per_worker, "gpus": options.gpus_per_worker},
+        "worker": {"per_trial": options.workers_per_trial, "cpus": options.cpus_per_worker,
+                   "gpus": options.gpus_per_worker},
         "gpu_memory": gpu_memory,  # what --trials-per-gpu auto measured
     }
     # Every trial's full training config, so `export --rank k` never needs the space file again.
     configs = {}
     for _, row in board.iterrows():
-        sampled = {k.removeprefix("param/"): python_value(v) for k, v in row.items() if k.startswith("param/") and python_value(v) is not None}
+        sampled = {k.removeprefix("param/"): python_value(v) for k, v in row.items()
+                   if k.startswith("param/") and python_value(v) is not None}
         configs[row["trial_id"]] = space.config_for(sampled).model_dump()
     (out / "trial_configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     try:  # the trial `export` would pick: the best that finished an epoch without error
@@ -91,11 +93,13 @@ def write_results(out: Path, board, space: SearchSpace, options: SearchOptions, 
     except RankingError:  # no such trial
         best = None
     if best is not None:
-        sampled = {k.removeprefix("param/"): python_value(v) for k, v in best.items() if k.startswith("param/") and python_value(v) is not None}
+        sampled = {k.removeprefix("param/"): python_value(v) for k, v in best.items()
+                   if k.startswith("param/") and python_value(v) is not None}
         config = space.config_for(sampled)
         header = (
-            f"# best of sweep {options.name}: trial {best['trial_id']}, {space.objective} = {best[space.objective]:.4f} "
-            f"at epoch {best['best_epoch']} of {best['epochs']}\n# data {meta.get('source_fingerprint')}\n"
+            f"# best of sweep {options.name}: trial {best['trial_id']}, "
+            f"{space.objective} = {best[space.objective]:.4f} at epoch {best['best_epoch']} of {best['epochs']}\n"
+            f"# data {meta.get('source_fingerprint')}\n"
         )
         (out / "best_config.yaml").write_text(header + config.to_yaml())
         summary["best"] = {"trial_id": best["trial_id"], space.objective: float(best[space.objective]),
@@ -119,7 +123,8 @@ def leaderboard_table(board, space: SearchSpace, top: int = 10) -> Table:
         cells = []
         for column in columns:
             if column == "interval":  # the objective's bootstrap interval over validation images
-                low, high = python_value(row.get(f"{space.objective}_low")), python_value(row.get(f"{space.objective}_high"))
+                low, high = (python_value(row.get(f"{space.objective}_low")),
+                             python_value(row.get(f"{space.objective}_high")))
                 cells.append("-" if low is None or high is None else f"{low:.2f}-{high:.2f}")
                 continue
             value = python_value(row.get(column))

@@ -131,7 +131,8 @@ class PointsFinishASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == self.STOP and result.get(self._time_attr, self._max_t) < self._max_t and self.is_point(trial.config):
+        if (action == self.STOP and result.get(self._time_attr, self._max_t) < self._max_t
+                and self.is_point(trial.config)):
             self._num_stopped -= 1
             return self.CONTINUE
         return action

@@ -141,7 +141,8 @@ class SearchSpace:
             raise SpaceError(f"override epochs={max_epochs}: below the space's asha.grace_period {self.grace_period}")
         searched_epochs = [p for p in self.params if p.name == "epochs"]
         if searched_epochs and max(searched_epochs[0].values) > max_epochs:
-            raise SpaceError(f"override epochs={max_epochs}: the space searches epochs up to {max(searched_epochs[0].values)}")
+            raise SpaceError(f"override epochs={max_epochs}: the space searches epochs up to "
+                             f"{max(searched_epochs[0].values)}")
         return dataclasses.replace(self, fixed=fixed, max_epochs=max_epochs)
 
     def recipe_params(self, name: str, where: str) -> dict:
@@ -160,7 +161,8 @@ class SearchSpace:
                             f"the recipe's {p.name} {value!r} is outside the searched {p.kind} {list(p.values)}")
             values[p.name] = value
         for key, value in changes.items():
-            reached = key in values or key == "epochs" or self.fixed.get(key, TrainConfig.model_fields[key].default) == value
+            reached = (key in values or key == "epochs"
+                       or self.fixed.get(key, TrainConfig.model_fields[key].default) == value)
             if not reached:
                 raise _fail(self.path, f"{where} ({name})", f"the recipe sets {key}={value!r}, which this space's "
                             f"trials cannot take on that branch: search or fix {key}")
@@ -301,7 +303,8 @@ def _parse_param(path, name: str, spec: Any, earlier: dict[str, Param]) -> Param
             raise _fail(path, f"{where}.when.{key}", "must name a parameter listed before this one")
         allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if earlier[key].kind == "choice" and not set(allowed) <= set(earlier[key].values):
-            raise _fail(path, f"{where}.when.{key}", f"{list(allowed)} not among its choices {list(earlier[key].values)}")
+            raise _fail(path, f"{where}.when.{key}", f"{list(allowed)} not among its choices "
+                                                     f"{list(earlier[key].values)}")
         when[key] = allowed
     return Param(name, kind, tuple(values), when)
 
@@ -351,7 +354,8 @@ def load_space(path: Path) -> SearchSpace:
     if "epochs" in fixed:
         raise _fail(path, "fixed.epochs", "the epoch budget is max_epochs (or search epochs up to it)")
     if "epochs" in params and max(params["epochs"].values) > raw["max_epochs"]:
-        raise _fail(path, "params.epochs", f"{list(params['epochs'].values)} exceeds max_epochs {raw['max_epochs']} (ASHA's max_t)")
+        raise _fail(path, "params.epochs", f"{list(params['epochs'].values)} exceeds max_epochs {raw['max_epochs']} "
+                                           "(ASHA's max_t)")
     trade_offs = raw.get("trade_offs") or []
     if not isinstance(trade_offs, list) or not all(isinstance(t, str) for t in trade_offs):
         raise _fail(path, "trade_offs", f"expected a list of cost metrics to minimise, some of {list(COSTS)}")
@@ -364,7 +368,8 @@ def load_space(path: Path) -> SearchSpace:
         reduction_factor=float(factor), fixed=fixed, params=tuple(params.values()), points=(), cv=cv,
         trade_offs=tuple((t, "min") for t in trade_offs),
     )
-    return SearchSpace(**{**space.__dict__, "points": _starting_points(path, space, raw.get("points_to_evaluate") or [])})
+    return SearchSpace(**{**space.__dict__,
+                          "points": _starting_points(path, space, raw.get("points_to_evaluate") or [])})
 
 
 def _starting_points(path: Path, space: SearchSpace, listed: list) -> tuple[tuple[str, dict], ...]:
@@ -386,7 +391,8 @@ def _starting_points(path: Path, space: SearchSpace, listed: list) -> tuple[tupl
                     raise _fail(path, f"{where}.params.{p.name}", "missing: this branch samples it")
                 value = values[p.name]
                 if not p.contains(value):
-                    raise _fail(path, f"{where}.params.{p.name}", f"{value!r} is outside the searched {p.kind} {list(p.values)}")
+                    raise _fail(path, f"{where}.params.{p.name}", f"{value!r} is outside the searched {p.kind} "
+                                                                  f"{list(p.values)}")
                 active[p.name] = value
         stray = sorted(set(values) - set(active))
         if stray:
@@ -407,6 +413,11 @@ def bundled_spaces() -> list[str]:
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
 
+def space_name(path: Path | str) -> str:
+    """How a sweep records its space: a bundled one by name (`quick`), any other as given."""
+    return Path(path).stem if Path(path).parent == SPACES_DIR else str(path)
+
+
 def resolve_space(space: Path | str | None) -> Path:
     """A space file: the bundled quick space when none is given; a bundled space by name (`el_solar`);
     otherwise the path as given, which must exist."""
@@ -418,4 +429,5 @@ def resolve_space(space: Path | str | None) -> Path:
     bundled = SPACES_DIR / f"{path.name}.yaml"
     if path.parent == Path(".") and not path.suffix and bundled.is_file():
         return bundled
-    raise SpaceError(f"{path}: no such search space file (bundled spaces, usable by name: {', '.join(bundled_spaces())})")
+    raise SpaceError(f"{path}: no such search space file (bundled spaces, usable by name: "
+                     f"{', '.join(bundled_spaces())})")

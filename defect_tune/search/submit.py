@@ -7,8 +7,8 @@ What travels with a job, and what does not:
   virtualenvs, git or W&B files), and the entrypoint is `python -m defect_tune COMMAND ...`, so
   the job runs exactly the code you have. The dependencies do not travel: the cluster's image
   must have them, in the `python` first on its PATH (torch and the rest of pyproject.toml's pins;
-  `pip` in a runtime_env would download gigabytes for every job). `--no-working-dir` runs the defect-tune installed in the
-  image instead.
+  `pip` in a runtime_env would download gigabytes for every job). `--no-working-dir` runs the
+  defect-tune installed in the image instead.
 - **W&B settings that are not secrets** (WANDB_MODE, WANDB_ENTITY, WANDB_BASE_URL), copied from
   this environment when set. Never WANDB_API_KEY: Ray writes a job's runtime_env in plain text to
   its runtime-env agent log ("Creating runtime env: {...}") and shows it with the job in the
@@ -59,10 +59,11 @@ class UnknownJob(SubmitError):
 
 
 def dashboard_address(address: str | None, environ: Mapping[str, str]) -> str:
-    """The Jobs API's URL: --address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the local default."""
+    """The Jobs API's URL: --dashboard, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the local default."""
     address = address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if address == "auto" or address.startswith("ray://"):
-        raise SubmitError(f"address {address!r}: give the Ray dashboard's URL, e.g. http://HEAD:8265")
+        raise SubmitError(f"{address!r} is a cluster address; --dashboard takes the Ray dashboard's URL, "
+                          "e.g. http://HEAD:8265")
     if "://" not in address:
         address = f"http://{address}"
     return address.rstrip("/")
@@ -84,7 +85,8 @@ def auth_headers() -> dict[str, str]:
     try:
         headers = auth_token_headers()
     except AuthenticationError:  # RAY_AUTH_TOKEN_PATH names a missing or empty file
-        raise SubmitError(f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')}: no token in that file") from None
+        raise SubmitError(f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')}: "
+                          "no token in that file") from None
     if not headers and mode == "token":
         raise SubmitError("RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, "
                           "or put it in ~/.ray/auth_token (`ray get-auth-token` on the head node prints it)")
@@ -115,7 +117,8 @@ class Cluster:
                 raise SubmitError(self._auth_refused()) from None
             if error.status == 404 and job_id:
                 raise UnknownJob(f"no job {job_id!r} on the cluster at {self.address}") from None
-            raise SubmitError(f"the Ray dashboard at {self.address} refused the log stream: HTTP {error.status}") from None
+            raise SubmitError(f"the Ray dashboard at {self.address} refused the log stream: "
+                              f"HTTP {error.status}") from None
         except (ConnectionError, requests.exceptions.ConnectionError, aiohttp.ClientConnectionError):
             raise SubmitError(_unreachable(self.address)) from None
         except RuntimeError as error:  # the SDK's "Request failed with status code N: <body>"
@@ -138,7 +141,7 @@ class Cluster:
 
 def _unreachable(address: str) -> str:
     return (f"cannot reach a Ray dashboard at {address}: is the cluster up, and is this its dashboard "
-            "address (port 8265 by default; --address or RAY_ADDRESS)?")
+            "address (port 8265 by default; --dashboard or RAY_API_SERVER_ADDRESS)?")
 
 
 @contextmanager
@@ -154,7 +157,8 @@ def connect(address: str | None, timeout: float = 5.0) -> Cluster:
     url = dashboard_address(address, os.environ)
     parts = urlsplit(url)
     try:  # the SDK's requests have no timeout: a host that drops packets would hang for minutes
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout).close()
     except (OSError, ValueError):
         raise SubmitError(_unreachable(url)) from None
     headers = auth_headers()
@@ -162,13 +166,15 @@ def connect(address: str | None, timeout: float = 5.0) -> Cluster:
 
     # Ray's client logs a line per file its upload skips, per package and per closed log stream,
     # and warns that it leaves .git out (so do we): quiet, so the job's own output stands out.
-    for name, level in (("ray.dashboard.modules.dashboard_sdk", logging.WARNING), ("ray.dashboard.modules.job.sdk", logging.WARNING),
-                        ("ray._private.runtime_env.packaging", logging.WARNING), ("ray._private.runtime_env.working_dir", logging.ERROR)):
+    for name, level in (("ray.dashboard.modules.dashboard_sdk", logging.WARNING),
+                        ("ray.dashboard.modules.job.sdk", logging.WARNING),
+                        ("ray._private.runtime_env.packaging", logging.WARNING),
+                        ("ray._private.runtime_env.working_dir", logging.ERROR)):
         logging.getLogger(name).setLevel(level)
 
     cluster = Cluster(None, url, bool(headers))
     with cluster.requests(), _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        # Ray lets those two variables override the address it is given; here --address wins.
+        # Ray lets those two variables override the address it is given; here --dashboard wins.
         cluster.client = JobSubmissionClient(url, headers=headers)
     return cluster
 

@@ -71,7 +71,8 @@ def _check_experiment(options: SearchOptions, out: Path, experiment: str, consol
     if options.resume and (repaired := finish_interrupted_sync(experiment, options.name)):
         console.print(f"--resume: {repaired}", style="yellow", highlight=False, markup=False)
     if not options.resume and tune.Tuner.can_restore(experiment):
-        raise SearchError(f"sweep {options.name!r} already exists at {experiment}; --resume continues it, or pick another --name")
+        raise SearchError(f"sweep {options.name!r} already exists at {experiment}; --resume continues it, or pick "
+                          "another --name")
     if options.resume and not tune.Tuner.can_restore(experiment):
         raise SearchError(f"--resume: no sweep {options.name!r} to resume at {experiment}")
     if not options.resume and (out / STUDY_FILE).is_file():
@@ -192,7 +193,8 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
         if options.resume:
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            callbacks = [progress, *cutoffs, *wandb_callbacks(options.wandb_project, options.name, out, space, meta, console)]
+            callbacks = [progress, *cutoffs,
+                         *wandb_callbacks(options.wandb_project, options.name, out, space, meta, console)]
             tuner = _new_tuner(trainable, space, options, out, storage, concurrent, budget, callbacks)
         _say_what_runs(console, options, space, resources, concurrent, cv, budget, experiment)
         results = tuner.fit()
@@ -203,13 +205,14 @@ def run_search(options: SearchOptions, console: Console | None = None) -> dict:
     finally:
         ray.shutdown()
     if leftovers:
-        console.print(f"note: removed {leftovers} placement group(s) that Ray Train had not given back after their trials "
-                      "ended (cut off or stopped); their resources are free again", highlight=False, markup=False)
+        console.print(f"note: removed {leftovers} placement group(s) that Ray Train had not given back after their "
+                      "trials ended (cut off or stopped); their resources are free again",
+                      highlight=False, markup=False)
     if budget and (end_note := budget_end_note(board, space)):
         console.print(end_note, style="yellow", highlight=False, markup=False, soft_wrap=True)
     cv_record = {"folds": cv, "seed": fold_seed} if cv else None
     budget_record = {"seconds": budget, "cut_off": sorted(cut_off)} if budget else None
-    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources, cv_record,
-                         gpu_memory, budget_record, leftovers)
+    return write_results(out, board, space, options, experiment, meta, time.perf_counter() - started, free, resources,
+                         cv_record, gpu_memory, budget_record, leftovers)
 
 

@@ -122,7 +122,8 @@ class SweepRuns(WandbLoggerCallback):
         sampled = {k: v for k, v in trial.config.items() if not k.startswith("_")}
         init_kwargs.update(
             name=trial.trial_id,
-            config={**init_kwargs["config"], **self.constants, "starting_point": self.points.get(tuple(sorted(sampled.items())))},
+            config={**init_kwargs["config"], **self.constants,
+                    "starting_point": self.points.get(tuple(sorted(sampled.items())))},
         )
         key = os.environ.get("WANDB_API_KEY") if self.mode in ("online", "run") else None
         super()._start_logging_actor(trial, exclude_results, **init_kwargs, **({"api_key": key} if key else {}))
@@ -148,7 +149,8 @@ class SweepRuns(WandbLoggerCallback):
             return
         best = seen.get("best_value")
         if better(value, best, self.objective_mode):
-            keys = [self.objective, "epoch", *(f"{kind}/{c}" for kind in ("val_recall", "threshold") for c in self.classes)]
+            keys = [self.objective, "epoch",
+                    *(f"{kind}/{c}" for kind in ("val_recall", "threshold") for c in self.classes)]
             seen["best"], seen["best_value"] = {k: result.get(k) for k in keys}, value
 
     def log_trial_end(self, trial, failed: bool = False):
@@ -161,7 +163,8 @@ class SweepRuns(WandbLoggerCallback):
         seen = self.progress.get(trial_id, {"epochs": 0, "best": None, "early_stopped": False})
         best = seen["best"] or {}
         summary = {
-            "stop_reason": stop_reason(seen["epochs"], seen.get("planned", self.max_epochs), seen["early_stopped"], failed or "diverged" in seen),
+            "stop_reason": stop_reason(seen["epochs"], seen.get("planned", self.max_epochs), seen["early_stopped"],
+                                       failed or "diverged" in seen),
             "epochs": seen["epochs"], "best_epoch": best.get("epoch"),
         }
         if "diverged" in seen:

@@ -79,7 +79,8 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop.as_dict(),
-        scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=setup.workers_per_trial, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
         datasets=datasets,
         dataset_config=dataset_config(setup.workers_per_trial),
         run_config=RunConfig(

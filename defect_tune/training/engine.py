@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from defect_tune.core.augment import mixup
 from defect_tune.core.class_stats import ClassCounts
 from defect_tune.core.config import OBJECTIVE, SELECTION, TrainConfig, selection_score
 from defect_tune.core.errors import UserError
 from defect_tune.core.metrics import evaluate, learn_thresholds
+from defect_tune.data.augment import mixup
 from defect_tune.data.shards import sample_weights, to_tensor
 from defect_tune.training.losses import build_loss
 from defect_tune.training.models import DefectClassifier, build_model, set_backbone_trainable
@@ -123,7 +123,8 @@ def build_parts(config: TrainConfig, meta: dict, steps_per_epoch: int, device: t
         {"params": model.head_parameters(), "lr": config.lr},
     ]
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True,
+                                    weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler, per_batch = _schedule(config, optimizer, steps_per_epoch)
@@ -132,7 +133,8 @@ def build_parts(config: TrainConfig, meta: dict, steps_per_epoch: int, device: t
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if autocast_dtype == torch.float16:
             scaler = torch.amp.GradScaler("cuda")
-    return Parts(model, build_loss(config, counts).to(device), optimizer, scheduler, per_batch, device, autocast_dtype, scaler)
+    return Parts(model, build_loss(config, counts).to(device), optimizer, scheduler, per_batch, device, autocast_dtype,
+                 scaler)
 
 
 def _to_device(parts: Parts, x: torch.Tensor, y: torch.Tensor):
@@ -231,7 +233,8 @@ def score_epoch(probs: np.ndarray, targets: np.ndarray, config: TrainConfig, cla
     row.update({f"val_recalled/{c}": guarded["per_class"][c]["tp"] for c in classes})
     row.update({f"val_positives/{c}": guarded["per_class"][c]["support"] for c in classes})
     if (config.threshold_rule, config.threshold_method) != ("recall_at_precision", "pr_curve"):
-        thresholds = learn_thresholds(probs, targets, config.threshold_rule, config.precision_floor, config.threshold_method)
+        thresholds = learn_thresholds(probs, targets, config.threshold_rule, config.precision_floor,
+                                      config.threshold_method)
     # The thresholds production would use with this epoch's weights (`export` takes the best epoch's).
     row.update({f"threshold/{c}": float(t) for c, t in zip(classes, thresholds)})
     return row
@@ -250,7 +253,7 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, config: TrainConfig, 
                    rng: np.random.Generator, pipeline=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (images, labels) tensor batches from uint8 images held in memory, drawn by
     `draw_order` and augmented by `pipeline` (albumentations) here."""
-    from defect_tune.core.augment import augment_batch
+    from defect_tune.data.augment import augment_batch
 
     order = draw_order(labels, config.oversample_power, rng)
     size = config.batch_size

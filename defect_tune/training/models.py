@@ -114,7 +114,8 @@ def resolve_weights(config) -> Weights | None:
     _check_timm_name(config.model)
     weights = find_weights(config.model)
     if weights is None:
-        raise ModelError(f"model {config.model!r}: {no_weights(config.model)}; or set pretrained=false to train from scratch")
+        raise ModelError(f"model {config.model!r}: {no_weights(config.model)}; or set pretrained=false to train from "
+                         "scratch")
     return weights
 
 

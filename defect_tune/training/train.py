@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from defect_tune import __version__
-from defect_tune.core.augment import augment_batch, build_augmentation
 from defect_tune.core.config import OBJECTIVE, OBJECTIVE_DEFINITION, TrainConfig
 from defect_tune.core.errors import UserError, check_writable, file_in_the_way, files_not_written_by
 from defect_tune.core.metrics import evaluate, guarded_macro_recall, learn_thresholds, per_class_table
+from defect_tune.data.augment import augment_batch, build_augmentation
 from defect_tune.data.shards import check_shards, data_location, load_split, read_meta, to_tensor
 from defect_tune.training.engine import (
     EarlyStopping,
@@ -54,7 +54,8 @@ def training_steps(config: TrainConfig, meta: dict, device: torch.device, steps:
     batches = [(torch.randn(shape, generator=generator),
                 torch.randint(0, 2, (config.batch_size, len(meta["classes"])), generator=generator))
                for _ in range(steps)]
-    row = train_one_epoch(parts, config, batches, config.freeze_epochs, np.random.default_rng(config.seed), finish_on_nonfinite=True)
+    row = train_one_epoch(parts, config, batches, config.freeze_epochs, np.random.default_rng(config.seed),
+                          finish_on_nonfinite=True)
     return {**row, **parameter_counts(parts.model)}
 
 
@@ -220,9 +221,11 @@ def fit(config: TrainConfig, data_dir: Path, out_dir: Path, device: str = "auto"
 
     parts.model.load_state_dict(hooks.best_state)  # early stopping restores the best epoch's weights
     probs, targets, _ = predict(parts, val_loader)
-    thresholds = learn_thresholds(probs, targets, config.threshold_rule, config.precision_floor, config.threshold_method)
+    thresholds = learn_thresholds(probs, targets, config.threshold_rule, config.precision_floor,
+                                  config.threshold_method)
     val_report = evaluate(probs, targets, classes, thresholds)
-    trivial = {"all_positive": np.ones_like(targets), "random": np.random.default_rng(config.seed).random(targets.shape)}
+    trivial = {"all_positive": np.ones_like(targets),
+               "random": np.random.default_rng(config.seed).random(targets.shape)}
     baselines = {  # what the guard is for: these must score far below any trained model
         name: {OBJECTIVE: guarded_macro_recall(p, targets, config.precision_floor),
                "val_macro_recall@0.5": evaluate(p, targets, classes, 0.5)["macro"]["recall"]}

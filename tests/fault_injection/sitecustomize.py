@@ -59,7 +59,8 @@ def _poison(module) -> None:
         if os.environ.get("DEFECT_TUNE_TEST_NAN_FOLD"):  # only this fold's Train run
             import ray.train
 
-            if not ray.train.get_context().get_experiment_name().endswith(f"-fold{os.environ['DEFECT_TUNE_TEST_NAN_FOLD']}"):
+            if not ray.train.get_context().get_experiment_name().endswith(
+                    f"-fold{os.environ['DEFECT_TUNE_TEST_NAN_FOLD']}"):
                 return loss
         with open(os.environ["DEFECT_TUNE_TEST_NAN_RUNS"], "a") as runs:
             runs.write(f"{os.getpid()}\n")

@@ -1,11 +1,11 @@
 """CPU augmentation (albumentations) on uint8 grayscale images, and multi-label MixUp.
 
 Augmentation runs on the stored uint8 pixels, before normalisation, so CLAHE and noise see the
-image as the camera gave it. The same functions serve the in-process loader and Ray Data's
-`map_batches`.
+image as the camera gave it. The same functions serve the in-process loader, the training
+worker and Ray Data's `map_batches`. The names a config may use are `core/augment_spec.py`.
 
 albumentations and torch are imported where they are used: Ray starts many processes per trial,
-and every one that unpickles a config would otherwise pay their import (about 6 s of CPU).
+and every one that unpickles a config would otherwise pay their import (docs/design.md).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from defect_tune.core.augment_spec import parse_augment
 from defect_tune.core.errors import UserError
 
 if TYPE_CHECKING:
     import albumentations as A
     import torch
-
 
 
 def _elastic(A, side: int):
@@ -53,26 +53,6 @@ TRANSFORMS = {
         num_holes_range=(1, 8), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.3
     ),
 }
-PRESETS = {
-    "none": (),
-    "light": ("hflip", "vflip"),
-    "standard": ("hflip", "vflip", "rot90", "noise", "blur"),
-    "heavy": ("hflip", "vflip", "rot90", "elastic", "grid_distortion", "clahe", "noise", "blur", "coarse_dropout"),
-}
-
-
-def parse_augment(spec: str) -> tuple[str, ...]:
-    """A preset name, or transform names joined by '+' ("hflip+clahe")."""
-    if spec in PRESETS:
-        return PRESETS[spec]
-    names = tuple(name.strip() for name in spec.split("+") if name.strip())
-    unknown = [name for name in names if name not in TRANSFORMS]
-    if unknown or not names:
-        raise ValueError(
-            f"augment {spec!r}: unknown transform(s) {unknown}; use a preset {sorted(PRESETS)} "
-            f"or '+'-joined names from {sorted(TRANSFORMS)}"
-        )
-    return names
 
 
 def _albumentations():
@@ -108,7 +88,8 @@ def build_augmentation(spec: str, shape: tuple[int, int], seed: int) -> A.Compos
     if not names:
         return None
     if "rot90" in names and shape[0] != shape[1]:
-        raise UserError(f"augment={spec!r}: rot90 needs square images; these are {shape[0]}x{shape[1]} (use hflip/vflip)")
+        raise UserError(f"augment={spec!r}: rot90 needs square images; these are {shape[0]}x{shape[1]} "
+                        "(use hflip/vflip)")
     return A.Compose([TRANSFORMS[name](A, min(shape)) for name in names], seed=seed)
 
 

@@ -49,15 +49,6 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fo
          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False}
 
 
-# Optuna ---------------------------------------------------------------------------------------
-
-
-# Figures --------------------------------------------------------------------------------------
-
-
-# Sections -------------------------------------------------------------------------------------
-
-
 # The page -------------------------------------------------------------------------------------
 
 # The page's style sheet, shipped beside this module (package data).

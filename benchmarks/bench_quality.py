@@ -94,7 +94,7 @@ import yaml
 from common import NEU_DET, emit, machine_details
 
 from defect_tune.core.metrics import BOOTSTRAP_SAMPLES, CONFIDENCE
-from defect_tune.search.space import RECIPE_POINTS, load_space, resolve_space
+from defect_tune.search.space import RECIPE_POINTS, load_space, resolve_space, space_name
 
 DATASETS = {"neu": "NEU-DET", "neu-lt50": "NEU-DET long-tail 50", "elpv": "ELPV", "synthetic": "synthetic EL"}
 REAL = ("neu", "neu-lt50", "elpv")  # the sets the verdict counts; the others are smoke data
@@ -807,7 +807,8 @@ def main() -> None:
            "machine": machine_details(), "started": time.strftime("%Y-%m-%d %H:%M"),
            "settings": {"datasets": datasets, "seeds": seeds, "train_seeds": args.train_seeds, "seeds_by_dataset": plan,
                         "max_seeds": args.max_seeds, "full": args.full, "image_size": args.image_size,
-                        "space": str(space_path), "budget_factor": args.budget_factor, "num_samples": args.num_samples,
+                        "space": space_name(resolve_space(args.space)), "budget_factor": args.budget_factor,
+                        "num_samples": args.num_samples,
                         "keys": args.keys, "gpu_options": gpu, "work": str(args.work), "rows": str(rows_file),
                         "time_budget_option": use_budget}})
     for seed in seeds:  # every dataset once before any twice: a run cut short still covers them all

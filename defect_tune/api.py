@@ -102,8 +102,8 @@ def retrain(export: str | Path, data: str | Path, out: str | Path, mlflow: str |
     `production.retrain.RetrainOptions` fields (holdout, workers, cpus_per_worker,
     gpus_per_worker, seed, overwrite, ...). With `mlflow` (a tracking URI) the model is logged
     there too, and registered as a version of `register`. Returns `out`, the model directory."""
-    from defect_tune.production.registry import check_mlflow, log_model_dir
-    from defect_tune.production.retrain import RetrainOptions
+    from defect_tune.production.registry import log_model_dir
+    from defect_tune.production.retrain import RetrainOptions, check_mlflow
     from defect_tune.production.retrain import retrain as run_retrain
 
     check_mlflow(mlflow, register)

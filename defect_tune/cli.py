@@ -512,8 +512,7 @@ def retrain(
 ) -> None:
     ("Retrain an exported config for production as one TorchTrainer run; write weights, thresholds, test metrics, "
      "model card.")  # one line in `defect-tune --help`, which keeps a docstring's line breaks
-    from defect_tune.production.registry import check_mlflow
-    from defect_tune.production.retrain import RetrainOptions
+    from defect_tune.production.retrain import RetrainOptions, check_mlflow
     from defect_tune.production.retrain import retrain as run_retrain
 
     check_mlflow(mlflow, register)

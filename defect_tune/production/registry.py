@@ -34,14 +34,6 @@ except ImportError:
     _PythonModel = object
 
 
-def check_mlflow(tracking_uri: str | None, register: str | None) -> None:
-    """Before hours of retraining, not after: `register` needs a tracking URI, and a URI needs MLflow."""
-    if register is not None and tracking_uri is None:
-        raise RegistryError(f"--register {register}: registering needs --mlflow URI")
-    if tracking_uri is not None and _PythonModel is object:
-        raise RegistryError("--mlflow needs MLflow: pip install -e '.[mlflow]'")
-
-
 class DefectModel(_PythonModel):
     """The pyfunc model: model.onnx plus model.json's classes and thresholds."""
 

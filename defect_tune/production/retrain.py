@@ -15,6 +15,7 @@ Either way the test split is untouched until the end, and its metrics go into th
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 import time
@@ -68,6 +69,15 @@ class RetrainOptions:
     storage: str | None = None  # Train's checkpoints; a shared path or URI on a multi-node cluster
     seed: int | None = None  # default: the exported config's
     overwrite: bool = False
+
+
+def check_mlflow(tracking_uri: str | None, register: str | None) -> None:
+    """Before hours of retraining, not after: `register` needs a tracking URI, and a URI needs
+    MLflow (found without importing it: `production.registry` does, when it logs)."""
+    if register is not None and tracking_uri is None:
+        raise RetrainError(f"--register {register}: registering needs --mlflow URI")
+    if tracking_uri is not None and importlib.util.find_spec("mlflow") is None:
+        raise RetrainError("--mlflow needs MLflow: pip install -e '.[mlflow]'")
 
 
 def _check(options: RetrainOptions, export: dict, meta: dict) -> None:

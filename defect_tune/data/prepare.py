@@ -19,6 +19,9 @@ Output layout (the contract every later stage reads):
         meta_*    string   per-image metadata columns (e.g. meta_cell_type for elpv)
 
 Rows are shuffled within each split (seeded), so every shard is a fair sample of its split.
+
+One file, on purpose (about 580 lines): the steps of `_prepare` (read, decode in parallel, check,
+split, write, summarise) are functions in the order they run, read top to bottom.
 """
 
 from __future__ import annotations

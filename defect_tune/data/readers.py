@@ -5,6 +5,9 @@ with the file and the reason. Readers only look at annotations and file names; i
 decoded later, once, by `prepare`. Labels are image-level (multi-hot over class names); where
 a format localises defects (VOC boxes, Severstal run-length masks) the regions are kept so that
 tiling can give each tile its own labels.
+
+One file for every format, on purpose: the readers share the Catalog, its one-item-per-file rule
+and their messages, and each format is one section below (about 500 lines in all).
 """
 
 from __future__ import annotations

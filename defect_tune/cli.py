@@ -36,6 +36,35 @@ class _Commands(TyperGroup):
                 raise
             raise _fail(OSError(line), code=1) from None
 
+    def get_command(self, ctx, cmd_name):
+        """A command, its flags shown without a value's type (`--strict`, not `--strict <bool>`)."""
+        command = super().get_command(ctx, cmd_name)
+        for each in [command, *getattr(command, "commands", {}).values()] if command is not None else []:
+            _flags_without_type(each)
+        return command
+
+    def get_params(self, ctx):
+        _flags_without_type(self)
+        return super().get_params(ctx)
+
+
+def _flags_without_type(command) -> None:
+    if getattr(command, "_flags_without_type", False):
+        return
+    command._flags_without_type = True
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    make_help_option = command.get_help_option
+
+    def help_option(ctx):
+        option = make_help_option(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+
 
 app = typer.Typer(
     cls=_Commands,

@@ -115,7 +115,12 @@ def test_version_and_help_show_the_choices_and_the_key_value_arguments():
     help_text = subprocess.run([sys.executable, "-m", "defect_tune", "prepare", "--help"], capture_output=True,
                                text=True, env=wide, timeout=300).stdout
     assert "voc|severstal|folders|csv|elpv|synthetic" in help_text and "pad|keep|tile|squash" in help_text
-    assert "[key=value ...]" in defect_tune("train", "--help").stdout  # not eaten as rich markup
+    train_help = defect_tune("train", "--help").stdout
+    assert "[key=value ...]" in train_help  # not eaten as rich markup
+    assert "train [OPTIONS] [KEY=VALUE]..." in train_help
+    # A flag shows no value type; the options that take a value show theirs.
+    assert "<bool>" not in help_text and "<bool>" not in defect_tune("jobs", "stop", "--help").stdout
+    assert "--strict" in help_text and "<int>" in help_text
     refused = defect_tune("prepare", "somewhere", "--format", "yolo")
     assert refused.returncode == 2 and "'yolo' is not one of" in refused.stderr
 

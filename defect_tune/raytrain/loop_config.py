@@ -46,7 +46,7 @@ class LoopConfig:
     # What a diverged trial reports (the objective's worst value): once, then the run ends.
     # None (retraining): a non-finite loss raises.
     diverged: dict | None = None
-    trial_post: tuple | None = None  # --cv folds: (the sweep's report relay, the trial's key), to stop with the trial
+    trial_relay: tuple | None = None  # --cv folds: (the sweep's report relay, the trial's key), to stop with the trial
 
     @property
     def in_sweep(self) -> bool:

@@ -80,7 +80,7 @@ class WorkerHooks(Hooks):
         self.config, self.meta, self.parts, self.stopper, self.drop_last = config, loop.meta, parts, stopper, drop_last
         self.rank, self.world, self.train_shard, self.val_data = rank, world, train_shard, val_data
         self.node, self.report = node, report
-        self.trial_post = loop.trial_post
+        self.trial_relay = loop.trial_relay
         self.stop_after = config.epochs if loop.stop_after is None else loop.stop_after
         self.validate = loop.validate
         self.reproducible = loop.reproducible
@@ -138,10 +138,10 @@ class WorkerHooks(Hooks):
 
     def trial_ended(self) -> bool:
         """A `--cv` fold: whether its trial has ended (another fold diverged, `trial.stop_folds`)."""
-        if self.trial_post is None:
+        if self.trial_relay is None:
             return False
-        post, key = self.trial_post
-        return not ray.get(post.is_open.remote(key))
+        relay, key = self.trial_relay
+        return not ray.get(relay.is_open.remote(key))
 
     def agree(self, decision: dict) -> dict:
         if self.rank == 0 and not decision["stop"] and self.trial_ended():

@@ -65,7 +65,7 @@ def kept_checkpoint(space) -> CheckpointConfig:
 
 
 def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, started: float, callbacks: list,
-             trial_post: tuple | None = None) -> TorchTrainer:
+             trial_relay: tuple | None = None) -> TorchTrainer:
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if use_gpu else {})}
     # A weighted draw needs the whole shard at hand: an oversampling worker keeps it whatever its size.
@@ -73,7 +73,7 @@ def _trainer(config: TrainConfig, setup: TrialSetup, meta: dict, name: str, star
     datasets = build_datasets(setup.data_dir, meta, config, worker_augments=keep,
                               tasks_at_once=data_tasks_at_once(setup.workers_per_trial, setup.cpus_per_worker))
     loop = LoopConfig(config=config.model_dump(), meta=meta, trial_started_s=started, datasets_built_s=time.time(),
-                      keep_train=keep, trial_post=trial_post,
+                      keep_train=keep, trial_relay=trial_relay,
                       diverged=diverged_report(setup.space.objective, setup.space.mode, setup.space.trade_offs)
                       if setup.space is not None else None)
     return TorchTrainer(
